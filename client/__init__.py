@@ -1,0 +1,1 @@
+"""What runs in a hospital: data loading, radiomics extraction, site statistics, the ClientApp."""

@@ -1,0 +1,240 @@
+"""A site's analysis table: outcome, clinical variables and radiomics features per patient.
+
+A site folder holds either
+
+- ``manifest.csv`` with images and masks: features are extracted with pyradiomics
+  (served from the cache when already computed), then joined to the manifest's outcome
+  and clinical columns; or
+- ``features.csv`` (or ``features.parquet``) of already extracted features, with a
+  ``patient_id`` column, the outcome and the clinical columns.
+
+Missing-value rule: a patient with a missing or non-numeric value in any variable the
+study uses (outcome, clinical variables, selected features) is kept out of the analysis
+and reported with its reason. Nothing is imputed and nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from radfed.client.manifest import RowProblem, read_manifest
+from radfed.shared.errors import SiteDataError
+
+FEATURE_FILES = ("features.parquet", "features.csv")
+MANIFEST = "manifest.csv"
+UNKNOWN = "unknown"
+
+
+@dataclass
+class SiteTable:
+    """The rows a site analyses, with what it kept out and how features were made."""
+
+    frame: pd.DataFrame  # index patient_id; outcome, clinical and feature columns, all float
+    outcome: str
+    clinical: list[str]
+    features: list[str]
+    problems: list[RowProblem] = field(default_factory=list)
+    settings_hash: str = UNKNOWN
+    pyradiomics_version: str = UNKNOWN
+
+    @property
+    def y(self) -> np.ndarray:
+        return self.frame[self.outcome].to_numpy(dtype=float)
+
+    def matrix(self, columns: list[str]) -> np.ndarray:
+        missing = [c for c in columns if c not in self.frame.columns]
+        if missing:
+            raise SiteDataError(f"the site has no column(s) {missing}")
+        return self.frame[columns].to_numpy(dtype=float)
+
+
+def resolve_features(patterns: list[str], available: list[str]) -> list[str]:
+    """Expand feature names and glob patterns against the available features, in order.
+
+    Raises
+    ------
+    SiteDataError
+        When a name or pattern matches no available feature.
+    """
+    chosen: list[str] = []
+    for pattern in patterns:
+        matches = [f for f in available if fnmatch.fnmatchcase(f, pattern)]
+        if not matches:
+            raise SiteDataError(
+                f"feature {pattern!r} matches none of the site's {len(available)} features"
+            )
+        chosen.extend(m for m in matches if m not in chosen)
+    return chosen
+
+
+def _numeric_column(frame: pd.DataFrame, column: str) -> pd.Series:
+    return pd.to_numeric(frame[column], errors="coerce")
+
+
+def _keep_complete(
+    frame: pd.DataFrame, columns: list[str], lines: pd.Series, file: str
+) -> tuple[pd.DataFrame, list[RowProblem]]:
+    """Keep rows with every column numeric and finite; report the others."""
+    numeric = frame[columns].apply(pd.to_numeric, errors="coerce").astype(float)
+    bad = ~np.isfinite(numeric.to_numpy()).all(axis=1)
+    problems = []
+    for pid in frame.index[bad]:
+        row = numeric.loc[pid]
+        missing = [c for c in columns if not np.isfinite(row[c])]
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        problems.append(
+            RowProblem(
+                int(lines.loc[pid]), str(pid), file, f"missing or non-numeric value in {shown}"
+            )
+        )
+    return numeric.loc[~bad], problems
+
+
+def _check_outcome(
+    frame: pd.DataFrame, outcome: str, lines: pd.Series, file: str
+) -> list[RowProblem]:
+    values = _numeric_column(frame, outcome)
+    bad = values.notna() & ~values.isin([0, 1])
+    return [
+        RowProblem(
+            int(lines.loc[pid]),
+            str(pid),
+            file,
+            f"outcome {outcome!r} must be 0 or 1, got {frame.at[pid, outcome]!r}",
+        )
+        for pid in frame.index[bad]
+    ]
+
+
+def _read_feature_file(path: Path) -> pd.DataFrame:
+    if path.suffix == ".parquet":
+        frame = pd.read_parquet(path)
+    else:
+        frame = pd.read_csv(path, na_values=["NA", "?", ""], keep_default_na=True)
+    if "patient_id" not in frame.columns:
+        if frame.index.name == "patient_id":
+            frame = frame.reset_index()
+        else:
+            raise SiteDataError(
+                f"{path}: no 'patient_id' column (columns: {list(frame.columns)[:10]}...)"
+            )
+    frame["patient_id"] = frame["patient_id"].astype(str)
+    # Line numbers of the file, for messages (header = line 1).
+    frame["line"] = np.arange(2, len(frame) + 2)
+    dup = frame["patient_id"].duplicated(keep=False)
+    if dup.any():
+        raise SiteDataError(
+            f"{path}: duplicated patient_id(s) {sorted(set(frame.loc[dup, 'patient_id']))[:5]}"
+        )
+    return frame.set_index("patient_id")
+
+
+def load_feature_site(
+    site_dir: Path, outcome: str, clinical: list[str], features: list[str]
+) -> SiteTable:
+    """Load a site that ships a feature table instead of images."""
+    path = next((site_dir / f for f in FEATURE_FILES if (site_dir / f).is_file()), None)
+    if path is None:
+        raise SiteDataError(f"{site_dir}: no {MANIFEST} and no {' or '.join(FEATURE_FILES)}")
+    frame = _read_feature_file(path)
+    missing = [c for c in [outcome, *clinical] if c not in frame.columns]
+    if missing:
+        raise SiteDataError(f"{path}: missing column(s) {missing}")
+    non_feature = {"line", outcome, *clinical}
+    available = [c for c in frame.columns if c not in non_feature]
+    chosen = resolve_features(features, available)
+    meta = _sidecar(path)
+    return _assemble(frame, frame["line"], path.name, outcome, clinical, chosen, [], meta)
+
+
+def _sidecar(path: Path) -> dict:
+    """The extraction metadata ``radfed extract`` writes beside a table ({} if none)."""
+    meta = Path(f"{path}.meta.json")
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def _assemble(
+    frame: pd.DataFrame,
+    lines: pd.Series,
+    file: str,
+    outcome: str,
+    clinical: list[str],
+    features: list[str],
+    problems: list[RowProblem],
+    meta: dict,
+) -> SiteTable:
+    problems = list(problems)
+    bad_outcome = _check_outcome(frame, outcome, lines, file)
+    problems += bad_outcome
+    frame = frame.drop(index=[p.patient_id for p in bad_outcome])
+    kept, incomplete = _keep_complete(frame, [outcome, *clinical, *features], lines, file)
+    problems += incomplete
+    return SiteTable(
+        frame=kept,
+        outcome=outcome,
+        clinical=list(clinical),
+        features=features,
+        problems=problems,
+        settings_hash=meta.get("settings_hash", UNKNOWN),
+        pyradiomics_version=meta.get("pyradiomics_version", UNKNOWN),
+    )
+
+
+def load_image_site(
+    site_dir: Path,
+    outcome: str,
+    clinical: list[str],
+    features: list[str],
+    params: str,
+    cache_dir: Path | None,
+    jobs: int,
+    progress: bool,
+) -> SiteTable:
+    """Load a site with images: extract (or fetch from the cache), then join the manifest."""
+    from radfed.client.extraction import extract_site, load_params
+
+    manifest = read_manifest(site_dir, outcome=outcome, numeric=clinical)
+    result = extract_site(
+        site_dir, load_params(params), jobs=jobs, cache_dir=cache_dir, progress=progress
+    )
+    seen = {(p.row, p.file, p.reason) for p in manifest.problems}
+    problems = manifest.problems + [
+        p for p in result.problems if (p.row, p.file, p.reason) not in seen
+    ]
+    rows = manifest.rows.loc[manifest.rows.index.intersection(result.features.index)]
+    chosen = resolve_features(features, list(result.features.columns))
+    frame = rows[[outcome, *clinical]].join(result.features[chosen])
+    meta = {
+        "settings_hash": result.settings_hash,
+        "pyradiomics_version": result.pyradiomics_version,
+    }
+    return _assemble(frame, rows["line"], MANIFEST, outcome, clinical, chosen, problems, meta)
+
+
+def load_site_table(
+    site_dir: str | Path,
+    outcome: str,
+    clinical: list[str],
+    features: list[str],
+    params: str = "default",
+    cache_dir: Path | None = None,
+    jobs: int = 1,
+    progress: bool = False,
+) -> SiteTable:
+    """Load a site folder for a study (images + manifest, or a feature table)."""
+    site_dir = Path(site_dir)
+    if not site_dir.is_dir():
+        raise SiteDataError(f"site folder not found: {site_dir}")
+    if (site_dir / MANIFEST).is_file():
+        return load_image_site(
+            site_dir, outcome, clinical, features, params, cache_dir, jobs, progress
+        )
+    return load_feature_site(site_dir, outcome, clinical, features)

@@ -1,0 +1,1 @@
+"""Deployment: the Flower app bundle, Dockerfiles, compose files and runbooks."""

@@ -1,0 +1,1 @@
+"""Study files, the synthetic multi-centre cohort and benchmarks."""

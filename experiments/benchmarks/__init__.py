@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that measure the product and the synthetic cohort."""

@@ -1,0 +1,1 @@
+"""ComBat harmonisation across sites (distributed ComBat, Chen et al. 2022)."""

@@ -1,0 +1,3 @@
+from radfed.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,170 @@
+"""The ``radfed`` command line: synth, extract, run and demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from radfed.shared.errors import RadfedError
+
+log = logging.getLogger("radfed")
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    # Third-party libraries stay quiet unless asked.
+    for noisy in ("radiomics", "alembic", "mlflow", "flwr", "urllib3", "git", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbosity <= 0 else logging.INFO)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from radfed.experiments.synth import write_cohort
+
+    folders = write_cohort(
+        args.out, sites=args.sites, patients=args.patients, seed=args.seed, progress=not args.quiet
+    )
+    for folder in folders:
+        print(folder)
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from radfed.client.extraction import extract_site, load_params, write_features
+
+    params = load_params(args.params)
+    site = Path(args.site_dir)
+    result = extract_site(
+        site, params, jobs=args.jobs, cache_dir=args.cache, progress=not args.quiet
+    )
+    out = Path(args.out) if args.out else site / "features.parquet"
+    path = write_features(result, out)
+    print(
+        f"{len(result.features)} cases, {result.features.shape[1]} features "
+        f"({result.n_extracted} extracted, {result.n_cached} from the cache) -> {path}"
+    )
+    if result.problems:
+        print(f"{len(result.problems)} problem(s), kept out of the table:")
+        for problem in result.problems:
+            print(f"  {problem}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from radfed.server.runner import run_study
+    from radfed.shared.config import load_study
+
+    config = load_study(args.study)
+    out = Path(args.out) if args.out else Path(config.source).parent / "radfed-out" / config.name
+    result = run_study(
+        config, transport=args.transport, out_dir=out, track=not args.no_track, jobs=args.jobs
+    )
+    print(result.summary())
+    print(f"\nresults.json: {out / 'results.json'}")
+    _print_mlflow(result.federation)
+    return 0
+
+
+def _print_mlflow(federation: dict) -> None:
+    run_id = federation.get("mlflow_run_id")
+    if run_id:
+        uri = federation["mlflow_uri"]
+        print(f"MLflow run {run_id} in {uri}")
+        print(f"  browse it with: mlflow ui --backend-store-uri {uri}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from radfed.experiments.demo import run_demo
+
+    result, out = run_demo(
+        Path(args.out),
+        sites=args.sites,
+        patients=args.patients,
+        seed=args.seed,
+        params=args.params,
+        transport=args.transport,
+        jobs=args.jobs,
+        progress=not args.quiet,
+    )
+    print()
+    print(result.auc_table())
+    print(f"\nstudy file:   {out / 'study.toml'}")
+    print(f"results.json: {out / 'results' / 'results.json'}")
+    _print_mlflow(result.federation)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="radfed", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars, warnings only"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic multi-centre MR cohort")
+    p.add_argument("--out", required=True, help="folder for the site folders")
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--patients", type=int, default=60, help="patients per site")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("extract", help="extract radiomics features of one site with pyradiomics")
+    p.add_argument("site_dir", help="site folder with manifest.csv")
+    p.add_argument(
+        "--params", default="default", help="'default', 'fast' or a pyradiomics parameter file"
+    )
+    p.add_argument("--jobs", type=int, default=1, help="cases in parallel (0: all cores)")
+    p.add_argument(
+        "--out", help="output table (.parquet, or .csv); default SITE_DIR/features.parquet"
+    )
+    p.add_argument(
+        "--cache", help="feature cache folder (default $RADFED_CACHE or ~/.cache/radfed/features)"
+    )
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("run", help="run a federated study")
+    p.add_argument("study", help="study file (TOML)")
+    p.add_argument(
+        "--transport", default="inprocess", choices=["inprocess", "simulation", "deployment"]
+    )
+    p.add_argument("--out", help="output folder (default: radfed-out/STUDY beside the study file)")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument("--jobs", type=int, default=1, help="extraction cases in parallel at each site")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="synthesise three hospitals, extract and run a study")
+    p.add_argument("--out", default="radfed-demo", help="demo folder (default: ./radfed-demo)")
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--patients", type=int, default=60, help="patients per site")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--params", default="default", help="'default' (seed 000's), 'fast' or a file")
+    p.add_argument(
+        "--transport", default="inprocess", choices=["inprocess", "simulation", "deployment"]
+    )
+    p.add_argument(
+        "--jobs", type=int, default=0, help="extraction cases in parallel (0: all cores)"
+    )
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(-1 if args.quiet else args.verbose)
+    try:
+        return args.func(args)
+    except RadfedError as exc:
+        print(f"radfed: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("radfed: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

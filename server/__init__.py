@@ -1,0 +1,1 @@
+"""The coordinator: solvers, the study driver, MLflow tracking, the ServerApp."""

@@ -1,0 +1,49 @@
+"""The Flower ServerApp: a thin shell that runs the study driver over the Grid.
+
+Run configuration (``flwr run ... --run-config``): ``study`` (path of the study file on
+the coordinator), ``out`` (output folder), ``track`` (log to MLflow, default true).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from radfed.server.flower_transport import GridTransport
+from radfed.server.results import StudyResult
+from radfed.server.runner import record_result
+from radfed.server.study import FederatedStudy
+from radfed.shared.config import StudyConfig, load_study
+
+
+def serve_study(
+    grid: Grid, config: StudyConfig, engine: str, connect_timeout: float = 120.0
+) -> StudyResult:
+    """Run a study over a Flower Grid."""
+    transport = GridTransport(
+        grid, config.site_names, connect_timeout=connect_timeout, engine=engine
+    )
+    return FederatedStudy(config, transport).run()
+
+
+def make_server_app(run: Callable[[Grid, Context], None]) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run(grid, context)
+
+    return app
+
+
+def _deployment_main(grid: Grid, context: Context) -> None:
+    cfg = context.run_config
+    config = load_study(str(cfg["study"]))
+    result = serve_study(grid, config, engine="deployment")
+    record_result(result, config, Path(str(cfg["out"])), track=bool(cfg.get("track", True)))
+
+
+app = make_server_app(_deployment_main)

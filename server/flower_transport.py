@@ -1,0 +1,108 @@
+"""The protocol runner over Flower: a transport that sends records as Flower messages.
+
+Used by the ServerApp in both the Simulation Engine and the Deployment Engine. Sites
+are found by asking every connected SuperNode who it is (``hello``), so a study names
+hospitals, not Flower node ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from radfed.server.protocol import Transport
+from radfed.shared.errors import FederationError
+from radfed.shared.messages import from_record, to_record
+
+log = logging.getLogger(__name__)
+
+MESSAGE_TYPE = "query"
+
+
+class GridTransport(Transport):
+    """Send each round's requests through a Flower ``Grid`` and wait for the replies.
+
+    Parameters
+    ----------
+    grid : flwr.serverapp.Grid
+    expected_sites : list of str
+        The study's sites; every one must be connected within ``connect_timeout``.
+    connect_timeout : float
+        Seconds to wait for all expected SuperNodes to connect.
+    reply_timeout : float or None
+        Seconds to wait for the replies of one round (None: until every site replies).
+    """
+
+    name = "flower"
+
+    def __init__(
+        self,
+        grid: Grid,
+        expected_sites: list[str],
+        connect_timeout: float = 120.0,
+        reply_timeout: float | None = None,
+        engine: str = "flower",
+    ) -> None:
+        super().__init__()
+        self.grid = grid
+        self.reply_timeout = reply_timeout
+        self.name = engine
+        self.node_of = self._discover(expected_sites, connect_timeout)
+        self.sites = list(expected_sites)
+
+    def _discover(self, expected: list[str], timeout: float) -> dict[str, int]:
+        deadline = time.monotonic() + timeout
+        found: dict[str, int] = {}
+        asked: set[int] = set()
+        while True:
+            new = [n for n in self.grid.get_node_ids() if n not in asked]
+            if new:
+                asked.update(new)
+                messages = [self._message(to_record({"task": "hello"}), n) for n in new]
+                for reply in self.grid.send_and_receive(messages, timeout=timeout):
+                    if reply.has_error():
+                        log.warning(
+                            "node %s did not say hello: %s",
+                            reply.metadata.src_node_id,
+                            reply.error.reason,
+                        )
+                        continue
+                    site = from_record(reply.content)["site"]
+                    if site in found:
+                        raise FederationError(f"two SuperNodes claim to be site {site!r}")
+                    found[site] = reply.metadata.src_node_id
+                    log.info("site %s connected as node %s", site, found[site])
+            missing = [s for s in expected if s not in found]
+            if not missing:
+                break
+            if time.monotonic() > deadline:
+                raise FederationError(
+                    f"site(s) {missing} did not connect within {timeout:.0f} s "
+                    f"(connected: {sorted(found) or 'none'})"
+                )
+            time.sleep(0.5)
+        unknown = sorted(set(found) - set(expected))
+        if unknown:
+            log.warning("ignoring connected site(s) not in the study: %s", unknown)
+        return {s: found[s] for s in expected}
+
+    def _message(self, content: RecordDict, node_id: int) -> Message:
+        return Message(content=content, dst_node_id=node_id, message_type=MESSAGE_TYPE)
+
+    def _exchange(self, requests: Mapping[str, RecordDict]) -> dict[str, RecordDict]:
+        site_of = {node: site for site, node in self.node_of.items()}
+        messages = [self._message(rec, self.node_of[site]) for site, rec in requests.items()]
+        replies: dict[str, RecordDict] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.reply_timeout):
+            site = site_of[reply.metadata.src_node_id]
+            if reply.has_error():
+                replies[site] = to_record(
+                    {"error": f"Flower error {reply.error.code}: {reply.error.reason}"}
+                )
+            else:
+                replies[site] = reply.content
+        return replies

@@ -1,0 +1,270 @@
+"""Result objects people can print and read, and the results.json they are saved as."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+SCHEMA = "radfed.results/1"
+INTERCEPT = "(Intercept)"
+
+
+@dataclass
+class LogisticFit:
+    """A logistic regression fitted on standardised columns, statsmodels-style.
+
+    Attributes
+    ----------
+    columns : list of str
+        Predictors, in order (the intercept comes first in ``coef``).
+    coef, cov : ndarray
+        Coefficients per standard deviation of each predictor and their covariance
+        (the inverse of the summed Hessian: Wald standard errors).
+    center, scale : ndarray
+        Pooled mean and SD (1/n) used to standardise.
+    """
+
+    columns: list[str]
+    coef: np.ndarray
+    cov: np.ndarray
+    center: np.ndarray
+    scale: np.ndarray
+    n: int
+    deviance: float
+    iterations: int
+    converged: bool
+    outcome: str = "outcome"
+    n_sites: int = 0
+
+    @property
+    def names(self) -> list[str]:
+        return [INTERCEPT, *self.columns]
+
+    @property
+    def se(self) -> np.ndarray:
+        return np.sqrt(np.diag(self.cov))
+
+    @property
+    def zvalues(self) -> np.ndarray:
+        return self.coef / self.se
+
+    @property
+    def pvalues(self) -> np.ndarray:
+        return 2 * stats.norm.sf(np.abs(self.zvalues))
+
+    def conf_int(self, alpha: float = 0.05) -> np.ndarray:
+        q = stats.norm.ppf(1 - alpha / 2)
+        return np.column_stack([self.coef - q * self.se, self.coef + q * self.se])
+
+    def unit_transform(self) -> np.ndarray:
+        """Matrix A with beta_per_unit = A @ beta_per_sd (intercept included)."""
+        p = len(self.columns)
+        A = np.eye(p + 1)
+        A[1:, 1:] = np.diag(1 / self.scale)
+        A[0, 1:] = -self.center / self.scale
+        return A
+
+    @property
+    def coef_per_unit(self) -> np.ndarray:
+        """Coefficients on the variables' own scales (per unit, not per SD)."""
+        return self.unit_transform() @ self.coef
+
+    @property
+    def se_per_unit(self) -> np.ndarray:
+        A = self.unit_transform()
+        return np.sqrt(np.diag(A @ self.cov @ A.T))
+
+    def to_dict(self) -> dict[str, Any]:
+        ci = self.conf_int()
+        table = {}
+        for i, name in enumerate(self.names):
+            table[name] = {
+                "coef": float(self.coef[i]),
+                "se": float(self.se[i]),
+                "z": float(self.zvalues[i]),
+                "p": float(self.pvalues[i]),
+                "ci_low": float(ci[i, 0]),
+                "ci_high": float(ci[i, 1]),
+                "odds_ratio_per_sd": float(np.exp(self.coef[i])) if i else None,
+                "coef_per_unit": float(self.coef_per_unit[i]),
+                "se_per_unit": float(self.se_per_unit[i]),
+            }
+        return {
+            "columns": self.columns,
+            "center": self.center.tolist(),
+            "scale": self.scale.tolist(),
+            "coefficients": table,
+            "covariance": self.cov.tolist(),
+            "n": self.n,
+            "deviance": self.deviance,
+            "iterations": self.iterations,
+            "converged": self.converged,
+        }
+
+    @classmethod
+    def from_dict(
+        cls, data: dict[str, Any], outcome: str = "outcome", n_sites: int = 0
+    ) -> LogisticFit:
+        """Rebuild a fit from its :meth:`to_dict` form (as stored in results.json)."""
+        names = [INTERCEPT, *data["columns"]]
+        return cls(
+            columns=list(data["columns"]),
+            coef=np.array([data["coefficients"][n]["coef"] for n in names]),
+            cov=np.array(data["covariance"]),
+            center=np.array(data["center"]),
+            scale=np.array(data["scale"]),
+            n=data["n"],
+            deviance=data["deviance"],
+            iterations=data["iterations"],
+            converged=data["converged"],
+            outcome=outcome,
+            n_sites=n_sites,
+        )
+
+    def summary(self) -> str:
+        width = max(14, *(len(n) for n in self.names)) + 1
+        rule = "=" * (width + 78)
+        ci = self.conf_int()
+        lines = [
+            rule,
+            "Federated logistic regression (Newton-Raphson on summed Hessians)".center(len(rule)),
+            rule,
+            f"Outcome: {self.outcome:<24} Patients: {self.n:<8} Sites: {self.n_sites:<5} "
+            f"Deviance: {self.deviance:.4f}   Iterations: {self.iterations} "
+            f"({'converged' if self.converged else 'NOT converged'})",
+            "-" * len(rule),
+            f"{'':<{width}}{'coef/SD':>10}{'std err':>10}{'z':>8}{'P>|z|':>8}"
+            f"{'[0.025':>10}{'0.975]':>10}{'OR/SD':>9}{'coef/unit':>13}",
+            "-" * len(rule),
+        ]
+        for i, name in enumerate(self.names):
+            odds = f"{math.exp(self.coef[i]):9.3f}" if i else f"{'':>9}"
+            lines.append(
+                f"{name:<{width}}{self.coef[i]:10.4f}{self.se[i]:10.4f}{self.zvalues[i]:8.3f}"
+                f"{self.pvalues[i]:8.3f}{ci[i, 0]:10.4f}{ci[i, 1]:10.4f}{odds}"
+                f"{self.coef_per_unit[i]:13.5g}"
+            )
+        lines.append(rule)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+@dataclass
+class StudyResult:
+    """Everything a study run produced; saved as ``results.json``."""
+
+    study: str
+    outcome: str
+    transport: str
+    sites: dict[str, dict[str, Any]]
+    models: dict[str, LogisticFit]
+    performance: dict[str, dict[str, dict[str, dict[str, float | int | None]]]]
+    rounds: dict[str, int]
+    federation: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "study": self.study,
+            "created": self.created,
+            "outcome": self.outcome,
+            "transport": self.transport,
+            "federation": self.federation,
+            "sites": self.sites,
+            "models": {name: fit.to_dict() for name, fit in self.models.items()},
+            "performance": self.performance,
+            "rounds": self.rounds,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StudyResult:
+        """Rebuild a result from results.json content."""
+        if data.get("schema") != SCHEMA:
+            raise ValueError(
+                f"not a radfed results file (schema {data.get('schema')!r}, expected {SCHEMA!r})"
+            )
+        n_sites = len(data["sites"])
+        return cls(
+            study=data["study"],
+            outcome=data["outcome"],
+            transport=data["transport"],
+            sites=data["sites"],
+            models={
+                name: LogisticFit.from_dict(fit, data["outcome"], n_sites)
+                for name, fit in data["models"].items()
+            },
+            performance=_nan(data["performance"]),
+            rounds=data["rounds"],
+            federation=data.get("federation", {}),
+            created=data.get("created", ""),
+        )
+
+    @classmethod
+    def read_json(cls, path: str | Path) -> StudyResult:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def write_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_finite(self.to_dict()), indent=2) + "\n")
+        return path
+
+    def auc_table(self) -> str:
+        """Per-site AUC table of every model, train and test."""
+        lines = []
+        for model, per_site in self.performance.items():
+            head = (
+                f"{'site':<16}{'n train':>8}{'events':>8}{'AUC train':>11}"
+                f"{'n test':>8}{'events':>8}{'AUC test':>10}"
+            )
+            lines += [f"Model: {model}", head, "-" * len(head)]
+            for site, splits in per_site.items():
+                tr, te = splits["train"], splits["test"]
+                lines.append(
+                    f"{site:<16}{tr['n']:>8}{tr['events']:>8}{_fmt(tr['auc']):>11}"
+                    f"{te['n']:>8}{te['events']:>8}{_fmt(te['auc']):>10}"
+                )
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        parts = [f"Study {self.study!r} ({self.transport} transport)"]
+        parts += [fit.summary() for fit in self.models.values()]
+        parts.append(self.auc_table())
+        parts.append("Federated rounds: " + ", ".join(f"{k}={v}" for k, v in self.rounds.items()))
+        return "\n\n".join(parts)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
+
+
+def _nan(obj: Any) -> Any:
+    """Inverse of :func:`_finite` for metric tables: None back to NaN."""
+    if obj is None:
+        return float("nan")
+    if isinstance(obj, dict):
+        return {k: _nan(v) for k, v in obj.items()}
+    return obj
+
+
+def _finite(obj: Any) -> Any:
+    """Replace NaN and infinities by None: results.json stays strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj

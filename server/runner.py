@@ -1,0 +1,61 @@
+"""Run a study over a chosen transport and record what it produced."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from radfed.server.protocol import InProcessTransport
+from radfed.server.results import StudyResult
+from radfed.server.study import FederatedStudy
+from radfed.shared.config import StudyConfig
+
+log = logging.getLogger(__name__)
+
+TRANSPORTS = ("inprocess", "simulation", "deployment")
+RESULTS = "results.json"
+
+
+def record_result(
+    result: StudyResult, config: StudyConfig, out_dir: Path, track: bool = True
+) -> Path:
+    """Write ``results.json`` into ``out_dir`` and log the run to MLflow (when enabled)."""
+    out_dir = Path(out_dir)
+    if track and config.tracking_enabled:
+        from radfed.server.tracking import log_study
+
+        log_study(result, config, out_dir)  # writes results.json with the run id, as an artifact
+    else:
+        result.write_json(out_dir / RESULTS)
+    path = out_dir / RESULTS
+    log.info("results written to %s", path)
+    return path
+
+
+def run_study(
+    config: StudyConfig,
+    transport: str = "inprocess",
+    out_dir: str | Path = "radfed-out",
+    track: bool = True,
+    jobs: int = 1,
+    progress: bool = False,
+) -> StudyResult:
+    """Run ``config`` over ``transport`` and record the result in ``out_dir``."""
+    if transport == "inprocess":
+        result = FederatedStudy(
+            config, InProcessTransport.from_study(config, jobs=jobs, progress=progress)
+        ).run()
+    elif transport == "simulation":
+        from radfed.server.simulation import run_in_simulation
+
+        result = run_in_simulation(config)
+    elif transport == "deployment":
+        from radfed.server.deployment import run_in_local_deployment
+
+        # In the Deployment Engine the ServerApp process records the run itself, as it
+        # does at a real coordinator; here we read back what it wrote.
+        return StudyResult.read_json(run_in_local_deployment(config, Path(out_dir), track=track))
+    else:
+        raise ValueError(f"unknown transport {transport!r}; choose one of {TRANSPORTS}")
+    record_result(result, config, Path(out_dir), track=track)
+    return result

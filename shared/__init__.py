@@ -1,0 +1,1 @@
+"""What both sides need: study configuration, message codec, privacy rules, shared statistics."""

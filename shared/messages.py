@@ -1,0 +1,90 @@
+"""The payloads that travel between coordinator and sites, and their Flower encoding.
+
+A payload is a flat ``dict`` from names to numpy arrays, numbers, strings or lists of
+strings. Every transport moves payloads through :func:`to_record` / :func:`from_record`,
+so the in-process transport exercises the same encoding as Flower does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+Payload = dict[str, Any]
+
+ARRAYS = "arrays"
+CONFIG = "config"
+# Dicts (for example the study protocol) travel as JSON strings under this prefix.
+JSON_PREFIX = "json:"
+
+
+def to_record(payload: Mapping[str, Any]) -> RecordDict:
+    """Encode a payload as a Flower ``RecordDict``.
+
+    Parameters
+    ----------
+    payload : mapping
+        Values are numpy arrays (sent as arrays), ``int``/``float``/``bool``/``str`` or
+        lists of ``str`` (sent as config), or dicts (sent as JSON strings).
+
+    Returns
+    -------
+    RecordDict
+        With an ``"arrays"`` ArrayRecord and a ``"config"`` ConfigRecord.
+    """
+    arrays: dict[str, Array] = {}
+    config: dict[str, Any] = {}
+    for key, value in payload.items():
+        if isinstance(value, np.ndarray):
+            arrays[key] = Array(np.ascontiguousarray(value))
+        elif isinstance(value, dict):
+            config[JSON_PREFIX + key] = json.dumps(value, sort_keys=True)
+        elif isinstance(value, np.generic):
+            config[key] = value.item()
+        elif isinstance(value, (list, tuple)):
+            config[key] = [str(v) for v in value]
+        elif isinstance(value, (bool, int, float, str)):
+            config[key] = value
+        else:
+            raise TypeError(f"payload value {key!r} of type {type(value).__name__} cannot be sent")
+    return RecordDict({ARRAYS: ArrayRecord(array_dict=arrays), CONFIG: ConfigRecord(config)})
+
+
+def from_record(record: RecordDict) -> Payload:
+    """Decode a ``RecordDict`` made by :func:`to_record` back into a payload."""
+    payload: Payload = {}
+    if ARRAYS in record:
+        for key, array in record[ARRAYS].items():
+            payload[key] = array.numpy()
+    if CONFIG in record:
+        for key, value in record[CONFIG].items():
+            if key.startswith(JSON_PREFIX):
+                payload[key.removeprefix(JSON_PREFIX)] = json.loads(value)
+            else:
+                payload[key] = list(value) if isinstance(value, list) else value
+    return payload
+
+
+def roundtrip(payload: Mapping[str, Any]) -> Payload:
+    """Encode and decode a payload, as a transport does."""
+    return from_record(to_record(payload))
+
+
+def shape_signature(payload: Mapping[str, Any]) -> dict[str, tuple[int, ...] | str]:
+    """Describe a payload by shapes and types only (for privacy checks and tests).
+
+    Arrays become their shape; lists of strings their length; scalars their type name.
+    """
+    sig: dict[str, tuple[int, ...] | str] = {}
+    for key, value in payload.items():
+        if isinstance(value, np.ndarray):
+            sig[key] = tuple(value.shape)
+        elif isinstance(value, list):
+            sig[key] = f"list[{len(value)}]"
+        else:
+            sig[key] = type(value).__name__
+    return sig

@@ -1,0 +1,1 @@
+"""radfed test suite."""

@@ -1,0 +1,69 @@
+"""`radfed run` end to end: results.json and a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from radfed.tests.conftest import heart_study_text
+
+
+def radfed(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "radfed", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_run_writes_results_and_tracks_in_mlflow(heart_study, heart_dir):
+    out = heart_dir / "out"
+    proc = radfed("run", "study.toml", "--out", str(out), cwd=heart_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "Federated logistic regression" in proc.stdout
+    assert "cleveland" in proc.stdout and "MLflow run" in proc.stdout
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["schema"] == "radfed.results/1"
+    assert results["transport"] == "inprocess"
+    assert set(results["sites"]) == {"cleveland", "hungarian", "va"}
+    for site, info in results["sites"].items():
+        assert info["train"]["n"] + info["test"]["n"] == info["n"]
+        perf = results["performance"]["logistic"][site]
+        assert 0.5 < perf["test"]["auc"] <= 1.0
+    assert results["rounds"]["logistic"] == results["models"]["logistic"]["iterations"]
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{heart_dir}/mlflow.db")
+    run = mlflow.get_run(results["federation"]["mlflow_run_id"])
+    metrics = run.data.metrics
+    for site in ("cleveland", "hungarian", "va"):
+        assert metrics[f"logistic/test/auc/{site}"] == pytest.approx(
+            results["performance"]["logistic"][site]["test"]["auc"]
+        )
+    assert run.data.params["outcome"] == "disease"
+    assert run.data.tags["radfed.transport"] == "inprocess"
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)]
+    assert "results.json" in artifacts
+
+
+def test_bad_study_file_is_a_clear_error(tmp_path):
+    (tmp_path / "study.toml").write_text("[study]\nname = 'x'\n")
+    proc = radfed("run", "study.toml", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "radfed: error:" in proc.stderr and "missing required key 'outcome'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_site_folder_is_a_clear_error(heart_dir):
+    (heart_dir / "study.toml").write_text(heart_study_text(["cleveland", "nowhere"]))
+    proc = radfed("run", "study.toml", "--no-track", cwd=heart_dir)
+    assert proc.returncode == 2
+    assert "nowhere: site folder not found" in proc.stderr

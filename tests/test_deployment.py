@@ -1,0 +1,172 @@
+"""The Flower Deployment Engine on this machine: SuperLink, one SuperNode per hospital,
+the radfed app submitted with ``flwr run``. Its fit must equal statsmodels on the pooled
+rows, and a study site without a SuperNode must fail clearly and quickly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import statsmodels.api as sm
+
+from radfed.client.site import stratified_split
+from radfed.server.deployment import (
+    LOG_DIR,
+    SiteNode,
+    app_dir,
+    format_node_config,
+    run_in_local_deployment,
+    site_nodes,
+    supernode_command,
+)
+from radfed.shared.config import StudyConfig
+from radfed.shared.errors import FederationError
+
+
+def processes_using(flwr_home: Path) -> list[int]:
+    """Living processes whose environment points FLWR_HOME at ``flwr_home``."""
+    marker = f"FLWR_HOME={flwr_home}\0".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def pooled_reference(config: StudyConfig):
+    """statsmodels Logit on every site's training rows, standardised with pooled mean/SD."""
+    columns = list(config.clinical)
+    parts = []
+    for site in config.sites:
+        table = pd.read_csv(site.path / "features.csv", na_values=["NA", "?"])
+        table = table[[config.outcome, *columns]].apply(pd.to_numeric, errors="coerce").dropna()
+        y = table[config.outcome].to_numpy()
+        test = stratified_split(y, config.test_fraction, config.seed, site.name)
+        parts.append(table[~test])
+    rows = pd.concat(parts)
+    x = rows[columns].to_numpy(dtype=float)
+    z = (x - x.mean(axis=0)) / x.std(axis=0, ddof=0)
+    X = sm.add_constant(z, has_constant="add")
+    y = rows[config.outcome].to_numpy(dtype=float)
+    return sm.Logit(y, X).fit(method="newton", tol=1e-12, maxiter=100, disp=0)
+
+
+# ----------------------------------------------------------------- fast checks
+
+
+def test_flower_app_is_a_valid_fab():
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.cli.config_utils import load_and_validate
+
+    config, _warnings = load_and_validate(app_dir() / "pyproject.toml")
+    app = config["tool"]["flwr"]["app"]
+    assert app["publisher"] == "radfed"
+    assert app["components"] == {
+        "serverapp": "radfed.server.app:app",
+        "clientapp": "radfed.client.app:app",
+    }
+    assert app["config"] == {"study": "", "out": "", "track": True, "connect-timeout": 120.0}
+    assert "flwr==1.41.0" in config["project"]["dependencies"]
+
+    import io
+    import zipfile
+
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app_dir()))).namelist()
+    assert sorted(n for n in names if not n.startswith(".info/")) == ["pyproject.toml"]
+
+
+def test_node_config_reaches_the_client_app_unchanged(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    odd = tmp_path / "Ward 7 (St. Mary's)"
+    site = SiteNode("st-marys", odd, min_cell=5, max_param_fraction=1 / 3, jobs=2)
+    parsed = parse_config_args([format_node_config(site.node_config())])
+    assert parsed == {
+        "site-name": "st-marys",
+        "data-dir": str(odd.resolve()),
+        "min-cell": 5,
+        "max-param-fraction": 1 / 3,
+        "jobs": 2,
+    }
+
+
+def test_supernode_command_binds_locally(heart_study):
+    node = site_nodes(heart_study)[0]
+    cmd = supernode_command(node, "127.0.0.1:9999", "127.0.0.1", 12345)
+    assert cmd[cmd.index("--superlink") + 1] == "127.0.0.1:9999"
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert "--insecure" in cmd
+    config = cmd[cmd.index("--node-config") + 1]
+    assert f"site-name='{node.name}'" in config
+    assert f"min-cell={heart_study.privacy.min_cell}" in config
+
+
+# ----------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_deployment_engine_equals_statsmodels(heart_study, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "flwr"
+    path = run_in_local_deployment(heart_study, out, track=False, timeout=420, work_dir=work)
+    assert processes_using(work.resolve() / "flwr-home") == []  # everything was stopped
+
+    assert path == out / "results.json"
+    results = json.loads(path.read_text())
+    assert results["transport"] == "deployment"
+    assert results["federation"]["sites"] == ["cleveland", "hungarian", "va"]
+
+    model = results["models"]["logistic"]
+    names = ["(Intercept)", *heart_study.clinical]
+    assert list(model["coefficients"]) == names
+    reference = pooled_reference(heart_study)
+    coef = np.array([model["coefficients"][n]["coef"] for n in names])
+    se = np.array([model["coefficients"][n]["se"] for n in names])
+    np.testing.assert_allclose(coef, reference.params, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(se, reference.bse, rtol=0, atol=1e-6)
+
+    logs = out / LOG_DIR
+    expected = {"superlink.log", "serverapp.log", "flwr-cli.log"}
+    expected |= {f"supernode-{s}.log" for s in heart_study.site_names}
+    assert expected <= {p.name for p in logs.iterdir()}
+    assert "flwr-clientapp" in (logs / "supernode-va.log").read_text()
+
+
+@pytest.mark.slow
+def test_site_without_supernode_fails_within_connect_timeout(heart_study, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "flwr"
+    present = [n for n in site_nodes(heart_study) if n.name != "va"]
+    started = time.monotonic()
+    with pytest.raises(FederationError) as caught:
+        run_in_local_deployment(
+            heart_study,
+            out,
+            track=False,
+            timeout=180,
+            connect_timeout=20,
+            sites=present,
+            work_dir=work,
+        )
+    elapsed = time.monotonic() - started
+    assert processes_using(work.resolve() / "flwr-home") == []
+
+    message = str(caught.value)
+    first = message.splitlines()[0]
+    assert "finished:failed" in first
+    assert "did not connect within 20 s" in first
+    missing = first[first.index("site(s)") : first.index("did not connect")]
+    assert "'va'" in missing
+    # The tails of the ServerApp, SuperLink and SuperNode logs come with the error.
+    assert "ServerApp log" in message
+    assert "superlink.log ---" in message
+    assert "supernode-cleveland.log ---" in message
+    assert not (out / "results.json").exists()
+    assert elapsed < 150, f"took {elapsed:.0f} s"
