@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import json
 import logging
 import math
 import os
 import re
+import secrets
 import struct
 import sys
-import tempfile
 import warnings
 import zlib
 from collections.abc import Iterator, Mapping
@@ -160,6 +161,7 @@ def load_params(params: str | Path | None = None) -> ExtractionParams:
         name, text = path.name, path.read_text(encoding="utf-8")
     settings = _parse_yaml(text, name)
     _validate_with_pyradiomics(settings, name)
+    _check_image_types(settings, name)
     return ExtractionParams(name=name, settings=settings, text=text)
 
 
@@ -191,6 +193,27 @@ def _validate_with_pyradiomics(settings: dict, name: str) -> None:
         raise ParamsError(f"pyradiomics rejects parameter file {name}: {detail}") from exc
     except (ValueError, TypeError) as exc:
         raise ParamsError(f"pyradiomics rejects parameter file {name}: {exc}") from exc
+
+
+# Image types pyradiomics skips with only a log message when a package is missing.
+_IMAGE_TYPE_PACKAGES = {"LBP2D": ("skimage",), "LBP3D": ("scipy", "trimesh")}
+
+
+def _check_image_types(settings: dict, name: str) -> None:
+    """Refuse image types pyradiomics would silently skip (missing sigma or package)."""
+    image_types = settings.get("imageType") or {}
+    common = settings.get("setting") or {}
+    for image_type, custom in image_types.items():
+        if image_type == "LoG" and not ((custom or {}).get("sigma") or common.get("sigma")):
+            raise ParamsError(
+                f"parameter file {name}: image type LoG needs a sigma list, e.g. [1.0, 3.0]"
+            )
+        for package in _IMAGE_TYPE_PACKAGES.get(image_type, ()):
+            if importlib.util.find_spec(package) is None:
+                raise ParamsError(
+                    f"parameter file {name}: image type {image_type} needs the Python package "
+                    f"{package}, which is not installed"
+                )
 
 
 def pyradiomics_version() -> str:
@@ -315,10 +338,12 @@ def _check_nifti_complete(path: Path, role: str) -> None:
         raise CaseError(
             f"cannot read {role}: file is truncated (compressed data ends early)", role
         ) from exc
-    except (OSError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+    except (gzip.BadGzipFile, zlib.error) as exc:
         raise CaseError(
             f"cannot read {role}: corrupt compressed file ({_short(str(exc))})", role
         ) from exc
+    except OSError as exc:
+        raise CaseError(f"cannot read {role}: {exc.strerror or exc}", role) from exc
     expected = _nifti_expected_size(header)
     if expected is not None and size < expected:
         raise CaseError(
@@ -455,8 +480,19 @@ def file_sha256(path: str | Path) -> str:
 
 
 def cache_key(image_path: str | Path, mask_path: str | Path, params: ExtractionParams) -> str:
-    """Key of one case: image and mask content, settings and library versions."""
-    parts = [CACHE_FORMAT, file_sha256(image_path), file_sha256(mask_path)]
+    """Key of one case: image and mask content, settings and library versions.
+
+    Raises
+    ------
+    CaseError
+        A file cannot be read.
+    """
+    parts = [CACHE_FORMAT]
+    for path, role in ((image_path, "image"), (mask_path, "mask")):
+        try:
+            parts.append(file_sha256(path))
+        except OSError as exc:
+            raise CaseError(f"cannot read {role}: {exc.strerror or exc}", role) from exc
     parts += [params.settings_hash, _engine_versions()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
@@ -494,26 +530,23 @@ def _cache_put(cache_dir: Path, key: str, features: Mapping[str, float]) -> None
         log.warning("cannot write feature cache in %s: %s", cache_dir, exc)
 
 
+def _temp_path(path: Path) -> Path:
+    """A unique hidden sibling of ``path``: same file system, so os.replace is atomic."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w",
-        dir=path.parent,
-        prefix=f".{path.name}.",
-        suffix=".tmp",
-        delete=False,
-        encoding="utf-8",
-    ) as handle:
-        tmp = Path(handle.name)
-        try:
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "x", encoding="utf-8") as handle:  # honours the umask
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        except BaseException:
-            handle.close()
-            tmp.unlink(missing_ok=True)
-            raise
-    os.replace(tmp, path)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------------------------- site
@@ -604,18 +637,9 @@ def extract_site(
 
     features: dict[str, dict[str, float]] = {}
     keys: dict[str, str] = {}
-    todo: list[_Case] = []
-    for case in cases:
-        try:
-            keys[case.patient_id] = cache_key(case.image_path, case.mask_path, params)
-        except OSError as exc:
-            problems.append(_case_problem(case, CaseError(f"cannot read file: {exc.strerror}")))
-            continue
-        hit = _cache_get(cache, keys[case.patient_id]) if use_cache else None
-        if hit is None:
-            todo.append(case)
-        else:
-            features[case.patient_id] = hit
+    todo = cases
+    if use_cache:
+        features, keys, todo = _lookup_cache(cases, params, cache, problems)
     n_cached = len(features)
 
     bar = tqdm(
@@ -627,13 +651,13 @@ def extract_site(
         disable=not progress,
     )
     with bar:
-        for case, outcome_ in _run_cases(todo, params, jobs):
-            if isinstance(outcome_, CaseError):
-                problems.append(_case_problem(case, outcome_))
+        for case, done in _run_cases(todo, params, jobs):
+            if isinstance(done, CaseError):
+                problems.append(_case_problem(case, done))
             else:
-                features[case.patient_id] = outcome_
+                features[case.patient_id] = done
                 if use_cache:
-                    _cache_put(cache, keys[case.patient_id], outcome_)
+                    _cache_put(cache, keys[case.patient_id], done)
             bar.update()
 
     order = [c.patient_id for c in cases if c.patient_id in features]
@@ -648,6 +672,32 @@ def extract_site(
         params_name=params.name,
         nonfinite=_nonfinite(table),
     )
+
+
+def _lookup_cache(
+    cases: list[_Case], params: ExtractionParams, cache: Path, problems: list[RowProblem]
+) -> tuple[dict[str, dict[str, float]], dict[str, str], list[_Case]]:
+    """Split cases into cache hits and cases to compute; unreadable files go to problems.
+
+    Returns
+    -------
+    (features of the hits, cache key of every readable case, cases to compute)
+    """
+    hits: dict[str, dict[str, float]] = {}
+    keys: dict[str, str] = {}
+    todo: list[_Case] = []
+    for case in cases:
+        try:
+            keys[case.patient_id] = cache_key(case.image_path, case.mask_path, params)
+        except CaseError as error:
+            problems.append(_case_problem(case, error))
+            continue
+        hit = _cache_get(cache, keys[case.patient_id])
+        if hit is None:
+            todo.append(case)
+        else:
+            hits[case.patient_id] = hit
+    return hits, keys, todo
 
 
 def _case_problem(case: _Case, error: CaseError) -> RowProblem:
@@ -746,12 +796,16 @@ def write_features(result: ExtractionResult, out: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     table = result.features.astype("float64")
     table.index = table.index.astype(str).rename("patient_id")
-    tmp = path.with_name(f".{path.name}.tmp")
-    if path.suffix.lower() == ".csv":
-        table.to_csv(tmp)  # floats are written with repr: exact round trip
-    else:
-        table.to_parquet(tmp, index=True)
-    os.replace(tmp, path)
+    tmp = _temp_path(path)
+    try:
+        if path.suffix.lower() == ".csv":
+            table.to_csv(tmp)  # floats are written with repr: exact round trip
+        else:
+            table.to_parquet(tmp, index=True)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
     meta = {
         "format": SIDECAR_FORMAT,
@@ -782,8 +836,16 @@ def read_features(path: str | Path) -> tuple[pd.DataFrame, dict]:
     if not path.is_file():
         raise RadfedError(f"feature file {path} not found; run `radfed extract` first")
     if path.suffix.lower() == ".csv":
-        table = pd.read_csv(path, dtype={"patient_id": str}, float_precision="round_trip")
-        table = table.set_index("patient_id")
+        # Only feature cells can be missing: a patient called "NA" stays "NA".
+        columns = pd.read_csv(path, nrows=0).columns
+        missing = {c: ["", "nan", "NaN"] for c in columns if c != "patient_id"}
+        table = pd.read_csv(
+            path,
+            dtype={"patient_id": str},
+            keep_default_na=False,
+            na_values=missing,
+            float_precision="round_trip",  # exact floats, as written by to_csv
+        ).set_index("patient_id")
     else:
         table = pd.read_parquet(path)
     table.index = table.index.astype(str).rename("patient_id")

@@ -169,8 +169,8 @@ FAT_RANGE = (0.2, 5.5)
 
 # Truth grid: (x, y, z) step in mm and half-extent; x = patient left, y = posterior (LPS).
 TRUTH_STEP = (0.5, 0.5, 1.0)
-TRUTH_HALF = (46.0, 37.0, 20.0)
-FOV_MM = (90.0, 72.0, 36.0)  # the site grid's nominal field of view
+TRUTH_HALF = (46.0, 36.0, 16.0)
+FOV_MM = (90.0, 70.0, 30.0)  # the site grid's nominal field of view
 
 # Tissue signal on T2 FSE, relative to subcutaneous fat.
 FAT, MUSCLE, FASCIA, FLUID, SKIN = 1.0, 0.30, 0.10, 1.5, 0.45
@@ -217,8 +217,8 @@ def draw_clinical(
 def _severity(rng: np.random.Generator, fasciitis: int) -> float:
     """Disease severity 0-1: overlapping classes so the image is informative, not perfect."""
     if fasciitis:
-        return float(0.1 + 0.9 * rng.beta(2.0, 2.0))
-    return float(rng.uniform(0.0, 0.3)) if rng.random() < 0.25 else 0.0
+        return float(0.05 + 0.95 * rng.beta(1.6, 2.2))
+    return float(rng.uniform(0.0, 0.35)) if rng.random() < 0.35 else 0.0
 
 
 # --------------------------------------------------------------------------- fields
@@ -301,7 +301,7 @@ def _draw_body(rng: np.random.Generator, age: int, fat_cm: float) -> _Body:
     fascia_t = rng.uniform(0.8, 1.5)
     skin = rng.uniform(1.5, 2.2)
     # The fat must fit between the fascia bulge (+2.5 mm) and the edge of the view.
-    room = TRUTH_HALF[1] - 2.5 - (fascia_y + 2.5 + fascia_t) - skin
+    room = FOV_MM[1] / 2 - 1.0 - (fascia_y + 2.5 + fascia_t) - skin
     fat_mm = float(np.clip(8.0 * fat_cm, 2.5, room))
     ax = rng.normal(19.5, 0.8)
     marbling = np.clip(0.02 + 0.0025 * (age - 20) + rng.normal(0, 0.02), 0.005, 0.25)
@@ -456,7 +456,7 @@ def _add_fasciitis(
     # 1. Thickened, hyperintense fascia (streak along the fascia).
     below, above = 0.3 + 1.2 * s, 0.5 + 2.5 * s
     band = _soft(Y - (fascia - below), 0.3) * _soft(fascia_out + above - Y, 0.3)
-    amount = (0.4 + 0.6 * s) * patch * band
+    amount = (0.25 + 0.5 * s) * patch * band
     sig = sig * (1 - amount) + FLUID * amount
 
     # 2. Fluid strands in the fat, elongated along the fascia, fading with depth.
@@ -471,12 +471,12 @@ def _add_fasciitis(
         base = fascia_out + 2.0 + 4.0 * s
         half = (2.0 + 5.0 * s) * np.clip((Y - apex) / np.maximum(base - apex, 1.0), 0, 1)
         tri = _soft(half - ax_, 0.4) * _soft(base - Y, 0.4) * _soft(Y - apex, 0.4)
-        sig = sig * (1 - 0.7 * tri) + FLUID * 0.7 * tri
+        sig = sig * (1 - 0.5 * tri) + FLUID * 0.5 * tri
 
     # 4. Heterogeneous oedema in the superficial muscle.
     depth = np.maximum(fascia - Y, 0.0)
     hetero = np.clip(0.5 + 0.5 * _noise(rng, shape, (2.0, 3.0, 3.0), coarse=True), 0, 1)
-    oedema = 0.6 * s * hetero * np.exp(-depth / (2.0 + 5.0 * s)) * muscle_w
+    oedema = 0.4 * s * hetero * np.exp(-depth / (2.0 + 5.0 * s)) * muscle_w
     return sig + oedema * (0.5 + 0.5 * patch)
 
 

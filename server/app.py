@@ -42,7 +42,9 @@ def make_server_app(run: Callable[[Grid, Context], None]) -> ServerApp:
 def _deployment_main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
     config = load_study(str(cfg["study"]))
-    result = serve_study(grid, config, engine="deployment")
+    result = serve_study(
+        grid, config, engine="deployment", connect_timeout=float(cfg.get("connect-timeout", 120.0))
+    )
     record_result(result, config, Path(str(cfg["out"])), track=bool(cfg.get("track", True)))
 
 

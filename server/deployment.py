@@ -269,9 +269,11 @@ def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[s
             "PYTHONUNBUFFERED": "1",
         }
     )
-    # Every message starts a ClientApp process: keep numerical libraries single-threaded.
+    # Every message starts a ClientApp process: keep numerical libraries single-threaded,
+    # and let SuperExec look for new tasks more often than once a second.
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(name, "1")
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.25")
     return env
 
 
@@ -615,7 +617,9 @@ def wait_for_run(
                 status = run_status(connection, run_id)
                 if status.finished:
                     break
-                next_poll = time.monotonic() + (1.0 if stream_ended else poll_interval)
+                next_poll = time.monotonic() + (
+                    min(poll_interval, 5.0) if stream_ended else poll_interval
+                )
             if now >= deadline:
                 stop_run(connection, run_id)
                 raise FederationError(

@@ -21,6 +21,7 @@ from radfed.shared.messages import from_record, to_record
 log = logging.getLogger(__name__)
 
 MESSAGE_TYPE = "query"
+POLL_SECONDS = 0.1
 
 
 class GridTransport(Transport):
@@ -45,11 +46,13 @@ class GridTransport(Transport):
         expected_sites: list[str],
         connect_timeout: float = 120.0,
         reply_timeout: float | None = None,
+        hello_timeout: float = 120.0,
         engine: str = "flower",
     ) -> None:
         super().__init__()
         self.grid = grid
         self.reply_timeout = reply_timeout
+        self.hello_timeout = hello_timeout
         self.name = engine
         self.node_of = self._discover(expected_sites, connect_timeout)
         self.sites = list(expected_sites)
@@ -63,7 +66,9 @@ class GridTransport(Transport):
             if new:
                 asked.update(new)
                 messages = [self._message(to_record({"task": "hello"}), n) for n in new]
-                for reply in self.grid.send_and_receive(messages, timeout=timeout):
+                # A connected node may take seconds to start its ClientApp: the hello
+                # round has its own timeout, apart from the wait for nodes to connect.
+                for reply in self._send_and_receive(messages, timeout=self.hello_timeout):
                     if reply.has_error():
                         log.warning(
                             "node %s did not say hello: %s",
@@ -90,6 +95,25 @@ class GridTransport(Transport):
             log.warning("ignoring connected site(s) not in the study: %s", unknown)
         return {s: found[s] for s in expected}
 
+    def _send_and_receive(self, messages: list[Message], timeout: float | None) -> list[Message]:
+        """Push messages and pull their replies.
+
+        Like ``Grid.send_and_receive``, but polling every ``POLL_SECONDS``: Flower 1.41's
+        deployment Grid sleeps 3 s between pulls, which a study of many short rounds
+        (Newton, LASSO paths) would pay at every round.
+        """
+        pending = set(self.grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            pulled = list(self.grid.pull_messages(pending))
+            replies.extend(pulled)
+            pending -= {m.metadata.reply_to_message_id for m in pulled}
+            if not pending or (deadline is not None and time.monotonic() > deadline):
+                break
+            time.sleep(POLL_SECONDS)
+        return replies
+
     def _message(self, content: RecordDict, node_id: int) -> Message:
         return Message(content=content, dst_node_id=node_id, message_type=MESSAGE_TYPE)
 
@@ -97,7 +121,7 @@ class GridTransport(Transport):
         site_of = {node: site for site, node in self.node_of.items()}
         messages = [self._message(rec, self.node_of[site]) for site, rec in requests.items()]
         replies: dict[str, RecordDict] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.reply_timeout):
+        for reply in self._send_and_receive(messages, timeout=self.reply_timeout):
             site = site_of[reply.metadata.src_node_id]
             if reply.has_error():
                 replies[site] = to_record(

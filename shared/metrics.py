@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
 
 
 def auc(y: np.ndarray, score: np.ndarray) -> float:
@@ -16,5 +15,9 @@ def auc(y: np.ndarray, score: np.ndarray) -> float:
     n0 = len(y) - n1
     if n1 == 0 or n0 == 0:
         return float("nan")
+    # Imported here: scipy.stats costs a second at start-up of every Flower ClientApp
+    # process, and most site tasks never need it.
+    from scipy.stats import rankdata
+
     ranks = rankdata(score)
     return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))

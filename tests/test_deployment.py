@@ -9,12 +9,8 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
-import statsmodels.api as sm
 
-from radfed.client.site import stratified_split
 from radfed.server.deployment import (
     LOG_DIR,
     SiteNode,
@@ -24,8 +20,13 @@ from radfed.server.deployment import (
     site_nodes,
     supernode_command,
 )
-from radfed.shared.config import StudyConfig
 from radfed.shared.errors import FederationError
+from radfed.tests.reference import (
+    assert_matches_logit,
+    feature_tables,
+    pooled_logit,
+    pooled_training_rows,
+)
 
 
 def processes_using(flwr_home: Path) -> list[int]:
@@ -40,24 +41,6 @@ def processes_using(flwr_home: Path) -> list[int]:
             except OSError:
                 continue
     return found
-
-
-def pooled_reference(config: StudyConfig):
-    """statsmodels Logit on every site's training rows, standardised with pooled mean/SD."""
-    columns = list(config.clinical)
-    parts = []
-    for site in config.sites:
-        table = pd.read_csv(site.path / "features.csv", na_values=["NA", "?"])
-        table = table[[config.outcome, *columns]].apply(pd.to_numeric, errors="coerce").dropna()
-        y = table[config.outcome].to_numpy()
-        test = stratified_split(y, config.test_fraction, config.seed, site.name)
-        parts.append(table[~test])
-    rows = pd.concat(parts)
-    x = rows[columns].to_numpy(dtype=float)
-    z = (x - x.mean(axis=0)) / x.std(axis=0, ddof=0)
-    X = sm.add_constant(z, has_constant="add")
-    y = rows[config.outcome].to_numpy(dtype=float)
-    return sm.Logit(y, X).fit(method="newton", tol=1e-12, maxiter=100, disp=0)
 
 
 # ----------------------------------------------------------------- fast checks
@@ -125,13 +108,9 @@ def test_deployment_engine_equals_statsmodels(heart_study, tmp_path):
     assert results["federation"]["sites"] == ["cleveland", "hungarian", "va"]
 
     model = results["models"]["logistic"]
-    names = ["(Intercept)", *heart_study.clinical]
-    assert list(model["coefficients"]) == names
-    reference = pooled_reference(heart_study)
-    coef = np.array([model["coefficients"][n]["coef"] for n in names])
-    se = np.array([model["coefficients"][n]["se"] for n in names])
-    np.testing.assert_allclose(coef, reference.params, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(se, reference.bse, rtol=0, atol=1e-6)
+    assert list(model["coefficients"]) == ["(Intercept)", *heart_study.clinical]
+    rows = pooled_training_rows(heart_study, feature_tables(heart_study))
+    assert_matches_logit(model, pooled_logit(rows, heart_study.outcome, list(heart_study.clinical)))
 
     logs = out / LOG_DIR
     expected = {"superlink.log", "serverapp.log", "flwr-cli.log"}

@@ -127,7 +127,7 @@ def test_default_params_resample_and_normalise(default_run):
     assert (table["original_firstorder_Energy"] > 0).all()
 
 
-def test_second_run_on_copied_site_is_served_from_cache(default_run, tmp_path, monkeypatch):
+def test_second_run_on_copied_site_is_served_from_cache(default_run, tmp_path, monkeypatch, capsys):
     result, cache = default_run
     rows = []
     for case in reversed(SMALL_CASES):  # other order, other ids, relative paths
@@ -148,8 +148,9 @@ def test_second_run_on_copied_site_is_served_from_cache(default_run, tmp_path, m
         raise AssertionError("a cache hit must not call pyradiomics")
 
     monkeypatch.setattr(extraction, "extract_case", no_pyradiomics)
-    again = extract_site(site, load_params(), cache_dir=cache, progress=False)
+    again = extract_site(site, load_params(), cache_dir=cache, progress=True)
     assert (again.n_cached, again.n_extracted) == (3, 0)
+    assert "3/3" in capsys.readouterr().err  # the tqdm bar goes to stderr
     assert again.problems == []
     renamed = again.features.rename(index=lambda pid: pid[1:]).loc[SMALL_CASES]
     pd.testing.assert_frame_equal(renamed, result.features, check_exact=True)
@@ -467,6 +468,14 @@ def test_bad_site_reports_each_problem_and_extracts_the_rest(bad_run):
             assert p.file in text
 
 
+def test_bad_site_in_parallel_reports_the_same(bad_site, bad_run):
+    result = extract_site(
+        bad_site, load_params("fast"), jobs=2, progress=False, use_cache=False, outcome="outcome"
+    )
+    assert result.problems == bad_run.problems  # errors keep their file across processes
+    pd.testing.assert_frame_equal(result.features, bad_run.features, check_exact=True)
+
+
 def test_failures_are_not_cached(bad_site, tmp_path):
     cache = tmp_path / "cache"
     extract_site(bad_site, load_params("fast"), cache_dir=cache, progress=False)
@@ -517,7 +526,9 @@ def test_write_read_features_round_trip(bad_run, tmp_path, suffix):
     result = bad_run
     features = result.features.copy()
     features.loc["P01", "original_glcm_Contrast"] = math.nan  # NaN must survive
-    features = pd.concat([features, features.iloc[[0]].rename(index={"P01": "007"})])
+    features = pd.concat(
+        [features, features.iloc[[0, 1]].rename(index={"P01": "007", "P09": "NA"})]
+    )
     result = ExtractionResult(
         features,
         result.problems,
@@ -533,11 +544,11 @@ def test_write_read_features_round_trip(bad_run, tmp_path, suffix):
     if suffix == ".csv":
         assert out.read_text().startswith("patient_id,")
     table, meta = read_features(out)
-    assert list(table.index) == ["P01", "P09", "007"]  # ids stay strings
+    assert list(table.index) == ["P01", "P09", "007", "NA"]  # ids stay strings
     pd.testing.assert_frame_equal(table, features, check_exact=True, check_index_type=False)
     assert meta["settings_hash"] == result.settings_hash == load_params("fast").settings_hash
     assert meta["pyradiomics_version"] == "3.0.1"
-    assert meta["params_name"] == "fast" and meta["n_cases"] == 3
+    assert meta["params_name"] == "fast" and meta["n_cases"] == 4
     assert [RowProblem(**p) for p in meta["problems"]] == result.problems
     assert meta["nonfinite"] == {"P01": ["original_glcm_Contrast"]}
 
@@ -611,6 +622,7 @@ def test_settings_hash_ignores_comments_layout_and_number_spelling(tmp_path):
         ("featureClass: {glcm: [Contrastt]}\n", "Contrastt"),
         ("setting: {interpolator: sitkCubic}\n", "sitkCubic"),
         ("setting: [binWidth\n", "not valid YAML"),
+        ("imageType: {LoG: {}}\n", "LoG needs a sigma"),
         ("- 1\n- 2\n", "YAML mapping"),
         ("", "YAML mapping"),
     ],
@@ -621,6 +633,15 @@ def test_invalid_params_are_clear_errors(tmp_path, text, message):
     with pytest.raises(ParamsError, match=message) as info:
         load_params(path)
     assert "p.yaml" in str(info.value)
+
+
+def test_image_type_with_missing_package_is_refused(tmp_path, monkeypatch):
+    # pyradiomics would only log an error and return no features for this image type
+    monkeypatch.setitem(extraction._IMAGE_TYPE_PACKAGES, "LBP3D", ("radfed_no_such_package",))
+    path = tmp_path / "lbp.yaml"
+    path.write_text("imageType: {LBP3D: {}}\n")
+    with pytest.raises(ParamsError, match="LBP3D needs the Python package radfed_no_such_package"):
+        load_params(path)
 
 
 def test_missing_params_file(tmp_path):

@@ -235,20 +235,19 @@ def test_batch_effect_separates_sites(table: pd.DataFrame) -> None:
 
 
 def test_disease_changes_roi_texture() -> None:
-    # Same anatomy inputs, so only the fasciitis changes differ between classes.
-    stats = {0: [], 1: []}
+    # Same clinical inputs (age, fat), so mostly the fasciitis changes differ by class.
+    stats: dict[str, list[float]] = {"mean": [], "tail": []}
     for k in range(16):
-        fasciitis = k % 2
         image, mask, _ = synth.simulate_case(
-            SITE_PROFILES[4], fasciitis, 45, 1.8, np.random.default_rng([11, k])
+            SITE_PROFILES[4], k % 2, 45, 1.8, np.random.default_rng([11, k])
         )
         arr = sitk.GetArrayFromImage(image).astype(np.float64)
-        roi = sitk.GetArrayFromImage(mask).astype(bool)
-        v = arr[roi]
-        stats[fasciitis].append(np.percentile(v, 99) / np.percentile(v, 75))
-    score = np.array(stats[0] + stats[1])
-    y = np.repeat([0, 1], 8)
-    assert _auc(score, y) > 0.8
+        v = arr[sitk.GetArrayFromImage(mask).astype(bool)]
+        stats["mean"].append(v.mean())
+        stats["tail"].append(np.percentile(v, 99) / np.percentile(v, 75))  # bright streaks
+    y = np.arange(16) % 2
+    assert _auc(np.array(stats["mean"]), y) > 0.8
+    assert _auc(np.array(stats["tail"]), y) > 0.75
 
 
 def test_disease_visible_in_cohort(table: pd.DataFrame) -> None:

@@ -1,0 +1,342 @@
+"""Federated LASSO logistic + K-fold CV equals the pooled fit (sklearn) and cv.glmnet's CV.
+
+Anchor: glmnet's objective -(1/N) loglik + λ‖β‖₁ on standardised features equals
+scikit-learn's L1 ``LogisticRegression`` with C = 1/(N λ) and an unpenalised intercept
+(solver saga). The CV curve is recomputed from pooled rows, fold by fold, with
+cv.glmnet's formulas written out here independently of the package.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import pytest
+from scipy.special import expit
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+
+from radfed.experiments.heart_disease import read_hospital
+from radfed.server.lasso import (
+    FederatedLassoCV,
+    LassoCVResult,
+    choose_lambdas,
+    coordinate_descent,
+    cv_curve,
+    lasso_cv,
+)
+from radfed.shared.errors import PrivacyRefusal
+from radfed.shared.privacy import PrivacyPolicy
+from radfed.shared.selection_stats import answer, assign_folds
+
+HEART = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak"]
+
+Site = tuple[str, np.ndarray, np.ndarray]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def heart_sites(shared_data) -> list[Site]:
+    """The four hospitals; ``slope``, ``ca`` and ``thal`` are left out because they are
+    missing for nearly every patient outside Cleveland, then incomplete rows dropped."""
+    sites = []
+    for name in ("cleveland", "hungarian", "switzerland", "va"):
+        frame = read_hospital(name, shared_data / "heart_disease")[[*HEART, "disease"]].dropna()
+        sites.append((name, frame[HEART].to_numpy(float), frame["disease"].to_numpy(int)))
+    return sites
+
+
+def synthetic_sites(n: int = 520, p: int = 30, seed: int = 3) -> list[Site]:
+    """Correlated features on different scales and offsets, split into 3 unequal sites."""
+    rng = np.random.default_rng(seed)
+    cov = 0.5 ** np.abs(np.subtract.outer(np.arange(p), np.arange(p)))
+    X = rng.multivariate_normal(np.zeros(p), cov, size=n) * rng.uniform(0.5, 5, p)
+    X += rng.normal(0, 10, p)
+    beta = np.zeros(p)
+    beta[:5] = [1.0, -0.8, 0.6, 0.5, -0.4]
+    y = (rng.random(n) < expit(((X - X.mean(0)) / X.std(0)) @ beta - 0.3)).astype(int)
+    cuts = np.split(np.arange(n), [90, 260])
+    return [(f"site{i}", X[rows], y[rows]) for i, rows in enumerate(cuts)]
+
+
+def make_ask(sites: list[Site], log: list | None = None):
+    """One federated round, in memory: every site answers with its own rows."""
+
+    def ask(request):
+        replies = [answer(request, X, y, name) for name, X, y in sites]
+        if log is not None:
+            log.append((request, replies))
+        return replies
+
+    return ask
+
+
+def pooled(sites: list[Site]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    X = np.vstack([s[1] for s in sites])
+    y = np.concatenate([s[2] for s in sites])
+    return X, y, X.mean(axis=0), X.std(axis=0)
+
+
+def run(sites: list[Site], **kw) -> LassoCVResult:
+    X, _, center, scale = pooled(sites)
+    names = [f"x{j}" for j in range(X.shape[1])]
+    return lasso_cv(make_ask(sites), names, center, scale, **kw)
+
+
+# --------------------------------------------------------------------------- oracle
+
+
+def sklearn_l1(Z: np.ndarray, y: np.ndarray, lam: float) -> np.ndarray:
+    """glmnet's solution at λ via sklearn: C = 1/(N λ), intercept unpenalised (saga)."""
+    model = LogisticRegression(
+        C=1.0 / (len(y) * lam),
+        l1_ratio=1.0,
+        solver="saga",
+        tol=1e-10,
+        max_iter=200_000,
+        random_state=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        model.fit(Z, y)
+    if not model.coef_.any():
+        # saga's intercept converges slowly when every coefficient is 0 (it stops up to
+        # ~1e-3 short); the intercept-only optimum is closed-form.
+        return np.concatenate([[np.log(y.mean() / (1 - y.mean()))], model.coef_[0]])
+    return np.concatenate([model.intercept_, model.coef_[0]])
+
+
+def glmnet_deviance(eta: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """cv.lognet's per-row deviance: probabilities clamped to [1e-5, 1 - 1e-5]."""
+    p = np.clip(1.0 / (1.0 + np.exp(-eta)), 1e-5, 1 - 1e-5)
+    return -2.0 * (y * np.log(p) + (1 - y) * np.log(1 - p))
+
+
+def pooled_cv(sites: list[Site], lambdas: np.ndarray, k: int, seed: int):
+    """cv.glmnet recomputed on the pooled rows, fold by fold, with sklearn fits."""
+    X, y, center, scale = pooled(sites)
+    Z = (X - center) / scale
+    folds = np.concatenate([assign_folds(s[2], k, seed, s[0]) for s in sites])
+    means = np.empty((k, len(lambdas)))
+    coefs = np.empty((k, len(lambdas), X.shape[1] + 1))
+    for f in range(k):
+        train, test = folds != f, folds == f
+        for i, lam in enumerate(lambdas):
+            coefs[f, i] = sklearn_l1(Z[train], y[train], lam)
+            eta = coefs[f, i, 0] + Z[test] @ coefs[f, i, 1:]
+            means[f, i] = glmnet_deviance(eta, y[test]).mean()
+    n_k = np.bincount(folds, minlength=k).astype(float)
+    cvm = n_k @ means / n_k.sum()  # weighted.mean of the fold means
+    cvsd = np.sqrt(n_k @ (means - cvm) ** 2 / n_k.sum() / (k - 1))
+    return means, cvm, cvsd, coefs
+
+
+# --------------------------------------------------------------------------- path
+
+
+@pytest.fixture(scope="module")
+def synth_fit() -> tuple[list[Site], LassoCVResult]:
+    sites = synthetic_sites()
+    return sites, run(sites, n_folds=5, n_lambdas=20, lambda_min_ratio=0.01, seed=11)
+
+
+@pytest.fixture(scope="module")
+def heart_fit(shared_data) -> tuple[list[Site], LassoCVResult]:
+    sites = heart_sites(shared_data)
+    return sites, run(sites, n_folds=5, n_lambdas=20, lambda_min_ratio=0.005, seed=7)
+
+
+def kkt_residual(Z: np.ndarray, y: np.ndarray, beta: np.ndarray, lam: float) -> float:
+    """Largest violation of the lasso optimality conditions on the pooled rows."""
+    Zd = np.column_stack([np.ones(len(y)), Z])
+    grad = Zd.T @ (expit(Zd @ beta) - y) / len(y)
+    on = beta[1:] != 0
+    return max(
+        abs(grad[0]),
+        np.abs(grad[1:][on] + lam * np.sign(beta[1:][on])).max(initial=0.0),
+        (np.abs(grad[1:][~on]) - lam).max(initial=0.0),
+    )
+
+
+@pytest.mark.parametrize("which", ["synth_fit", "heart_fit"])
+def test_path_equals_sklearn_at_every_lambda(which, request):
+    sites, res = request.getfixturevalue(which)
+    X, y, center, scale = pooled(sites)
+    Z = (X - center) / scale
+    worst = max(
+        np.abs(sklearn_l1(Z, y, lam) - res.coef_path[i]).max() for i, lam in enumerate(res.lambdas)
+    )
+    assert worst < 1e-4, worst
+    ybar = y.mean()
+    expected = [np.log(ybar / (1 - ybar))] + [0] * X.shape[1]
+    np.testing.assert_allclose(res.coef_path[0], expected, atol=1e-12)  # |x_jᵀr| = λ: ties
+    # And the federated path satisfies the pooled optimality conditions to rounding.
+    assert max(kkt_residual(Z, y, b, lam) for b, lam in zip(res.coef_path, res.lambdas)) < 1e-9
+    assert res.n == len(y) and res.n_sites == len(sites)
+
+
+def test_path_starts_at_lambda_max(synth_fit):
+    sites, res = synth_fit
+    X, y, center, scale = pooled(sites)
+    Z = (X - center) / scale
+    assert res.lambdas[0] == pytest.approx(np.abs(Z.T @ (y - y.mean())).max() / len(y))
+    assert np.abs(res.coef_path[0, 1:]).max() < 1e-12  # nothing enters at λ_max
+    assert np.count_nonzero(res.coef_path[1, 1:]) >= 1
+    assert np.all(np.diff(res.lambdas) < 0)
+    assert res.lambdas[-1] / res.lambdas[0] == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("which", ["synth_fit", "heart_fit"])
+def test_cv_curve_equals_pooled_recomputation(which, request):
+    sites, res = request.getfixturevalue(which)
+    seed = 11 if which == "synth_fit" else 7
+    means, cvm, cvsd, coefs = pooled_cv(sites, res.lambdas, res.n_folds, seed)
+    assert np.abs(res.fold_coef_path - coefs).max() < 1e-4
+    X, y, center, scale = pooled(sites)
+    Z = (X - center) / scale
+    folds = np.concatenate([assign_folds(s[2], res.n_folds, seed, s[0]) for s in sites])
+    np.testing.assert_array_equal(res.fold_n, np.bincount(folds))
+    for f, path in enumerate(res.fold_coef_path):
+        train = folds != f
+        kkt = max(kkt_residual(Z[train], y[train], b, lam) for b, lam in zip(path, res.lambdas))
+        assert kkt < 1e-9, (f, kkt)
+    np.testing.assert_allclose(res.fold_deviance, means, atol=1e-4)
+    np.testing.assert_allclose(res.cvm, cvm, atol=1e-4)
+    np.testing.assert_allclose(res.cvsd, cvsd, atol=1e-4)
+    # getOptcv.glmnet on the pooled curve picks the same λs.
+    i_min = int(np.argmin(cvm))
+    i_1se = int(np.flatnonzero(cvm <= cvm[i_min] + cvsd[i_min])[0])
+    assert (res.index_min, res.index_1se) == (i_min, i_1se)
+    assert res.lambda_min == res.lambdas[i_min] and res.lambda_1se >= res.lambda_min
+
+
+def test_default_path_100_lambdas_10_folds_on_heart(shared_data):
+    sites = heart_sites(shared_data)
+    start = time.perf_counter()
+    res = run(sites)  # glmnet defaults: 100 λ, ratio 1e-4 (N > p), 10 folds
+    elapsed = time.perf_counter() - start
+    assert len(res.lambdas) == 100 and res.n_folds == 10
+    assert res.lambdas[-1] / res.lambdas[0] == pytest.approx(1e-4)
+    assert res.rounds <= 15, res.rounds
+    assert elapsed < 30
+    X, y, center, scale = pooled(sites)
+    Z = (X - center) / scale
+    for i in range(0, 100, 11):  # a spread of 10 λ over the path
+        assert np.abs(sklearn_l1(Z, y, res.lambdas[i]) - res.coef_path[i]).max() < 1e-4
+    assert res.cvm[res.index_min] == res.cvm.min()
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_choose_lambdas_follows_getoptcv():
+    lambdas = np.array([1.0, 0.5, 0.25, 0.125, 0.0625])
+    cvm = np.array([1.30, 1.10, 1.00, 1.00, 1.05])  # tie at the minimum: larger λ wins
+    cvsd = np.array([0.05, 0.05, 0.12, 0.02, 0.02])
+    assert choose_lambdas(lambdas, cvm, cvsd) == (2, 1)  # 1.10 <= 1.00 + 0.12
+    assert choose_lambdas(lambdas, cvm, np.zeros(5)) == (2, 2)
+
+
+def test_cv_curve_weights_folds_by_size():
+    dev = np.array([[2.0, 4.0], [9.0, 3.0]])  # summed deviance, fold x λ
+    n_k = np.array([1.0, 3.0])
+    means, cvm, cvsd = cv_curve(dev, n_k)
+    np.testing.assert_allclose(means, [[2.0, 4.0], [3.0, 1.0]])
+    np.testing.assert_allclose(cvm, [(2 + 9) / 4, (4 + 3) / 4])
+    expected = np.sqrt((1 * (2 - 2.75) ** 2 + 3 * (3 - 2.75) ** 2) / 4 / 1)
+    assert cvsd[0] == pytest.approx(expected)
+
+
+def test_coordinate_descent_solves_the_penalised_quadratic():
+    rng = np.random.default_rng(0)
+    M = rng.normal(size=(40, 6))
+    A = (M.T @ M / 40)[None]
+    c = rng.normal(size=(1, 6))
+    lam = np.array([0.3])
+    beta = coordinate_descent(A, c, np.zeros((1, 6)), lam)[0]
+    grad = A[0] @ beta - c[0]  # KKT: grad_0 = 0; |grad_j| <= λ, = -λ sign(β_j) if β_j != 0
+    assert abs(grad[0]) < 1e-10
+    on = beta[1:] != 0
+    np.testing.assert_allclose(grad[1:][on], -lam[0] * np.sign(beta[1:][on]), atol=1e-10)
+    assert np.all(np.abs(grad[1:][~on]) <= lam[0] + 1e-12)
+
+
+def test_assign_folds_is_stratified_seeded_and_per_site():
+    y = np.r_[np.zeros(47, int), np.ones(23, int)]
+    folds = assign_folds(y, 10, seed=5, site_name="a")
+    assert folds.shape == y.shape and set(folds) == set(range(10))
+    sizes = np.bincount(folds)
+    assert sizes.max() - sizes.min() <= 1
+    for c in (0, 1):
+        per = np.bincount(folds[y == c], minlength=10)
+        assert per.max() - per.min() <= 1
+    np.testing.assert_array_equal(folds, assign_folds(y, 10, seed=5, site_name="a"))
+    assert not np.array_equal(folds, assign_folds(y, 10, seed=5, site_name="b"))
+    assert not np.array_equal(folds, assign_folds(y, 10, seed=6, site_name="a"))
+
+
+def test_replies_are_aggregates_whatever_the_site_size():
+    sites = synthetic_sites(n=400, p=8)
+    log: list = []
+    X, _, center, scale = pooled(sites)
+    res = lasso_cv(
+        make_ask(sites, log), [f"x{j}" for j in range(8)], center, scale, n_folds=4, n_lambdas=7
+    )
+    assert res.rounds == len(log)
+    for request, replies in log:
+        B = len(request["problem_folds"])
+        shapes = {tuple(np.shape(v)) for r in replies for v in r.values()}
+        assert shapes <= {(B, 9, 9), (B, 9), (B,), (4,), ()}, shapes
+    assert len(log[0][0]["problem_folds"]) == 5  # round 1: each fold once, at β = 0
+    assert max(len(r["problem_folds"]) for r, _ in log) <= 5 * 7
+
+
+def test_site_refuses_small_folds():
+    X = np.random.default_rng(1).normal(size=(20, 3))
+    y = np.r_[np.zeros(10, int), np.ones(10, int)]
+    request = {
+        "step": "lasso_irls",
+        "center": np.zeros(3),
+        "scale": np.ones(3),
+        "n_folds": 10,
+        "seed": 0,
+        "problem_folds": np.array([10]),
+        "beta": np.zeros((1, 4)),
+    }
+    with pytest.raises(PrivacyRefusal, match="fold"):
+        answer(request, X, y, "tiny", policy=PrivacyPolicy(min_cell=3))
+    assert answer(request, X, y, "tiny", policy=PrivacyPolicy(min_cell=2))["n"] == 20
+
+
+def test_result_prints_and_writes_the_radscore(synth_fit):
+    sites, res = synth_fit
+    text = res.summary()
+    assert "lambda.min" in text and "lambda.1se" in text and "x0" in text
+    assert str(res) == text
+    names = [f"feature_{j}" for j in range(30)]
+    formula = res.radscore_formula(names)
+    beta = res.coef_min
+    assert formula.startswith(f"Radscore = {beta[0]:.3f} ")
+    kept = [names[j] for j in np.flatnonzero(beta[1:])]
+    assert formula.count(" * ") == len(kept) == len(res.nonzero_features)
+    assert f"{abs(beta[1]):.3f} * feature_0" in formula
+    # The unstandardised model gives the same linear predictor as the per-SD one.
+    X, _, center, scale = pooled(sites)
+    raw = res.unstandardised()
+    np.testing.assert_allclose(
+        raw[0] + X @ raw[1:], beta[0] + ((X - center) / scale) @ beta[1:], atol=1e-10
+    )
+
+
+def test_estimator_interface(shared_data):
+    sites = heart_sites(shared_data)
+    X, _, center, scale = pooled(sites)
+    est = FederatedLassoCV(n_folds=4, n_lambdas=10, seed=3).fit(
+        make_ask(sites), HEART, center, scale
+    )
+    assert est.coef_.shape == (10,) and est.lambdas_.shape == (10,)
+    assert est.lambda_min_ == est.result_.lambda_min
+    assert est.intercept_ == est.result_.coef_min[0]
+    assert est.n_rounds_ == est.result_.rounds
