@@ -31,14 +31,36 @@ MANIFEST = "manifest.csv"
 UNKNOWN = "unknown"
 
 
+@dataclass(frozen=True)
+class TableSpec:
+    """Which columns a study needs from a site table.
+
+    ``features`` are names or glob patterns; ``numeric`` other numeric columns (for
+    example ComBat covariates that are not clinical variables); ``labels`` text columns
+    (a batch column, categorical covariates), kept as strings.
+    """
+
+    outcome: str
+    clinical: tuple[str, ...] = ()
+    features: tuple[str, ...] = ()
+    numeric: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
+
+    @property
+    def numeric_columns(self) -> list[str]:
+        """Outcome, clinical and extra numeric columns, each once, in order."""
+        return list(dict.fromkeys([self.outcome, *self.clinical, *self.numeric]))
+
+
 @dataclass
 class SiteTable:
     """The rows a site analyses, with what it kept out and how features were made."""
 
-    frame: pd.DataFrame  # index patient_id; outcome, clinical and feature columns, all float
+    frame: pd.DataFrame  # index patient_id; outcome, clinical, extra numeric and features: float
     outcome: str
     clinical: list[str]
     features: list[str]
+    labels: pd.DataFrame = field(default_factory=pd.DataFrame)  # text columns (batch, categories)
     problems: list[RowProblem] = field(default_factory=list)
     settings_hash: str = UNKNOWN
     pyradiomics_version: str = UNKNOWN
@@ -114,11 +136,23 @@ def _check_outcome(
     ]
 
 
+MISSING = ["", "NA", "N/A", "NaN", "nan", "?"]
+
+
 def _read_feature_file(path: Path) -> pd.DataFrame:
     if path.suffix == ".parquet":
         frame = pd.read_parquet(path)
     else:
-        frame = pd.read_csv(path, na_values=["NA", "?", ""], keep_default_na=True)
+        # Missing-value markers apply to data columns only: a patient called "NA" stays
+        # "NA"; floats are read exactly as written.
+        header = pd.read_csv(path, nrows=0).columns
+        frame = pd.read_csv(
+            path,
+            dtype={"patient_id": str},
+            keep_default_na=False,
+            na_values={c: MISSING for c in header if c != "patient_id"},
+            float_precision="round_trip",
+        )
     if "patient_id" not in frame.columns:
         if frame.index.name == "patient_id":
             frame = frame.reset_index()
@@ -137,22 +171,19 @@ def _read_feature_file(path: Path) -> pd.DataFrame:
     return frame.set_index("patient_id")
 
 
-def load_feature_site(
-    site_dir: Path, outcome: str, clinical: list[str], features: list[str]
-) -> SiteTable:
+def load_feature_site(site_dir: Path, spec: TableSpec) -> SiteTable:
     """Load a site that ships a feature table instead of images."""
     path = next((site_dir / f for f in FEATURE_FILES if (site_dir / f).is_file()), None)
     if path is None:
         raise SiteDataError(f"{site_dir}: no {MANIFEST} and no {' or '.join(FEATURE_FILES)}")
     frame = _read_feature_file(path)
-    missing = [c for c in [outcome, *clinical] if c not in frame.columns]
+    missing = [c for c in [*spec.numeric_columns, *spec.labels] if c not in frame.columns]
     if missing:
         raise SiteDataError(f"{path}: missing column(s) {missing}")
-    non_feature = {"line", outcome, *clinical}
+    non_feature = {"line", *spec.numeric_columns, *spec.labels}
     available = [c for c in frame.columns if c not in non_feature]
-    chosen = resolve_features(features, available)
-    meta = _sidecar(path)
-    return _assemble(frame, frame["line"], path.name, outcome, clinical, chosen, [], meta)
+    chosen = resolve_features(list(spec.features), available)
+    return _assemble(frame, frame["line"], path.name, spec, chosen, [], _sidecar(path))
 
 
 def _sidecar(path: Path) -> dict:
@@ -161,27 +192,51 @@ def _sidecar(path: Path) -> dict:
     return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
+def _canonical_text(column: pd.Series) -> pd.Series:
+    """Labels as text that is the same at every site: numeric codes are written
+    without a trailing ``.0`` (a column read as float at one site and as int at another
+    must give the same levels)."""
+    numbers = pd.to_numeric(column, errors="coerce")
+    if numbers.notna().sum() == column.notna().sum():
+        return numbers.map(lambda v: pd.NA if pd.isna(v) else f"{v:g}").astype("string")
+    return column.astype("string")
+
+
+def _labels(frame: pd.DataFrame, columns: tuple[str, ...], lines: pd.Series, file: str):
+    """Text columns as strings; rows with a missing label are reported."""
+    text = frame[list(columns)].apply(_canonical_text)
+    bad = text.isna().any(axis=1) | (text.apply(lambda c: c.str.strip()) == "").any(axis=1)
+    problems = [
+        RowProblem(int(lines.loc[pid]), str(pid), file, f"missing value in {list(columns)}")
+        for pid in frame.index[bad.to_numpy()]
+    ]
+    return text.loc[~bad.to_numpy()].astype(str), problems
+
+
 def _assemble(
     frame: pd.DataFrame,
     lines: pd.Series,
     file: str,
-    outcome: str,
-    clinical: list[str],
+    spec: TableSpec,
     features: list[str],
     problems: list[RowProblem],
     meta: dict,
 ) -> SiteTable:
     problems = list(problems)
-    bad_outcome = _check_outcome(frame, outcome, lines, file)
+    bad_outcome = _check_outcome(frame, spec.outcome, lines, file)
     problems += bad_outcome
     frame = frame.drop(index=[p.patient_id for p in bad_outcome])
-    kept, incomplete = _keep_complete(frame, [outcome, *clinical, *features], lines, file)
+    labels, unlabelled = _labels(frame, spec.labels, lines, file)
+    problems += unlabelled
+    frame = frame.loc[labels.index]
+    kept, incomplete = _keep_complete(frame, [*spec.numeric_columns, *features], lines, file)
     problems += incomplete
     return SiteTable(
         frame=kept,
-        outcome=outcome,
-        clinical=list(clinical),
+        outcome=spec.outcome,
+        clinical=list(spec.clinical),
         features=features,
+        labels=labels.loc[kept.index],
         problems=problems,
         settings_hash=meta.get("settings_hash", UNKNOWN),
         pyradiomics_version=meta.get("pyradiomics_version", UNKNOWN),
@@ -190,9 +245,7 @@ def _assemble(
 
 def load_image_site(
     site_dir: Path,
-    outcome: str,
-    clinical: list[str],
-    features: list[str],
+    spec: TableSpec,
     params: str,
     cache_dir: Path | None,
     jobs: int,
@@ -201,29 +254,36 @@ def load_image_site(
     """Load a site with images: extract (or fetch from the cache), then join the manifest."""
     from radfed.client.extraction import extract_site, load_params
 
-    manifest = read_manifest(site_dir, outcome=outcome, numeric=clinical)
+    outcome = spec.outcome
+    manifest = read_manifest(site_dir, outcome=outcome, numeric=spec.numeric_columns[1:])
     result = extract_site(
-        site_dir, load_params(params), jobs=jobs, cache_dir=cache_dir, progress=progress
+        site_dir,
+        load_params(params),
+        jobs=jobs,
+        cache_dir=cache_dir,
+        progress=progress,
+        outcome=outcome,
     )
     seen = {(p.row, p.file, p.reason) for p in manifest.problems}
     problems = manifest.problems + [
         p for p in result.problems if (p.row, p.file, p.reason) not in seen
     ]
     rows = manifest.rows.loc[manifest.rows.index.intersection(result.features.index)]
-    chosen = resolve_features(features, list(result.features.columns))
-    frame = rows[[outcome, *clinical]].join(result.features[chosen])
+    missing = [c for c in spec.labels if c not in rows.columns]
+    if missing:
+        raise SiteDataError(f"{site_dir / MANIFEST}: missing column(s) {missing}")
+    chosen = resolve_features(list(spec.features), list(result.features.columns))
+    frame = rows[[*spec.numeric_columns, *spec.labels]].join(result.features[chosen])
     meta = {
         "settings_hash": result.settings_hash,
         "pyradiomics_version": result.pyradiomics_version,
     }
-    return _assemble(frame, rows["line"], MANIFEST, outcome, clinical, chosen, problems, meta)
+    return _assemble(frame, rows["line"], MANIFEST, spec, chosen, problems, meta)
 
 
 def load_site_table(
     site_dir: str | Path,
-    outcome: str,
-    clinical: list[str],
-    features: list[str],
+    spec: TableSpec,
     params: str = "default",
     cache_dir: Path | None = None,
     jobs: int = 1,
@@ -234,7 +294,5 @@ def load_site_table(
     if not site_dir.is_dir():
         raise SiteDataError(f"site folder not found: {site_dir}")
     if (site_dir / MANIFEST).is_file():
-        return load_image_site(
-            site_dir, outcome, clinical, features, params, cache_dir, jobs, progress
-        )
-    return load_feature_site(site_dir, outcome, clinical, features)
+        return load_image_site(site_dir, spec, params, cache_dir, jobs, progress)
+    return load_feature_site(site_dir, spec)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+
 from radfed.shared.errors import SiteDataError
 
 MANIFEST_NAME = "manifest.csv"

@@ -1,12 +1,15 @@
 """What a hospital computes: site statistics over its own rows, behind its privacy rules.
 
-Every request names a task and carries the study protocol. The site answers with
-aggregates only (sums, cross-products, counts); each reply passes the site's
+Every request names a task and carries the study protocol plus the pipeline fitted so
+far (ComBat estimates, the Radscore): sites keep no state between requests, so any
+process may answer any request. The site answers with aggregates only (sums,
+cross-products, counts); each reply passes the site's
 :class:`~radfed.shared.privacy.PrivacyPolicy` before it leaves.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import zlib
@@ -16,12 +19,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import pandas as pd
 
 import radfed
-from radfed.client.data import SiteTable, load_site_table
+from radfed.client.data import SiteTable, TableSpec, load_site_table
 from radfed.shared.errors import PrivacyRefusal, RadfedError
-from radfed.shared.logistic import design, linear_predictor, newton_pieces
-from radfed.shared.messages import Payload
+from radfed.shared.logistic import design, newton_pieces
+from radfed.shared.messages import RADSCORE, Payload
 from radfed.shared.metrics import auc
 from radfed.shared.privacy import PrivacyPolicy
 
@@ -29,6 +33,7 @@ log = logging.getLogger(__name__)
 
 TRAIN, TEST = "train", "test"
 SPLITS = (TRAIN, TEST)
+SITE_BATCH = "site"
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,31 @@ def stratified_split(y: np.ndarray, test_fraction: float, seed: int, site: str) 
     return test
 
 
+def table_spec(protocol: dict[str, Any]) -> TableSpec:
+    """The columns a study's protocol needs from a site table."""
+    categorical = list(protocol.get("categorical", []))
+    batch = protocol.get("batch", SITE_BATCH)
+    labels = ([] if batch == SITE_BATCH else [batch]) + categorical
+    numeric = [c for c in protocol.get("covariates", []) if c not in categorical]
+    return TableSpec(
+        outcome=protocol["outcome"],
+        clinical=tuple(protocol["clinical"]),
+        features=tuple(protocol["features"]),
+        numeric=tuple(numeric),
+        labels=tuple(dict.fromkeys(labels)),
+    )
+
+
+def _digest(request: Payload, prefixes: tuple[str, ...]) -> str:
+    """A fingerprint of the pipeline parameters in a request (to reuse a computed view)."""
+    h = hashlib.sha256()
+    for key in sorted(k for k in request if k.startswith(prefixes)):
+        value = request[key]
+        h.update(key.encode())
+        h.update(value.tobytes() if isinstance(value, np.ndarray) else json.dumps(value).encode())
+    return h.hexdigest()
+
+
 class Site:
     """A site's analysis table for one study, with its split and statistics.
 
@@ -66,17 +96,17 @@ class Site:
     settings : SiteSettings
     protocol : dict
         The study protocol sent by the coordinator (outcome, variables, split, seed,
-        extraction parameters).
+        extraction parameters, batch and covariates).
     """
+
+    PIPELINE = ("combat_", "radscore_", "levels")
 
     def __init__(self, settings: SiteSettings, protocol: dict[str, Any]) -> None:
         self.settings = settings
         self.protocol = protocol
         self.table: SiteTable = load_site_table(
             settings.data_dir,
-            outcome=protocol["outcome"],
-            clinical=list(protocol["clinical"]),
-            features=list(protocol["features"]),
+            table_spec(protocol),
             params=protocol.get("extraction_params", "default"),
             cache_dir=settings.cache_dir,
             jobs=settings.jobs,
@@ -86,12 +116,17 @@ class Site:
         self.test_mask = stratified_split(
             y, protocol["test_fraction"], protocol["seed"], settings.name
         )
+        self._views: dict[tuple[str, str], pd.DataFrame] = {}
         self.handlers: dict[str, Callable[[Payload], Payload]] = {
             "describe": self.describe,
             "split": self.split_counts,
             "moments": self.moments,
             "logistic": self.logistic,
             "evaluate": self.evaluate,
+            "combat_design": self.combat_design,
+            "combat_residuals": self.combat_residuals,
+            "combat_batches": self.combat_batches,
+            "select": self.select,
         }
 
     @property
@@ -111,9 +146,56 @@ class Site:
         y = self.table.y[self.rows(subset)]
         return {"n": len(y), "events": int(y.sum()), "non_events": int(len(y) - y.sum())}
 
-    def _data(self, columns: list[str], subset: str) -> tuple[np.ndarray, np.ndarray]:
+    # -- the pipeline as the coordinator has fitted it so far ---------------------------
+
+    def batches(self, subset: str) -> np.ndarray:
+        """Batch label of each row: the site's name, or its batch column."""
         rows = self.rows(subset)
-        return self.table.matrix(columns)[rows], self.table.y[rows]
+        batch = self.protocol.get("batch", SITE_BATCH)
+        if batch == SITE_BATCH:
+            return np.full(int(rows.sum()), self.settings.name, dtype=object)
+        return self.table.labels[batch].to_numpy(dtype=object)[rows]
+
+    def covariates(self, subset: str, levels: dict[str, list[str]]) -> np.ndarray:
+        """ComBat's covariate design columns, encoded with the federation's levels."""
+        from radfed.harmonization.combat import encode_covariates
+
+        rows = self.rows(subset)
+        categorical = list(self.protocol.get("categorical", []))
+        numeric = [c for c in self.protocol.get("covariates", []) if c not in categorical]
+        frame = pd.concat([self.table.frame[numeric], self.table.labels[categorical]], axis=1)
+        cov, _ = encode_covariates(frame.loc[rows], numeric, {c: levels[c] for c in categorical})
+        return cov
+
+    def view(self, request: Payload, subset: str) -> pd.DataFrame:
+        """The rows of ``subset`` after the pipeline in ``request``: ComBat-harmonised
+        features and, when the request defines it, the Radscore column."""
+        key = (subset, _digest(request, self.PIPELINE))
+        if key not in self._views:
+            frame = self.table.frame.loc[self.rows(subset)].copy()
+            if "combat_feature_names" in request:
+                from radfed.harmonization.combat import ComBatEstimates, apply_combat
+
+                est = ComBatEstimates.from_payload(request)
+                names = list(est.feature_names)
+                cov = self.covariates(subset, request.get("levels", {}))
+                frame[names] = apply_combat(est, frame[names].to_numpy(), self.batches(subset), cov)
+            if "radscore_columns" in request:
+                x = frame[list(request["radscore_columns"])].to_numpy(dtype=float)
+                X = design(x, request["radscore_center"], request["radscore_scale"])
+                frame[RADSCORE] = X @ request["radscore_beta"]
+            self._views = {k: v for k, v in self._views.items() if k[1] == key[1]}
+            self._views[key] = frame
+        return self._views[key]
+
+    def _data(
+        self, request: Payload, columns: list[str], subset: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        frame = self.view(request, subset)
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise RadfedError(f"the site has no column(s) {missing}")
+        return frame[columns].to_numpy(dtype=float), frame[self.table.outcome].to_numpy(dtype=float)
 
     # -- tasks -------------------------------------------------------------------------
 
@@ -121,6 +203,7 @@ class Site:
         """What the coordinator checks for consistency; counts and names, no values."""
         counts = self._counts("all")
         self.policy.check_counts(counts, "describe")
+        categorical = list(self.protocol.get("categorical", []))
         return {
             "site": self.settings.name,
             **counts,
@@ -130,6 +213,8 @@ class Site:
             "settings_hash": self.table.settings_hash,
             "pyradiomics_version": self.table.pyradiomics_version,
             "radfed_version": radfed.__version__,
+            "batch_levels": sorted(set(self.batches("all"))),
+            "levels": {c: sorted(set(self.table.labels[c])) for c in categorical},
         }
 
     def split_counts(self, request: Payload) -> Payload:
@@ -143,14 +228,14 @@ class Site:
 
     def moments(self, request: Payload) -> Payload:
         """n, sum and sum of squares of each column (for pooled mean and SD)."""
-        x, _ = self._data(request["columns"], request.get("subset", TRAIN))
+        x, _ = self._data(request, request["columns"], request.get("subset", TRAIN))
         self.policy.check_counts({"n": len(x)}, "moments")
         return {"n": len(x), "sum": x.sum(axis=0), "sumsq": (x**2).sum(axis=0)}
 
     def logistic(self, request: Payload) -> Payload:
         """Hessian, score and deviance of the logistic log-likelihood at ``beta``."""
         columns = request["columns"]
-        x, y = self._data(columns, request.get("subset", TRAIN))
+        x, y = self._data(request, columns, request.get("subset", TRAIN))
         counts = {"n": len(y), "events": int(y.sum()), "non_events": int(len(y) - y.sum())}
         self.policy.check_counts(counts, "logistic")
         self.policy.check_parameters(len(columns) + 1, len(y), "logistic")
@@ -164,17 +249,65 @@ class Site:
         }
 
     def evaluate(self, request: Payload) -> Payload:
-        """Per split: n, events and AUC of a standardised logistic model."""
-        columns = request["columns"]
+        """Per model and split: n, events and AUC of standardised logistic models.
+
+        ``models`` names the models; each has ``{model}_columns``, ``_center``,
+        ``_scale`` and ``_beta``.
+        """
         reply: Payload = {}
         for subset in SPLITS:
-            x, y = self._data(columns, subset)
-            counts = {"n": len(y), "events": int(y.sum()), "non_events": int(len(y) - y.sum())}
+            counts = self._counts(subset)
             self.policy.check_counts(counts, f"evaluate ({subset})")
-            eta = linear_predictor(x, request["center"], request["scale"], request["beta"])
             reply.update({f"n_{subset}": counts["n"], f"events_{subset}": counts["events"]})
-            reply[f"auc_{subset}"] = auc(y, eta)
+            for model in request["models"]:
+                x, y = self._data(request, request[f"{model}_columns"], subset)
+                X = design(x, request[f"{model}_center"], request[f"{model}_scale"])
+                reply[f"{model}_auc_{subset}"] = auc(y, X @ request[f"{model}_beta"])
         return reply
+
+    def _combat_inputs(self, request: Payload) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x, _ = self._data(request, request["combat_features"], TRAIN)
+        cov = self.covariates(TRAIN, request.get("levels", {}))
+        self.policy.check_counts(self._held_batches(), "ComBat")
+        return x, self.batches(TRAIN), cov
+
+    def _held_batches(self) -> dict[str, int]:
+        # Counts of the batches this site holds; absent batches are zeros by design.
+        labels, counts = np.unique(self.batches(TRAIN), return_counts=True)
+        return {f"batch {b}": int(c) for b, c in zip(labels, counts, strict=True)}
+
+    def combat_design(self, request: Payload) -> Payload:
+        from radfed.harmonization.combat import site_design_moments
+
+        x, batch, cov = self._combat_inputs(request)
+        return site_design_moments(x, batch, cov, request["batch_levels"])
+
+    def combat_residuals(self, request: Payload) -> Payload:
+        from radfed.harmonization.combat import site_residual_moments
+
+        x, batch, cov = self._combat_inputs(request)
+        return site_residual_moments(x, batch, cov, request["batch_levels"], request["beta"])
+
+    def combat_batches(self, request: Payload) -> Payload:
+        from radfed.harmonization.combat import site_batch_moments
+
+        x, batch, cov = self._combat_inputs(request)
+        return site_batch_moments(
+            x,
+            batch,
+            cov,
+            request["batch_levels"],
+            request["beta_covariates"],
+            request["grand_mean"],
+            request["var_pooled"],
+        )
+
+    def select(self, request: Payload) -> Payload:
+        """mRMR and LASSO statistics over the training rows (see shared.selection_stats)."""
+        from radfed.shared.selection_stats import answer
+
+        x, y = self._data(request, request["select_columns"], TRAIN)
+        return answer(request, x, y, self.settings.name, self.policy)
 
     def handle(self, task: str, request: Payload) -> Payload:
         """Answer one request; the reply is checked against the privacy rules."""
@@ -182,9 +315,32 @@ class Site:
         if handler is None:
             raise RadfedError(f"unknown task {task!r}; this site knows {sorted(self.handlers)}")
         reply = handler(request)
-        n_cols = len(request.get("columns", []))
-        PrivacyPolicy.check_shapes(reply, {n_cols, n_cols + 1}, task)
+        PrivacyPolicy.check_shapes(reply, request_sizes(request), task)
         return reply
+
+
+def request_sizes(request: Payload) -> set[int]:
+    """Every size the request fixes (its lists and array dimensions, plus one for an
+    intercept): a reply array may have these dimensions and no other."""
+    sizes = {1}
+    for value in request.values():
+        if isinstance(value, np.ndarray):
+            sizes.update(value.shape)
+        elif isinstance(value, list):
+            sizes.add(len(value))
+        elif isinstance(value, dict):
+            sizes.update(len(v) for v in value.values() if isinstance(v, list))
+    for key in ("n_folds", "folds"):
+        if isinstance(request.get(key), int):
+            sizes.add(request[key])
+    # A ComBat design has one column per batch plus the covariate design columns.
+    if "batch_levels" in request:
+        protocol = request.get("protocol", {})
+        categorical = protocol.get("categorical", [])
+        n_cov = sum(len(v) - 1 for v in request.get("levels", {}).values())
+        n_cov += len([c for c in protocol.get("covariates", []) if c not in categorical])
+        sizes.add(len(request["batch_levels"]) + n_cov)
+    return sizes | {s + 1 for s in sizes}
 
 
 class SiteWorker:
@@ -217,7 +373,7 @@ class SiteWorker:
         except PrivacyRefusal as exc:
             log.warning("site %s refused %s: %s", self.settings.name, task, exc)
             return {"error": str(exc), "error_kind": "privacy"}
-        except RadfedError as exc:
+        except (RadfedError, ValueError) as exc:
             log.error("site %s cannot answer %s: %s", self.settings.name, task, exc)
             return {"error": str(exc), "error_kind": "data"}
         except Exception as exc:  # report, do not crash the site's process

@@ -33,6 +33,9 @@ class Transport(ABC):
         self.step = "setup"
         self.sites: list[str] = []
         self.protocol: dict | None = None
+        # The pipeline fitted so far (ComBat estimates, the Radscore): sent with every
+        # request, so sites keep no state between rounds.
+        self.context: Payload = {}
 
     @abstractmethod
     def _exchange(self, requests: Mapping[str, RecordDict]) -> dict[str, RecordDict]:
@@ -52,7 +55,7 @@ class Transport(ABC):
             When any site refuses or fails; the message lists every such site and why.
         """
         targets = list(sites or self.sites)
-        request = {"task": task, **(payload or {})}
+        request = {"task": task, **self.context, **(payload or {})}
         if self.protocol is not None:
             request["protocol"] = self.protocol
         encoded = to_record(request)

@@ -13,6 +13,7 @@ from scipy import stats
 
 SCHEMA = "radfed.results/1"
 INTERCEPT = "(Intercept)"
+DETAILS = ("harmonization", "selection", "clinical_screening")
 
 
 @dataclass
@@ -169,6 +170,7 @@ class StudyResult:
     performance: dict[str, dict[str, dict[str, dict[str, float | int | None]]]]
     rounds: dict[str, int]
     federation: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # harmonisation, selection, screening
     created: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -183,6 +185,7 @@ class StudyResult:
             "models": {name: fit.to_dict() for name, fit in self.models.items()},
             "performance": self.performance,
             "rounds": self.rounds,
+            **self.details,
         }
 
     @classmethod
@@ -205,6 +208,7 @@ class StudyResult:
             performance=_nan(data["performance"]),
             rounds=data["rounds"],
             federation=data.get("federation", {}),
+            details={k: data[k] for k in DETAILS if k in data},
             created=data.get("created", ""),
         )
 
@@ -237,7 +241,25 @@ class StudyResult:
 
     def summary(self) -> str:
         parts = [f"Study {self.study!r} ({self.transport} transport)"]
-        parts += [fit.summary() for fit in self.models.values()]
+        selection = self.details.get("selection")
+        if selection:
+            lasso = selection["lasso"]
+            parts.append(
+                f"mRMR: {len(selection['mrmr']['selected'])} features; "
+                f"LASSO {lasso['n_folds']}-fold CV, "
+                f"{lasso['rule']} = {lasso[lasso['rule'].replace('.', '_')]:.4g}, "
+                f"{len(lasso['nonzero'])} non-zero\n{selection['radscore_formula']}"
+            )
+        screening = self.details.get("clinical_screening")
+        if screening:
+            rows = [
+                f"  {name:<20} OR/unit {u['odds_ratio_per_unit']:8.3f}   p = {u['p']:.4g}"
+                for name, u in screening["univariable"].items()
+            ]
+            parts.append(
+                f"Univariable screening (p < {screening['threshold']}):\n" + "\n".join(rows)
+            )
+        parts += [f"Model: {name}\n{fit.summary()}" for name, fit in self.models.items()]
         parts.append(self.auc_table())
         parts.append("Federated rounds: " + ", ".join(f"{k}={v}" for k, v in self.rounds.items()))
         return "\n\n".join(parts)

@@ -1,9 +1,12 @@
 """The study driver: the phases of a federated study run, over any transport.
 
-Phases: consistency (sites agree on extraction settings and variables), split (each site
-splits its own patients), standardisation (pooled mean and SD), the logistic model
-(Newton-Raphson), and evaluation (per site and split). The number of federated rounds
-of each phase is recorded.
+Phases (seed 000's method, federated): consistency (sites agree on extraction settings
+and variables), split (each site splits its own patients), ComBat harmonisation of the
+features, radiomics selection (standardisation, mRMR, LASSO with K-fold CV -> the
+Radscore), the radiomics model (logistic on the Radscore), the clinical model
+(univariable screening, then multivariable), the nomogram (retained clinical variables
+plus the Radscore), and evaluation per site and split. The number of federated rounds of
+each phase is recorded.
 """
 
 from __future__ import annotations
@@ -15,16 +18,15 @@ from typing import Any
 import numpy as np
 
 import radfed
+from radfed.server.phases import fit_combat, fit_standardised, screen_clinical, select_radiomics
 from radfed.server.protocol import Transport
-from radfed.server.results import StudyResult
-from radfed.server.solvers import fit_logistic, pooled_standardisation
+from radfed.server.results import LogisticFit, StudyResult
 from radfed.shared.config import StudyConfig
 from radfed.shared.errors import FederationError
-from radfed.shared.messages import Payload
+from radfed.shared.messages import RADSCORE, Payload
 
 log = logging.getLogger(__name__)
 
-MODEL = "logistic"
 CONSISTENT = ("features", "clinical", "settings_hash", "pyradiomics_version")
 
 
@@ -86,30 +88,86 @@ class FederatedStudy:
 
     def run(self) -> StudyResult:
         cfg, transport = self.config, self.transport
-
         self._phase("consistency")
         described = transport.ask("describe")
         for site, reply in described.items():
             if reply["site"] != site:
                 raise FederationError(f"site {site!r} answered as {reply['site']!r}")
         shared = check_consistency(described)
-
         self._phase("split")
         split = transport.ask("split")
 
-        columns = list(shared["clinical"]) + list(shared["features"])
-        self._phase("standardise")
-        center, scale, _ = pooled_standardisation(transport, columns)
-
-        self._phase("logistic")
-        fit = fit_logistic(transport, columns, center, scale, outcome=cfg.outcome)
-        log.info("logistic fit: %d iterations, deviance %.4f", fit.iterations, fit.deviance)
+        features, clinical = list(shared["features"]), list(shared["clinical"])
+        models: dict[str, LogisticFit] = {}
+        details: dict[str, Any] = {}
+        if features and cfg.harmonization.method == "combat":
+            self._phase("combat")
+            details["harmonization"] = self._harmonise(described, features)
+        if features:
+            self._phase("selection")
+            sel = cfg.selection
+            selection = select_radiomics(
+                transport,
+                features,
+                sel.mrmr_k,
+                sel.folds,
+                cfg.seed,
+                sel.n_lambdas,
+                sel.lambda_min_ratio,
+                sel.rule,
+            )
+            details["selection"] = selection.to_dict()
+            transport.context.update(selection.radscore_payload())
+            self._phase("radiomics")
+            models["radiomics"] = fit_standardised(transport, [RADSCORE], cfg.outcome)
+        retained: list[str] = []
+        if clinical:
+            self._phase("clinical")
+            screening = screen_clinical(transport, clinical, cfg.outcome, cfg.univariable_p)
+            details["clinical_screening"] = screening.to_dict()
+            retained = screening.retained
+            if retained:
+                models["clinical"] = fit_standardised(transport, retained, cfg.outcome)
+            else:
+                log.warning("no clinical variable has p < %g: no clinical model", cfg.univariable_p)
+        nomogram = retained + ([RADSCORE] if features else [])
+        if nomogram and nomogram != [RADSCORE]:
+            self._phase("nomogram")
+            models["nomogram"] = fit_standardised(transport, nomogram, cfg.outcome)
+        if not models:
+            raise FederationError("no model to fit: no feature, and no clinical variable retained")
 
         self._phase("evaluate")
-        evaluated = transport.ask(
-            "evaluate", {"columns": columns, "center": center, "scale": scale, "beta": fit.coef}
-        )
+        evaluated = transport.ask("evaluate", evaluation_request(models))
+        return self._result(described, split, shared, models, evaluated, details)
 
+    def _harmonise(self, described: dict[str, Payload], features: list[str]) -> dict[str, Any]:
+        """Fit ComBat on the training rows; later requests carry the estimates."""
+        h = self.config.harmonization
+        batch_levels = sorted({b for r in described.values() for b in r["batch_levels"]})
+        levels = {
+            c: sorted({lv for r in described.values() for lv in r["levels"][c]})
+            for c in h.categorical
+        }
+        numeric = [c for c in h.covariates if c not in h.categorical]
+        covariate_names = numeric + [f"{c}={lv}" for c in h.categorical for lv in levels[c][1:]]
+        estimates = fit_combat(self.transport, features, batch_levels, levels, covariate_names, h)
+        self.transport.context.update({**estimates.to_payload(), "levels": levels})
+        return {
+            "method": "combat",
+            "batch": h.batch,
+            "batch_levels": batch_levels,
+            "n_per_batch": dict(zip(batch_levels, estimates.n_per_batch.tolist(), strict=True)),
+            "covariates": covariate_names,
+            "parametric": h.parametric,
+            "mean_only": h.mean_only,
+            "unadjusted_features": [
+                f for f, a in zip(features, estimates.adjusted, strict=True) if not a
+            ],
+        }
+
+    def _result(self, described, split, shared, models, evaluated, details) -> StudyResult:
+        cfg = self.config
         sites = {
             site: {
                 "n": described[site]["n"],
@@ -126,17 +184,18 @@ class FederatedStudy:
             for site in described
         }
         performance = {
-            MODEL: {
+            model: {
                 site: {
                     subset: {
                         "n": int(r[f"n_{subset}"]),
                         "events": int(r[f"events_{subset}"]),
-                        "auc": _float(r[f"auc_{subset}"]),
+                        "auc": _float(r[f"{model}_auc_{subset}"]),
                     }
                     for subset in ("train", "test")
                 }
                 for site, r in evaluated.items()
             }
+            for model in models
         }
         federation = {
             **shared,
@@ -148,14 +207,30 @@ class FederatedStudy:
         return StudyResult(
             study=cfg.name,
             outcome=cfg.outcome,
-            transport=transport.name,
+            transport=self.transport.name,
             sites=sites,
-            models={MODEL: fit},
+            models=models,
             performance=performance,
-            rounds=dict(transport.rounds),
+            rounds=dict(self.transport.rounds),
             federation=federation,
+            details=details,
             created=datetime.now(UTC).isoformat(timespec="seconds"),
         )
+
+
+def evaluation_request(models: dict[str, LogisticFit]) -> Payload:
+    """One evaluate request for every model (their columns and coefficients)."""
+    request: Payload = {"models": list(models)}
+    for name, fit in models.items():
+        request.update(
+            {
+                f"{name}_columns": fit.columns,
+                f"{name}_center": fit.center,
+                f"{name}_scale": fit.scale,
+                f"{name}_beta": fit.coef,
+            }
+        )
+    return request
 
 
 def _float(value: Any) -> float:

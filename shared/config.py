@@ -45,6 +45,9 @@ from radfed.shared.privacy import PrivacyPolicy
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 KNOWN = {
     "study": {"name", "outcome", "clinical", "features", "seed"},
+    "harmonization": {"method", "batch", "covariates", "categorical", "parametric", "mean_only"},
+    "selection": {"mrmr_k", "folds", "n_lambdas", "lambda_min_ratio", "rule"},
+    "models": {"univariable_p"},
     "split": {"test_fraction"},
     "extraction": {"params"},
     "tracking": {"uri", "experiment", "enabled"},
@@ -59,6 +62,32 @@ class SiteConfig:
 
     name: str
     path: Path
+
+
+@dataclass(frozen=True)
+class HarmonizationConfig:
+    """ComBat settings. ``batch`` is ``"site"`` or a column of the site tables (for
+    example a scanner column: a batch may then span sites). ``covariates`` are the
+    biological covariates to preserve (never the outcome); those also named in
+    ``categorical`` are one-hot encoded with the federation's levels."""
+
+    method: str = "combat"  # "combat" or "none"
+    batch: str = "site"
+    covariates: tuple[str, ...] = ()
+    categorical: tuple[str, ...] = ()
+    parametric: bool = True
+    mean_only: bool = False
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Radiomics feature selection: mRMR to ``mrmr_k``, then LASSO with K-fold CV."""
+
+    mrmr_k: int = 30
+    folds: int = 10
+    n_lambdas: int = 100
+    lambda_min_ratio: float | None = None  # glmnet's default: 0.01 if N > p else 1e-4
+    rule: str = "lambda.min"  # seed 000's rule; or "lambda.1se"
 
 
 @dataclass(frozen=True)
@@ -77,6 +106,9 @@ class StudyConfig:
     experiment: str = ""
     tracking_enabled: bool = True
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
+    harmonization: HarmonizationConfig = field(default_factory=HarmonizationConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    univariable_p: float = 0.05
     source: Path | None = None
 
     @property
@@ -96,6 +128,10 @@ class StudyConfig:
             "seed": self.seed,
             "test_fraction": self.test_fraction,
             "extraction_params": self.extraction_params,
+            "batch": self.harmonization.batch,
+            "covariates": list(self.harmonization.covariates),
+            "categorical": list(self.harmonization.categorical),
+            "folds": self.selection.folds,
         }
 
     def protocol_hash(self) -> str:
@@ -103,8 +139,10 @@ class StudyConfig:
 
     def as_params(self) -> dict[str, str]:
         """Flat settings for tracking (MLflow parameters)."""
-        flat = {k: v for k, v in asdict(self).items() if k not in {"sites", "privacy", "source"}}
-        flat.update({f"privacy.{k}": v for k, v in asdict(self.privacy).items()})
+        nested = {"privacy", "harmonization", "selection"}
+        flat = {k: v for k, v in asdict(self).items() if k not in {"sites", "source", *nested}}
+        for section in nested:
+            flat.update({f"{section}.{k}": v for k, v in asdict(getattr(self, section)).items()})
         flat["sites"] = [s.name for s in self.sites]
         return {
             k: json.dumps(v) if isinstance(v, (list, tuple)) else str(v) for k, v in flat.items()
@@ -192,6 +230,14 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
     except (TypeError, ValueError) as exc:
         raise StudyConfigError(f"[privacy]: {exc}") from exc
 
+    harmonization = _harmonization(data.get("harmonization", {}))
+    selection = _selection(data.get("selection", {}))
+    models = data.get("models", {})
+    _check_keys(models, "models")
+    univariable_p = models.get("univariable_p", 0.05)
+    if not isinstance(univariable_p, (int, float)) or not 0 < univariable_p <= 1:
+        raise StudyConfigError(f"[models]: univariable_p must be in (0, 1], got {univariable_p!r}")
+
     raw_sites = data.get("sites", [])
     if not isinstance(raw_sites, list) or not raw_sites:
         raise StudyConfigError("study file: add at least one [[sites]] table with name and path")
@@ -222,8 +268,50 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
         experiment=tracking.get("experiment", name),
         tracking_enabled=bool(tracking.get("enabled", True)),
         privacy=privacy,
+        harmonization=harmonization,
+        selection=selection,
+        univariable_p=float(univariable_p),
         source=source,
     )
+
+
+def _harmonization(table: dict[str, Any]) -> HarmonizationConfig:
+    _check_keys(table, "harmonization")
+    method = table.get("method", "combat")
+    if method not in {"combat", "none"}:
+        raise StudyConfigError(
+            f"[harmonization]: method must be 'combat' or 'none', got {method!r}"
+        )
+    batch = table.get("batch", "site")
+    if not isinstance(batch, str) or not batch:
+        raise StudyConfigError("[harmonization]: batch must be 'site' or a column name")
+    covariates = _string_list(table, "covariates", "[harmonization]")
+    categorical = _string_list(table, "categorical", "[harmonization]")
+    stray = [c for c in categorical if c not in covariates]
+    if stray:
+        raise StudyConfigError(f"[harmonization]: categorical {stray} must also be covariates")
+    flags = {k: table.get(k, d) for k, d in (("parametric", True), ("mean_only", False))}
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise StudyConfigError(f"[harmonization]: {key} must be true or false, got {value!r}")
+    return HarmonizationConfig(method, batch, covariates, categorical, **flags)
+
+
+def _selection(table: dict[str, Any]) -> SelectionConfig:
+    _check_keys(table, "selection")
+    cfg = SelectionConfig(**table)
+    for key, low in (("mrmr_k", 1), ("folds", 2), ("n_lambdas", 2)):
+        value = getattr(cfg, key)
+        if not isinstance(value, int) or value < low:
+            raise StudyConfigError(f"[selection]: {key} must be an integer >= {low}, got {value!r}")
+    ratio = cfg.lambda_min_ratio
+    if ratio is not None and (not isinstance(ratio, (int, float)) or not 0 < ratio < 1):
+        raise StudyConfigError(f"[selection]: lambda_min_ratio must be in (0, 1), got {ratio!r}")
+    if cfg.rule not in {"lambda.min", "lambda.1se"}:
+        raise StudyConfigError(
+            f"[selection]: rule must be 'lambda.min' or 'lambda.1se', got {cfg.rule!r}"
+        )
+    return cfg
 
 
 def load_study(path: str | Path) -> StudyConfig:

@@ -16,6 +16,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 Payload = dict[str, Any]
 
+# The column a site derives from the Radscore definition it receives.
+RADSCORE = "Radscore"
+
 ARRAYS = "arrays"
 CONFIG = "config"
 # Dicts (for example the study protocol) travel as JSON strings under this prefix.
@@ -39,19 +42,32 @@ def to_record(payload: Mapping[str, Any]) -> RecordDict:
     arrays: dict[str, Array] = {}
     config: dict[str, Any] = {}
     for key, value in payload.items():
-        if isinstance(value, np.ndarray):
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            config[key] = value.item()  # a 0-d array is a number
+        elif isinstance(value, np.ndarray):
             arrays[key] = Array(np.ascontiguousarray(value))
         elif isinstance(value, dict):
             config[JSON_PREFIX + key] = json.dumps(value, sort_keys=True)
         elif isinstance(value, np.generic):
             config[key] = value.item()
         elif isinstance(value, (list, tuple)):
-            config[key] = [str(v) for v in value]
+            config[key] = _homogeneous(key, value)
         elif isinstance(value, (bool, int, float, str)):
             config[key] = value
         else:
             raise TypeError(f"payload value {key!r} of type {type(value).__name__} cannot be sent")
     return RecordDict({ARRAYS: ArrayRecord(array_dict=arrays), CONFIG: ConfigRecord(config)})
+
+
+def _homogeneous(key: str, values: list | tuple) -> list:
+    """A list Flower can carry: all str, all bool, all int or all float."""
+    items = [v.item() if isinstance(v, np.generic) else v for v in values]
+    for kind in (str, bool, int, float):
+        if all(type(v) is kind for v in items):
+            return items
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+        return [float(v) for v in items]
+    raise TypeError(f"payload list {key!r} mixes types; send str, bool, int or float only")
 
 
 def from_record(record: RecordDict) -> Payload:
