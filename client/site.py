@@ -233,20 +233,30 @@ class Site:
         return {"n": len(x), "sum": x.sum(axis=0), "sumsq": (x**2).sum(axis=0)}
 
     def logistic(self, request: Payload) -> Payload:
-        """Hessian, score and deviance of the logistic log-likelihood at ``beta``."""
-        columns = request["columns"]
-        x, y = self._data(request, columns, request.get("subset", TRAIN))
-        counts = {"n": len(y), "events": int(y.sum()), "non_events": int(len(y) - y.sum())}
+        """For each model: Hessian, score and deviance of the log-likelihood at its beta.
+
+        ``models`` names the models; each has ``{model}_columns``, ``_center``, ``_scale``
+        and ``_beta`` (several models are fitted in the same rounds).
+        """
+        subset = request.get("subset", TRAIN)
+        counts = self._counts(subset)
         self.policy.check_counts(counts, "logistic")
-        self.policy.check_parameters(len(columns) + 1, len(y), "logistic")
-        X = design(x, request["center"], request["scale"])
-        pieces = newton_pieces(X, y, request["beta"])
-        return {
-            "hessian": pieces.hessian,
-            "gradient": pieces.gradient,
-            "deviance": pieces.deviance,
-            "n": pieces.n,
-        }
+        reply: Payload = {}
+        for model in request["models"]:
+            columns = request[f"{model}_columns"]
+            self.policy.check_parameters(len(columns) + 1, counts["n"], f"logistic ({model})")
+            x, y = self._data(request, columns, subset)
+            X = design(x, request[f"{model}_center"], request[f"{model}_scale"])
+            pieces = newton_pieces(X, y, request[f"{model}_beta"])
+            reply.update(
+                {
+                    f"{model}_hessian": pieces.hessian,
+                    f"{model}_gradient": pieces.gradient,
+                    f"{model}_deviance": pieces.deviance,
+                    f"{model}_n": pieces.n,
+                }
+            )
+        return reply
 
     def evaluate(self, request: Payload) -> Payload:
         """Per model and split: n, events and AUC of standardised logistic models.

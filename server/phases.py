@@ -24,7 +24,7 @@ from radfed.server.lasso import LassoCVResult, lasso_cv
 from radfed.server.mrmr import MrmrResult, mrmr_federated
 from radfed.server.protocol import Transport
 from radfed.server.results import LogisticFit
-from radfed.server.solvers import fit_logistic, pooled_standardisation
+from radfed.server.solvers import LogisticSpec, fit_logistic_many, pooled_standardisation
 from radfed.shared.config import HarmonizationConfig
 from radfed.shared.errors import FederationError
 from radfed.shared.messages import RADSCORE
@@ -199,10 +199,19 @@ def select_radiomics(
     return selection
 
 
-def fit_standardised(transport: Transport, columns: list[str], outcome: str) -> LogisticFit:
-    """Pooled standardisation of ``columns``, then the federated logistic fit."""
+def fit_standardised(
+    transport: Transport, models: dict[str, list[str]], outcome: str
+) -> dict[str, LogisticFit]:
+    """Pooled standardisation of every model's columns (one round), then all the
+    federated logistic fits in shared Newton rounds."""
+    columns = list(dict.fromkeys(c for cols in models.values() for c in cols))
     center, scale, _ = pooled_standardisation(transport, columns)
-    return fit_logistic(transport, columns, center, scale, outcome=outcome)
+    where = {c: i for i, c in enumerate(columns)}
+    specs = {
+        name: LogisticSpec(cols, center[[where[c] for c in cols]], scale[[where[c] for c in cols]])
+        for name, cols in models.items()
+    }
+    return fit_logistic_many(transport, specs, outcome=outcome)
 
 
 @dataclass
@@ -241,12 +250,9 @@ def screen_clinical(
     transport: Transport, clinical: list[str], outcome: str, threshold: float
 ) -> ClinicalSelection:
     """Federated univariable logistic regression of each clinical variable."""
-    center, scale, _ = pooled_standardisation(transport, clinical)
-    fits = {
-        name: fit_logistic(transport, [name], center[[i]], scale[[i]], outcome=outcome)
-        for i, name in enumerate(clinical)
-    }
-    return ClinicalSelection(fits, threshold)
+    return ClinicalSelection(
+        fit_standardised(transport, {c: [c] for c in clinical}, outcome), threshold
+    )
 
 
 __all__ = [

@@ -7,6 +7,7 @@ Each solver drives its federated rounds through a transport; the math is in
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -44,6 +45,15 @@ def pooled_standardisation(
     return mean, sd, n
 
 
+@dataclass(frozen=True)
+class LogisticSpec:
+    """A logistic model to fit: its predictors and their standardisation."""
+
+    columns: list[str]
+    center: np.ndarray
+    scale: np.ndarray
+
+
 def fit_logistic(
     transport: Transport,
     columns: list[str],
@@ -51,73 +61,105 @@ def fit_logistic(
     scale: np.ndarray,
     subset: str = "train",
     outcome: str = "outcome",
+) -> LogisticFit:
+    """Federated logistic regression of one model (see :func:`fit_logistic_many`)."""
+    spec = LogisticSpec(list(columns), np.asarray(center), np.asarray(scale))
+    return fit_logistic_many(transport, {"model": spec}, subset, outcome)["model"]
+
+
+def fit_logistic_many(
+    transport: Transport,
+    specs: dict[str, LogisticSpec],
+    subset: str = "train",
+    outcome: str = "outcome",
     max_iter: int = 50,
     tol: float = 1e-10,
-) -> LogisticFit:
-    """Federated logistic regression by Newton-Raphson on summed Hessians and scores.
+) -> dict[str, LogisticFit]:
+    """Federated logistic regressions by Newton-Raphson on summed Hessians and scores.
 
-    Each round the coordinator sends the current coefficients; each site returns
-    X'WX, X'(y - p) and its deviance; the coordinator takes the Newton step on the sums.
-    Converged when the largest step is below ``tol``; the Wald covariance is the inverse
-    of the summed Hessian at the solution.
+    Each round the coordinator sends every unconverged model's coefficients; each site
+    returns X'WX, X'(y - p) and its deviance per model; the coordinator takes the Newton
+    step on the sums. Several models share the rounds (univariable screening fits all
+    its models at once). A model has converged when its largest step is below ``tol``;
+    its Wald covariance is the inverse of the summed Hessian at the solution.
 
     Raises
     ------
     FederationError
         On a singular Hessian (collinear predictors) or divergence (separation).
     """
-    beta = np.zeros(len(columns) + 1)
-    payload = {"columns": columns, "center": center, "scale": scale, "subset": subset}
-    converged = False
+    beta = {name: np.zeros(len(spec.columns) + 1) for name, spec in specs.items()}
+    fits: dict[str, LogisticFit] = {}
     for iteration in range(1, max_iter + 1):
-        replies = transport.ask("logistic", {**payload, "beta": beta})
-        total = _sum_pieces(replies.values())
-        try:
-            step = newton_step(total)
-        except np.linalg.LinAlgError as exc:
-            raise FederationError(
-                f"logistic fit on {columns}: the summed Hessian is singular "
-                "(collinear or constant predictors)"
-            ) from exc
-        log.debug(
-            "newton iteration %d: deviance %.6f, max step %.3g",
-            iteration,
-            total.deviance,
-            np.abs(step).max(),
-        )
-        beta = beta + step
-        if np.abs(step).max() < tol:
-            converged = True
+        active = [name for name in specs if name not in fits]
+        if not active:
             break
-        if np.abs(beta).max() > 50:
-            raise FederationError(
-                f"logistic fit on {columns} diverges (|coef| > 50 per SD): the outcome is "
-                "(quasi-)perfectly separated by these predictors"
+        request: dict = {"models": active, "subset": subset}
+        for name in active:
+            spec = specs[name]
+            request.update(
+                {
+                    f"{name}_columns": spec.columns,
+                    f"{name}_center": spec.center,
+                    f"{name}_scale": spec.scale,
+                    f"{name}_beta": beta[name],
+                }
             )
-    # The Hessian at the last iterate: beta moved by less than tol since it was computed.
-    cov = np.linalg.inv(total.hessian)
+        replies = list(transport.ask("logistic", request).values())
+        for name in active:
+            total = _sum_pieces(replies, name)
+            step = _newton_step(total, specs[name].columns)
+            beta[name] = beta[name] + step
+            if np.abs(step).max() < tol:
+                # The Hessian at the last iterate: beta moved by less than tol since.
+                fits[name] = _fit(specs[name], beta[name], total, iteration, outcome, len(replies))
+            elif np.abs(beta[name]).max() > 50:
+                raise FederationError(
+                    f"logistic fit on {specs[name].columns} diverges (|coef| > 50 per SD): "
+                    "the outcome is (quasi-)perfectly separated by these predictors"
+                )
+    missing = [name for name in specs if name not in fits]
+    if missing:
+        raise FederationError(f"logistic fit(s) {missing} did not converge in {max_iter} rounds")
+    log.debug("logistic fits converged in %d rounds", iteration - 1)
+    return fits
+
+
+def _newton_step(total: NewtonPieces, columns: list[str]) -> np.ndarray:
+    try:
+        return newton_step(total)
+    except np.linalg.LinAlgError as exc:
+        raise FederationError(
+            f"logistic fit on {columns}: the summed Hessian is singular "
+            "(collinear or constant predictors)"
+        ) from exc
+
+
+def _fit(
+    spec: LogisticSpec, beta, total: NewtonPieces, iterations: int, outcome: str, n_sites: int
+) -> LogisticFit:
     return LogisticFit(
-        columns=list(columns),
+        columns=list(spec.columns),
         coef=beta,
-        cov=cov,
-        center=np.asarray(center, dtype=float),
-        scale=np.asarray(scale, dtype=float),
+        cov=np.linalg.inv(total.hessian),
+        center=np.asarray(spec.center, dtype=float),
+        scale=np.asarray(spec.scale, dtype=float),
         n=total.n,
         deviance=total.deviance,
-        iterations=iteration,
-        converged=converged,
+        iterations=iterations,
+        converged=True,
         outcome=outcome,
-        n_sites=len(replies),
+        n_sites=n_sites,
     )
 
 
-def _sum_pieces(replies) -> NewtonPieces:
+def _sum_pieces(replies, name: str) -> NewtonPieces:
     pieces = [
         NewtonPieces(
-            np.asarray(r["hessian"], dtype=float),
-            np.asarray(r["gradient"], dtype=float),
-            float(r["deviance"]),
-            int(r["n"]),
+            np.asarray(r[f"{name}_hessian"], dtype=float),
+            np.asarray(r[f"{name}_gradient"], dtype=float),
+            float(r[f"{name}_deviance"]),
+            int(r[f"{name}_n"]),
         )
         for r in replies
     ]

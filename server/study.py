@@ -118,22 +118,22 @@ class FederatedStudy:
             )
             details["selection"] = selection.to_dict()
             transport.context.update(selection.radscore_payload())
-            self._phase("radiomics")
-            models["radiomics"] = fit_standardised(transport, [RADSCORE], cfg.outcome)
         retained: list[str] = []
         if clinical:
-            self._phase("clinical")
+            self._phase("screening")
             screening = screen_clinical(transport, clinical, cfg.outcome, cfg.univariable_p)
             details["clinical_screening"] = screening.to_dict()
             retained = screening.retained
-            if retained:
-                models["clinical"] = fit_standardised(transport, retained, cfg.outcome)
-            else:
+            if not retained:
                 log.warning("no clinical variable has p < %g: no clinical model", cfg.univariable_p)
-        nomogram = retained + ([RADSCORE] if features else [])
-        if nomogram and nomogram != [RADSCORE]:
-            self._phase("nomogram")
-            models["nomogram"] = fit_standardised(transport, nomogram, cfg.outcome)
+        specs = {"radiomics": [RADSCORE]} if features else {}
+        if retained:
+            specs["clinical"] = retained
+            if features:
+                specs["nomogram"] = [*retained, RADSCORE]
+        if specs:
+            self._phase("models")
+            models = fit_standardised(transport, specs, cfg.outcome)
         if not models:
             raise FederationError("no model to fit: no feature, and no clinical variable retained")
 

@@ -4,23 +4,42 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from radfed.experiments.heart_disease import shared_data_dir, write_sites
 from radfed.shared.config import StudyConfig, load_study
 
 HEART_CLINICAL = ["age", "sex", "cp", "trestbps", "thalach", "exang", "oldpeak"]
+PIPELINE_CLINICAL = ["age", "sex", "trestbps"]
+PIPELINE_FEATURES = ["cp", "thalach", "exang", "oldpeak", "chol"]
 
 
-def heart_study_text(sites: list[str], min_cell: int = 3) -> str:
+def heart_study_text(sites: list[str], min_cell: int = 3, pipeline: bool = False) -> str:
+    """A heart-disease study: clinical variables only, or (``pipeline``) the whole
+    radiomics pipeline with tabular variables standing in for features."""
     tables = "\n".join(f'[[sites]]\nname = "{s}"\npath = "sites/{s}"\n' for s in sites)
+    if pipeline:
+        variables = f"""clinical = {PIPELINE_CLINICAL!r}
+features = {PIPELINE_FEATURES!r}
+
+[harmonization]
+covariates = ["age", "sex"]
+categorical = ["sex"]
+
+[selection]
+mrmr_k = 4
+folds = 5
+n_lambdas = 20
+"""
+    else:
+        variables = f"clinical = {HEART_CLINICAL!r}\n"
     return f"""
 [study]
 name = "heart"
 outcome = "disease"
-clinical = {HEART_CLINICAL!r}
 seed = 7
-
+{variables}
 [tracking]
 uri = "sqlite:///mlflow.db"
 experiment = "heart-tests"
@@ -53,4 +72,18 @@ def heart_study(heart_dir: Path) -> StudyConfig:
     """Three heart-disease hospitals (Switzerland has too few healthy patients to split)."""
     path = heart_dir / "study.toml"
     path.write_text(heart_study_text(["cleveland", "hungarian", "va"]))
+    return load_study(path)
+
+
+@pytest.fixture
+def pipeline_study(heart_dir: Path) -> StudyConfig:
+    """The whole pipeline (ComBat, mRMR, LASSO CV, clinical screening, nomogram) on three
+    real hospitals; chol = 0 is UCI's code for a missing value, so those rows are kept out."""
+    for site in ("cleveland", "hungarian", "va"):
+        table = heart_dir / "sites" / site / "features.csv"
+        frame = pd.read_csv(table, keep_default_na=False, dtype=str)
+        frame.loc[frame["chol"].isin(["0", "0.0"]), "chol"] = "NA"
+        frame.to_csv(table, index=False)
+    path = heart_dir / "study.toml"
+    path.write_text(heart_study_text(["cleveland", "hungarian", "va"], pipeline=True))
     return load_study(path)

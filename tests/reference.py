@@ -1,8 +1,8 @@
 """Independent pooled references for the federated estimates (test oracles only).
 
-Everything here reads the sites' files with pandas and fits with statsmodels on the
-pooled rows: it shares no code with the federated path except the documented,
-seeded per-site split rule.
+Everything here reads the sites' files with pandas and fits with the reference
+libraries (neuroCombat, mrmr-selection, scikit-learn, statsmodels) on the pooled rows:
+it shares no code with the federated path except the documented, seeded per-site split.
 """
 
 from __future__ import annotations
@@ -15,19 +15,6 @@ from radfed.client.site import stratified_split
 from radfed.shared.config import StudyConfig
 
 
-def pooled_training_rows(config: StudyConfig, tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Training rows of every site, stacked: complete cases, each site's own split."""
-    columns = [config.outcome, *config.clinical, *config.features]
-    parts = []
-    for name, table in tables.items():
-        complete = table[columns].apply(pd.to_numeric, errors="coerce").dropna()
-        complete = complete[complete[config.outcome].isin([0, 1])]
-        y = complete[config.outcome].to_numpy()
-        test = stratified_split(y, config.test_fraction, config.seed, name)
-        parts.append(complete[~test].assign(site=name))
-    return pd.concat(parts)
-
-
 def feature_tables(config: StudyConfig) -> dict[str, pd.DataFrame]:
     """Each site's features.csv, as pandas reads it."""
     return {
@@ -35,14 +22,37 @@ def feature_tables(config: StudyConfig) -> dict[str, pd.DataFrame]:
     }
 
 
+def pooled_rows(
+    config: StudyConfig, tables: dict[str, pd.DataFrame], subset: str = "train"
+) -> pd.DataFrame:
+    """Rows of every site, stacked: complete cases, each site's own split."""
+    columns = list(dict.fromkeys([config.outcome, *config.clinical, *config.features]))
+    columns += [c for c in config.harmonization.covariates if c not in columns]
+    parts = []
+    for name, table in tables.items():
+        complete = table[columns].apply(pd.to_numeric, errors="coerce").dropna()
+        complete = complete[complete[config.outcome].isin([0, 1])]
+        test = stratified_split(
+            complete[config.outcome].to_numpy(), config.test_fraction, config.seed, name
+        )
+        parts.append(complete[test if subset == "test" else ~test].assign(site=name))
+    return pd.concat(parts, ignore_index=True)
+
+
+def pooled_training_rows(config: StudyConfig, tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    return pooled_rows(config, tables, "train")
+
+
+def standardise(frame: pd.DataFrame) -> pd.DataFrame:
+    """Pooled mean and SD with ddof=0 (glmnet's)."""
+    return (frame - frame.mean()) / frame.std(ddof=0)
+
+
 def pooled_logit(rows: pd.DataFrame, outcome: str, columns: list[str]):
     """statsmodels Logit on pooled rows standardised with the pooled mean and SD (ddof=0)."""
-    x = rows[columns].to_numpy(dtype=float)
-    z = (x - x.mean(axis=0)) / x.std(axis=0, ddof=0)
-    X = sm.add_constant(z, has_constant="add")
-    return sm.Logit(rows[outcome].to_numpy(dtype=float), X).fit(
-        method="newton", tol=1e-12, maxiter=100, disp=0
-    )
+    X = sm.add_constant(standardise(rows[columns]).to_numpy(), has_constant="add")
+    y = rows[outcome].to_numpy(dtype=float)
+    return sm.Logit(y, X).fit(method="newton", tol=1e-12, maxiter=100, disp=0)
 
 
 def assert_matches_logit(model: dict, reference, tol: float = 1e-6) -> None:
@@ -52,3 +62,46 @@ def assert_matches_logit(model: dict, reference, tol: float = 1e-6) -> None:
     se = np.array([model["coefficients"][n]["se"] for n in names])
     np.testing.assert_allclose(coef, reference.params, rtol=0, atol=tol)
     np.testing.assert_allclose(se, reference.bse, rtol=0, atol=tol)
+
+
+def pooled_combat(rows: pd.DataFrame, config: StudyConfig) -> pd.DataFrame:
+    """neuroCombat on the pooled training rows (batch = site)."""
+    from neuroCombat import neuroCombat
+
+    h = config.harmonization
+    numeric = [c for c in h.covariates if c not in h.categorical]
+    covars = rows[list(h.covariates)].copy()
+    covars["batch"] = rows["site"].to_numpy()
+    out = neuroCombat(
+        dat=rows[list(config.features)].to_numpy().T,
+        covars=covars,
+        batch_col="batch",
+        categorical_cols=list(h.categorical),
+        continuous_cols=numeric,
+        parametric=h.parametric,
+        mean_only=h.mean_only,
+    )
+    return pd.DataFrame(out["data"].T, columns=list(config.features), index=rows.index)
+
+
+def assert_same_results(mine: dict, theirs: dict, tol: float = 1e-9) -> None:
+    """Two results.json contents agree on every estimate (transport against transport)."""
+    assert mine["models"].keys() == theirs["models"].keys()
+    for name, model in mine["models"].items():
+        other = theirs["models"][name]
+        assert model["columns"] == other["columns"]
+        for coef, values in model["coefficients"].items():
+            for key in ("coef", "se"):
+                assert abs(values[key] - other["coefficients"][coef][key]) < tol, (name, coef, key)
+    for model, per_site in mine["performance"].items():
+        for site, splits in per_site.items():
+            for split, values in splits.items():
+                assert abs(values["auc"] - theirs["performance"][model][site][split]["auc"]) < tol
+    if "selection" in mine:
+        a, b = mine["selection"], theirs["selection"]
+        assert a["mrmr"]["selected"] == b["mrmr"]["selected"]
+        np.testing.assert_allclose(a["lasso"]["cvm"], b["lasso"]["cvm"], atol=tol)
+        np.testing.assert_allclose(
+            list(a["lasso"]["coef"].values()), list(b["lasso"]["coef"].values()), atol=tol
+        )
+    assert mine["rounds"] == theirs["rounds"]

@@ -35,9 +35,9 @@ def test_run_writes_results_and_tracks_in_mlflow(heart_study, heart_dir):
     assert set(results["sites"]) == {"cleveland", "hungarian", "va"}
     for site, info in results["sites"].items():
         assert info["train"]["n"] + info["test"]["n"] == info["n"]
-        perf = results["performance"]["logistic"][site]
+        perf = results["performance"]["clinical"][site]
         assert 0.5 < perf["test"]["auc"] <= 1.0
-    assert results["rounds"]["logistic"] == results["models"]["logistic"]["iterations"]
+    assert results["rounds"]["models"] == 1 + results["models"]["clinical"]["iterations"]
 
     import mlflow
 
@@ -45,8 +45,8 @@ def test_run_writes_results_and_tracks_in_mlflow(heart_study, heart_dir):
     run = mlflow.get_run(results["federation"]["mlflow_run_id"])
     metrics = run.data.metrics
     for site in ("cleveland", "hungarian", "va"):
-        assert metrics[f"logistic/test/auc/{site}"] == pytest.approx(
-            results["performance"]["logistic"][site]["test"]["auc"]
+        assert metrics[f"clinical/test/auc/{site}"] == pytest.approx(
+            results["performance"]["clinical"][site]["test"]["auc"]
         )
     assert run.data.params["outcome"] == "disease"
     assert run.data.tags["radfed.transport"] == "inprocess"

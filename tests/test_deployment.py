@@ -20,9 +20,12 @@ from radfed.server.deployment import (
     site_nodes,
     supernode_command,
 )
+from radfed.server.protocol import InProcessTransport
+from radfed.server.study import FederatedStudy
 from radfed.shared.errors import FederationError
 from radfed.tests.reference import (
     assert_matches_logit,
+    assert_same_results,
     feature_tables,
     pooled_logit,
     pooled_training_rows,
@@ -97,9 +100,12 @@ def test_supernode_command_binds_locally(heart_study):
 
 
 @pytest.mark.slow
-def test_deployment_engine_equals_statsmodels(heart_study, tmp_path):
+def test_deployment_engine_equals_in_process_and_statsmodels(pipeline_study, tmp_path):
+    """The whole pipeline over SuperLink + SuperNodes gives the in-process numbers, and
+    its clinical model is statsmodels' on the pooled rows."""
+    heart_study = pipeline_study
     out, work = tmp_path / "out", tmp_path / "flwr"
-    path = run_in_local_deployment(heart_study, out, track=False, timeout=420, work_dir=work)
+    path = run_in_local_deployment(heart_study, out, track=False, timeout=600, work_dir=work)
     assert processes_using(work.resolve() / "flwr-home") == []  # everything was stopped
 
     assert path == out / "results.json"
@@ -107,10 +113,11 @@ def test_deployment_engine_equals_statsmodels(heart_study, tmp_path):
     assert results["transport"] == "deployment"
     assert results["federation"]["sites"] == ["cleveland", "hungarian", "va"]
 
-    model = results["models"]["logistic"]
-    assert list(model["coefficients"]) == ["(Intercept)", *heart_study.clinical]
+    model = results["models"]["clinical"]
     rows = pooled_training_rows(heart_study, feature_tables(heart_study))
-    assert_matches_logit(model, pooled_logit(rows, heart_study.outcome, list(heart_study.clinical)))
+    assert_matches_logit(model, pooled_logit(rows, heart_study.outcome, model["columns"]))
+    in_process = FederatedStudy(heart_study, InProcessTransport.from_study(heart_study)).run()
+    assert_same_results(results, json.loads(json.dumps(in_process.to_dict())), tol=1e-9)
 
     logs = out / LOG_DIR
     expected = {"superlink.log", "serverapp.log", "flwr-cli.log"}

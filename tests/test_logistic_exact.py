@@ -23,8 +23,8 @@ def heart_result(heart_study):
 
 def test_coefficients_and_standard_errors_equal_statsmodels(heart_study, heart_result):
     rows = pooled_training_rows(heart_study, feature_tables(heart_study))
-    reference = pooled_logit(rows, heart_study.outcome, list(heart_study.clinical))
-    model = heart_result.to_dict()["models"]["logistic"]
+    model = heart_result.to_dict()["models"]["clinical"]
+    reference = pooled_logit(rows, heart_study.outcome, model["columns"])
     assert model["n"] == len(rows)
     assert_matches_logit(model, reference, tol=1e-6)
     assert model["deviance"] == pytest.approx(-2 * reference.llf, abs=1e-6)
@@ -34,9 +34,9 @@ def test_per_unit_coefficients_equal_unstandardised_fit(heart_study, heart_resul
     import statsmodels.api as sm
 
     rows = pooled_training_rows(heart_study, feature_tables(heart_study))
-    X = sm.add_constant(rows[list(heart_study.clinical)].to_numpy(dtype=float))
+    fit = heart_result.models["clinical"]
+    X = sm.add_constant(rows[fit.columns].to_numpy(dtype=float))
     raw = sm.Logit(rows["disease"].to_numpy(dtype=float), X).fit(method="newton", tol=1e-12, disp=0)
-    fit = heart_result.models["logistic"]
     np.testing.assert_allclose(fit.coef_per_unit, raw.params, rtol=1e-6, atol=1e-8)
     np.testing.assert_allclose(fit.se_per_unit, raw.bse, rtol=1e-6, atol=1e-8)
 
@@ -55,8 +55,11 @@ def test_pooled_standardisation_equals_numpy(heart_study):
 def test_rounds_are_recorded(heart_result):
     rounds = heart_result.rounds
     assert rounds["consistency"] == 1 and rounds["split"] == 1 and rounds["evaluate"] == 1
-    assert rounds["logistic"] == heart_result.models["logistic"].iterations
-    assert 3 <= rounds["logistic"] < 20
+    # One standardisation round, then Newton rounds shared by all univariable models.
+    univariable = heart_result.details["clinical_screening"]["univariable"]
+    assert rounds["screening"] == 1 + max(u["iterations"] for u in univariable.values())
+    assert rounds["models"] == 1 + heart_result.models["clinical"].iterations
+    assert 3 <= heart_result.models["clinical"].iterations < 20
 
 
 def test_per_site_auc_equals_sklearn_on_the_site_rows(heart_study, heart_result):
@@ -64,15 +67,15 @@ def test_per_site_auc_equals_sklearn_on_the_site_rows(heart_study, heart_result)
 
     from radfed.client.site import stratified_split
 
-    fit = heart_result.models["logistic"]
+    fit = heart_result.models["clinical"]
     for name, table in feature_tables(heart_study).items():
         cols = [heart_study.outcome, *heart_study.clinical]
         complete = table[cols].dropna()
         y = complete[heart_study.outcome].to_numpy()
         test = stratified_split(y, heart_study.test_fraction, heart_study.seed, name)
-        z = (complete[list(heart_study.clinical)].to_numpy() - fit.center) / fit.scale
+        z = (complete[fit.columns].to_numpy() - fit.center) / fit.scale
         eta = fit.coef[0] + z @ fit.coef[1:]
-        perf = heart_result.performance["logistic"][name]
+        perf = heart_result.performance["clinical"][name]
         assert perf["test"]["auc"] == pytest.approx(roc_auc_score(y[test], eta[test]), abs=1e-12)
         assert perf["train"]["auc"] == pytest.approx(roc_auc_score(y[~test], eta[~test]), abs=1e-12)
         assert perf["test"]["n"] == test.sum()

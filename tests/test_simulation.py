@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from radfed.server.protocol import InProcessTransport
 from radfed.server.simulation import run_in_simulation
+from radfed.server.study import FederatedStudy
 from radfed.tests.reference import (
     assert_matches_logit,
+    assert_same_results,
     feature_tables,
     pooled_logit,
     pooled_training_rows,
@@ -14,10 +17,14 @@ from radfed.tests.reference import (
 
 
 @pytest.mark.slow
-def test_simulation_engine_equals_statsmodels(heart_study):
+def test_simulation_engine_equals_in_process_and_statsmodels(pipeline_study):
+    heart_study = pipeline_study
     result = run_in_simulation(heart_study)
     assert result.transport == "simulation"
     rows = pooled_training_rows(heart_study, feature_tables(heart_study))
-    reference = pooled_logit(rows, heart_study.outcome, list(heart_study.clinical))
-    assert_matches_logit(result.to_dict()["models"]["logistic"], reference, tol=1e-6)
-    assert set(result.performance["logistic"]) == {"cleveland", "hungarian", "va"}
+    columns = result.models["clinical"].columns
+    reference = pooled_logit(rows, heart_study.outcome, columns)
+    assert_matches_logit(result.to_dict()["models"]["clinical"], reference, tol=1e-6)
+    assert set(result.performance["clinical"]) == {"cleveland", "hungarian", "va"}
+    in_process = FederatedStudy(heart_study, InProcessTransport.from_study(heart_study)).run()
+    assert_same_results(result.to_dict(), in_process.to_dict(), tol=1e-9)

@@ -138,7 +138,9 @@ def test_sites_differ_in_spacing(cohort: list[Path]) -> None:
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def test_same_seed_same_bytes_and_overwrite(tmp_path: Path, capsys) -> None:
@@ -253,7 +255,6 @@ def test_disease_changes_roi_texture() -> None:
 def test_disease_visible_in_cohort(table: pd.DataFrame) -> None:
     # Within each site the ROI statistics differ between classes.
     aucs = [
-        _auc(g["sd"].to_numpy(), g["fasciitis"].to_numpy())
-        for _, g in table.groupby("scanner")
+        _auc(g["sd"].to_numpy(), g["fasciitis"].to_numpy()) for _, g in table.groupby("scanner")
     ]
     assert np.mean(aucs) > 0.6

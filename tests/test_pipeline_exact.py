@@ -1,0 +1,141 @@
+"""The whole federated pipeline equals the pooled analysis on three real hospitals.
+
+ComBat (neuroCombat), mRMR (mrmr-selection), LASSO (scikit-learn, C = 1/(N lambda)),
+univariable screening and the clinical and nomogram models (statsmodels), each on the
+pooled training rows, each to the tolerance of DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import statsmodels.api as sm
+
+from radfed.server.protocol import InProcessTransport
+from radfed.server.study import FederatedStudy
+from radfed.shared.messages import RADSCORE
+from radfed.tests.reference import (
+    assert_matches_logit,
+    feature_tables,
+    pooled_combat,
+    pooled_logit,
+    pooled_training_rows,
+    standardise,
+)
+
+
+@pytest.fixture
+def federated(pipeline_study):
+    transport = InProcessTransport.from_study(pipeline_study)
+    result = FederatedStudy(pipeline_study, transport).run()
+    return result, transport
+
+
+@pytest.fixture
+def pooled(pipeline_study):
+    rows = pooled_training_rows(pipeline_study, feature_tables(pipeline_study))
+    harmonised = pooled_combat(rows, pipeline_study)
+    return rows, harmonised
+
+
+def test_sites_harmonise_as_neurocombat_on_pooled_data(pipeline_study, federated, pooled):
+    result, transport = federated
+    rows, harmonised = pooled
+    features = list(pipeline_study.features)
+    request = {"protocol": pipeline_study.protocol(), **transport.context}
+    for name, worker in transport.workers.items():
+        site = worker.site(pipeline_study.protocol())
+        mine = site.view(request, "train")[features].to_numpy()
+        theirs = harmonised.loc[rows["site"] == name, features].to_numpy()
+        assert mine.shape == theirs.shape
+        np.testing.assert_allclose(mine, theirs, rtol=0, atol=1e-6)
+    assert result.details["harmonization"]["batch_levels"] == ["cleveland", "hungarian", "va"]
+
+
+def test_mrmr_picks_what_mrmr_selection_picks(pipeline_study, federated, pooled):
+    from mrmr import mrmr_classif
+
+    result, _ = federated
+    rows, harmonised = pooled
+    k = pipeline_study.selection.mrmr_k
+    expected = mrmr_classif(
+        X=harmonised, y=rows[pipeline_study.outcome], K=k, show_progress=False, n_jobs=1
+    )
+    assert result.details["selection"]["mrmr"]["selected"] == expected
+
+
+def test_lasso_path_equals_sklearn_l1_logistic(pipeline_study, federated, pooled):
+    from sklearn.linear_model import LogisticRegression
+
+    result, _ = federated
+    rows, harmonised = pooled
+    lasso = result.details["selection"]["lasso"]
+    X = standardise(harmonised[lasso["features"]]).to_numpy()
+    y = rows[pipeline_study.outcome].to_numpy()
+    n = len(y)
+    chosen = lasso[lasso["rule"].replace(".", "_")]
+    reference = LogisticRegression(
+        C=1 / (n * chosen), l1_ratio=1.0, solver="saga", tol=1e-12, max_iter=200_000
+    ).fit(X, y)
+    mine = np.array(list(lasso["coef"].values()))
+    np.testing.assert_allclose(mine[0], reference.intercept_[0], atol=1e-4)
+    np.testing.assert_allclose(mine[1:], reference.coef_[0], atol=1e-4)
+    assert result.rounds["lasso"] < 30  # the path and all folds share rounds
+
+
+def test_clinical_screening_and_models_equal_statsmodels(pipeline_study, federated, pooled):
+    result, _ = federated
+    rows, harmonised = pooled
+    outcome = pipeline_study.outcome
+    screening = result.details["clinical_screening"]
+    for name, uni in screening["univariable"].items():
+        X = sm.add_constant(rows[[name]].to_numpy(dtype=float))
+        fit = sm.Logit(rows[outcome].to_numpy(dtype=float), X).fit(disp=0, tol=1e-12)
+        assert uni["p"] == pytest.approx(fit.pvalues[1], rel=1e-6, abs=1e-12)
+        assert uni["coef_per_unit"] == pytest.approx(fit.params[1], abs=1e-6)
+    retained = screening["retained"]
+    assert retained == [n for n, u in screening["univariable"].items() if u["p"] < 0.05]
+
+    models = result.to_dict()["models"]
+    assert_matches_logit(models["clinical"], pooled_logit(rows, outcome, retained))
+
+    # The nomogram: the retained clinical variables plus the Radscore of the LASSO fit,
+    # recomputed here from neuroCombat's harmonised features.
+    lasso = result.details["selection"]["lasso"]
+    beta = np.array(list(lasso["coef"].values()))
+    z = standardise(harmonised[lasso["features"]]).to_numpy()
+    with_score = rows.assign(**{RADSCORE: beta[0] + z @ beta[1:]})
+    assert_matches_logit(
+        models["nomogram"], pooled_logit(with_score, outcome, [*retained, RADSCORE])
+    )
+    assert_matches_logit(models["radiomics"], pooled_logit(with_score, outcome, [RADSCORE]))
+
+
+def test_rounds_are_recorded_per_phase(federated):
+    result, _ = federated
+    rounds = result.rounds
+    assert rounds["combat"] == 3
+    assert rounds["consistency"] == rounds["split"] == rounds["evaluate"] == 1
+    assert {"standardise", "mrmr", "lasso", "screening", "models"} <= set(rounds)
+    assert sum(rounds.values()) < 60
+
+
+def test_clinical_auc_per_site_equals_sklearn(pipeline_study, federated):
+    """Clinical variables are not harmonised, so the clinical model can be scored here
+    on each site's own test rows."""
+    from sklearn.metrics import roc_auc_score
+
+    from radfed.client.site import stratified_split
+
+    result, _ = federated
+    fit = result.models["clinical"]
+    for name, table in feature_tables(pipeline_study).items():
+        cols = [pipeline_study.outcome, *pipeline_study.clinical, *pipeline_study.features]
+        complete = table[cols].dropna()
+        y = complete[pipeline_study.outcome].to_numpy()
+        test = stratified_split(y, pipeline_study.test_fraction, pipeline_study.seed, name)
+        z = (complete[fit.columns].to_numpy() - fit.center) / fit.scale
+        eta = fit.coef[0] + z @ fit.coef[1:]
+        perf = result.performance["clinical"][name]
+        assert perf["test"]["auc"] == pytest.approx(roc_auc_score(y[test], eta[test]), abs=1e-12)
+        assert perf["test"]["n"] == test.sum()
