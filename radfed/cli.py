@@ -61,7 +61,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_study(args.study)
     out = Path(args.out) if args.out else Path(config.source).parent / "radfed-out" / config.name
     result = run_study(
-        config, transport=args.transport, out_dir=out, track=not args.no_track, jobs=args.jobs
+        config,
+        transport=args.transport,
+        out_dir=out,
+        track=not args.no_track,
+        jobs=args.jobs,
+        pooled=args.pooled,
     )
     print(result.summary())
     print(f"\nresults.json: {out / 'results.json'}")
@@ -134,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="output folder (default: radfed-out/STUDY beside the study file)")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument(
+        "--pooled",
+        action="store_true",
+        help="also fit the study on the pooled data with neuroCombat, scikit-learn and "
+        "statsmodels, and report the federated-versus-pooled equivalence",
+    )
     p.add_argument("--jobs", type=int, default=1, help="extraction cases in parallel at each site")
     p.set_defaults(func=cmd_run)
 

@@ -13,7 +13,7 @@ from scipy import stats
 
 SCHEMA = "radfed.results/1"
 INTERCEPT = "(Intercept)"
-DETAILS = ("harmonization", "selection", "clinical_screening")
+DETAILS = ("harmonization", "selection", "clinical_screening", "equivalence")
 
 
 @dataclass
@@ -261,6 +261,16 @@ class StudyResult:
             )
         parts += [f"Model: {name}\n{fit.summary()}" for name, fit in self.models.items()]
         parts.append(self.auc_table())
+        if "equivalence" in self.details:
+            rows = [
+                f"  {r['estimate']:<52}{r['max_abs_diff']:>12.3g}{r['tolerance']:>10.0e}  "
+                f"{'ok' if r['ok'] else 'DIFFERS'}"
+                for r in self.details["equivalence"]
+            ]
+            head = f"  {'estimate':<52}{'max |diff|':>12}{'tol':>10}"
+            parts.append(
+                "Federated versus pooled (reference libraries):\n" + head + "\n" + "\n".join(rows)
+            )
         parts.append("Federated rounds: " + ", ".join(f"{k}={v}" for k, v in self.rounds.items()))
         return "\n\n".join(parts)
 

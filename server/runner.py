@@ -39,8 +39,13 @@ def run_study(
     track: bool = True,
     jobs: int = 1,
     progress: bool = False,
+    pooled: bool = False,
 ) -> StudyResult:
-    """Run ``config`` over ``transport`` and record the result in ``out_dir``."""
+    """Run ``config`` over ``transport`` and record the result in ``out_dir``.
+
+    With ``pooled``, the study is also fitted centrally with the reference libraries and
+    the federated-versus-pooled equivalence table is added to the result.
+    """
     if transport == "inprocess":
         result = FederatedStudy(
             config, InProcessTransport.from_study(config, jobs=jobs, progress=progress)
@@ -54,8 +59,21 @@ def run_study(
 
         # In the Deployment Engine the ServerApp process records the run itself, as it
         # does at a real coordinator; here we read back what it wrote.
-        return StudyResult.read_json(run_in_local_deployment(config, Path(out_dir), track=track))
+        result = StudyResult.read_json(run_in_local_deployment(config, Path(out_dir), track=track))
+        if pooled:
+            _add_equivalence(result, config)
+            result.write_json(Path(out_dir) / RESULTS)
+        return result
     else:
         raise ValueError(f"unknown transport {transport!r}; choose one of {TRANSPORTS}")
+    if pooled:
+        _add_equivalence(result, config)
     record_result(result, config, Path(out_dir), track=track)
     return result
+
+
+def _add_equivalence(result: StudyResult, config: StudyConfig) -> None:
+    from radfed.server.pooled import equivalence
+
+    log.info("fitting the pooled reference (neuroCombat, scikit-learn, statsmodels)")
+    result.details["equivalence"] = [row.to_dict() for row in equivalence(config, result)]

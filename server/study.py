@@ -164,6 +164,10 @@ class FederatedStudy:
             "unadjusted_features": [
                 f for f, a in zip(features, estimates.adjusted, strict=True) if not a
             ],
+            # The fitted batch effects (B x p) and pooled variance, for the record.
+            "gamma_star": estimates.gamma_star.tolist(),
+            "delta_star": estimates.delta_star.tolist(),
+            "var_pooled": estimates.var_pooled.tolist(),
         }
 
     def _result(self, described, split, shared, models, evaluated, details) -> StudyResult:

@@ -1,0 +1,234 @@
+"""The pooled reference run (``radfed run --pooled``): the same study, centrally.
+
+All sites' rows in one place, fitted with the reference libraries — neuroCombat,
+scikit-learn and statsmodels — with no federated code: mRMR is recomputed from
+scikit-learn's F-test and pandas' Pearson correlations. The federated run is then set
+beside it as an equivalence table, so anyone can check that federation changed nothing.
+
+This needs the optional dependencies ``pip install radfed[pooled]`` (it is a check run by
+a coordinator with access to pooled test data, never part of a real federation).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from radfed.client.site import stratified_split, table_spec
+from radfed.server.results import StudyResult
+from radfed.shared.config import StudyConfig
+from radfed.shared.errors import RadfedError
+from radfed.shared.messages import RADSCORE
+from radfed.shared.selection_stats import assign_folds
+
+log = logging.getLogger(__name__)
+
+# DESIGN.md's tolerances: federated results equal the pooled analysis to these.
+TOLERANCE = {"combat": 1e-6, "logistic": 1e-6, "lasso": 1e-4, "mrmr": 0}
+
+
+def _require_references():
+    try:
+        import neuroCombat  # noqa: F401
+        import sklearn  # noqa: F401
+        import statsmodels  # noqa: F401
+    except ImportError as exc:
+        raise RadfedError(
+            f"the pooled run needs the reference libraries: pip install 'radfed[pooled]' ({exc})"
+        ) from exc
+
+
+def pooled_table(config: StudyConfig) -> pd.DataFrame:
+    """Every site's analysable rows in one frame with ``site`` and ``split`` columns."""
+    from radfed.client.data import load_site_table
+
+    parts = []
+    for site in config.sites:
+        table = load_site_table(site.path, table_spec(config.protocol()), config.extraction_params)
+        labels = table.labels.drop(columns=[c for c in table.labels if c in table.frame])
+        frame = pd.concat([table.frame, labels], axis=1)
+        test = stratified_split(table.y, config.test_fraction, config.seed, site.name)
+        parts.append(frame.assign(site=site.name, split=np.where(test, "test", "train")))
+    return pd.concat(parts)
+
+
+def _combat(
+    train: pd.DataFrame, features: list[str], config: StudyConfig
+) -> tuple[pd.DataFrame, dict]:
+    from neuroCombat import neuroCombat
+
+    h = config.harmonization
+    numeric = [c for c in h.covariates if c not in h.categorical]
+    batch = train["site"] if h.batch == "site" else train[h.batch]
+    covars = train[list(h.covariates)].assign(batch=batch.to_numpy())
+    out = neuroCombat(
+        dat=train[features].to_numpy(dtype=float).T,
+        covars=covars,
+        batch_col="batch",
+        categorical_cols=list(h.categorical),
+        continuous_cols=numeric,
+        parametric=h.parametric,
+        mean_only=h.mean_only,
+    )
+    return pd.DataFrame(out["data"].T, columns=features, index=train.index), out["estimates"]
+
+
+def _mrmr(X: pd.DataFrame, y: np.ndarray, k: int) -> list[str]:
+    """mRMR with F-test relevance and mean |Pearson r| redundancy (mrmr-selection's FCQ)."""
+    from sklearn.feature_selection import f_classif
+
+    relevance = pd.Series(f_classif(X, y)[0], index=X.columns).fillna(0)
+    selected: list[str] = []
+    redundancy = pd.DataFrame(0.00001, index=X.columns, columns=X.columns)
+    for _ in range(min(k, X.shape[1])):
+        candidates = [c for c in X.columns if c not in selected]
+        if selected:
+            last = selected[-1]
+            redundancy.loc[candidates, last] = (
+                X[candidates].corrwith(X[last]).abs().clip(lower=0.001)
+            )
+            denominator = redundancy.loc[candidates, selected].mean(axis=1)
+        else:
+            denominator = pd.Series(1.0, index=candidates)
+        score = relevance.loc[candidates] / denominator
+        selected.append(score.idxmax())
+    return selected
+
+
+def _l1_logistic(X: np.ndarray, y: np.ndarray, lam: float):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(
+        C=1 / (len(y) * lam), l1_ratio=1.0, solver="saga", tol=1e-10, max_iter=100_000
+    ).fit(X, y)
+
+
+def _lasso(
+    train: pd.DataFrame, Z: pd.DataFrame, y: np.ndarray, lambdas: np.ndarray, config: StudyConfig
+):
+    """scikit-learn's L1 logistic at each λ, with the sites' own CV folds."""
+    folds = np.empty(len(y), dtype=int)
+    for site in train["site"].unique():
+        rows = (train["site"] == site).to_numpy()
+        folds[rows] = assign_folds(y[rows], config.selection.folds, config.seed, site)
+    cvm = []
+    for lam in lambdas:
+        deviances, sizes = [], []
+        for k in range(config.selection.folds):
+            held = folds == k
+            fit = _l1_logistic(Z[~held], y[~held], lam)
+            p = np.clip(fit.predict_proba(Z[held])[:, 1], 1e-5, 1 - 1e-5)
+            deviances.append(-2 * np.mean(y[held] * np.log(p) + (1 - y[held]) * np.log(1 - p)))
+            sizes.append(held.sum())
+        cvm.append(np.average(deviances, weights=sizes))
+    return np.array(cvm)
+
+
+def _logit(frame: pd.DataFrame, y: np.ndarray, columns: list[str]):
+    import statsmodels.api as sm
+
+    z = (frame[columns] - frame[columns].mean()) / frame[columns].std(ddof=0)
+    return sm.Logit(y, sm.add_constant(z.to_numpy(), has_constant="add")).fit(
+        method="newton", tol=1e-12, disp=0
+    )
+
+
+@dataclass
+class Equivalence:
+    """One row of the federated-versus-pooled table."""
+
+    estimate: str
+    max_abs_diff: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.max_abs_diff <= self.tolerance)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "estimate": self.estimate,
+            "max_abs_diff": self.max_abs_diff,
+            "tolerance": self.tolerance,
+            "ok": self.ok,
+        }
+
+
+def _diff(a, b) -> float:
+    return (
+        float(np.max(np.abs(np.asarray(a, dtype=float) - np.asarray(b, dtype=float))))
+        if np.size(a)
+        else 0.0
+    )
+
+
+def equivalence(config: StudyConfig, federated: StudyResult) -> list[Equivalence]:
+    """Fit the study on pooled data with the reference libraries and compare."""
+    _require_references()
+    table = pooled_table(config)
+    train = table[table["split"] == "train"]
+    y = train[config.outcome].to_numpy(dtype=float)
+    rows: list[Equivalence] = []
+    details = federated.details
+    frame = train.copy()
+    if "selection" in details:
+        features = list(federated.federation["features"])
+        if "harmonization" in details:
+            frame[features], reference = _combat(train, features, config)
+            mine = details["harmonization"]
+            for key, theirs in (
+                ("gamma_star", "gamma.star"),
+                ("delta_star", "delta.star"),
+                ("var_pooled", "var.pooled"),
+            ):
+                rows.append(
+                    Equivalence(
+                        f"ComBat {key}",
+                        _diff(np.ravel(mine[key]), np.ravel(reference[theirs])),
+                        TOLERANCE["combat"],
+                    )
+                )
+        sel = details["selection"]
+        z = (frame[features] - frame[features].mean()) / frame[features].std(ddof=0)
+        picked = _mrmr(z, y.astype(int), len(sel["mrmr"]["selected"]))
+        rows.append(
+            Equivalence(
+                "mRMR selection (0 = same features, same order)",
+                float(picked != sel["mrmr"]["selected"]),
+                0,
+            )
+        )
+        lasso = sel["lasso"]
+        Zs = z[lasso["features"]].to_numpy()
+        lam = lasso[lasso["rule"].replace(".", "_")]
+        fit = _l1_logistic(Zs, y.astype(int), lam)
+        coef = np.array(list(lasso["coef"].values()))
+        rows.append(
+            Equivalence(
+                f"LASSO coefficients at {lasso['rule']}",
+                _diff(coef, [fit.intercept_[0], *fit.coef_[0]]),
+                TOLERANCE["lasso"],
+            )
+        )
+        cvm = _lasso(train, Zs, y.astype(int), np.array(lasso["lambdas"]), config)
+        rows.append(
+            Equivalence("LASSO CV deviance curve", _diff(lasso["cvm"], cvm), TOLERANCE["lasso"])
+        )
+        frame[RADSCORE] = coef[0] + Zs @ coef[1:]
+    for name, model in federated.models.items():
+        ref = _logit(frame, y, model.columns)
+        rows.append(
+            Equivalence(
+                f"{name} model coefficients", _diff(model.coef, ref.params), TOLERANCE["logistic"]
+            )
+        )
+        rows.append(
+            Equivalence(
+                f"{name} model standard errors", _diff(model.se, ref.bse), TOLERANCE["logistic"]
+            )
+        )
+    return rows
