@@ -2,10 +2,12 @@
 
 Four real hospitals (Cleveland, Budapest, Zurich/Basel, Long Beach VA); the outcome
 ``disease`` is ``num > 0``. Each becomes a site folder with a ``features.csv`` (no
-images: every variable is tabular). Missing values (``NA``/``?``) stay missing in the
-files; at the site, a patient with a missing value in any variable the study uses is
-kept out and reported (radfed's documented rule), so each study chooses its variables
-knowing what that costs per hospital.
+images: every variable is tabular). Missing values (``NA``/``?``, and a cholesterol of
+0, UCI's code for "not measured") stay missing in the files; at the site, a patient with
+a missing value in any variable the study uses is kept out and reported (radfed's
+documented rule), so each study chooses its variables knowing what that costs per
+hospital. ``slope``, ``ca`` and ``thal`` are missing for most patients outside Cleveland,
+so the packaged study (``experiments/studies/heart_disease.toml``) leaves them out.
 
 Data: Janosi, Steinbrunn, Pfisterer, Detrano (1988), UCI ML repository, CC BY 4.0.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 COLUMNS = [
@@ -47,16 +50,32 @@ def read_hospital(name: str, source: Path | None = None) -> pd.DataFrame:
     frame = pd.read_csv(path, header=None, names=COLUMNS, na_values=["NA", "?"])
     frame.insert(0, "patient_id", [f"{name}-{i + 1:03d}" for i in range(len(frame))])
     frame[OUTCOME] = (frame.pop("num") > 0).astype(int)
+    # A serum cholesterol of 0 is UCI's code for "not measured" (172 rows, mostly Zurich/Basel).
+    frame.loc[frame["chol"] == 0, "chol"] = np.nan
     return frame
 
 
-def write_sites(out: str | Path, source: Path | None = None) -> list[Path]:
+def write_sites(
+    out: str | Path, source: Path | None = None, hospitals: tuple[str, ...] = tuple(HOSPITALS)
+) -> list[Path]:
     """Write one ``features.csv`` site folder per hospital under ``out``."""
     out = Path(out)
     folders = []
-    for name in HOSPITALS:
+    for name in hospitals:
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         read_hospital(name, source).to_csv(folder / "features.csv", index=False, na_rep="NA")
         folders.append(folder)
     return folders
+
+
+def write_study(out: str | Path, source: Path | None = None) -> Path:
+    """Write the four hospitals and the packaged heart-disease study file under ``out``."""
+    out = Path(out)
+    write_sites(out / "sites", source)
+    study = out / "study.toml"
+    study.write_text(STUDY_FILE.read_text())
+    return study
+
+
+STUDY_FILE = Path(__file__).parent / "studies" / "heart_disease.toml"

@@ -103,6 +103,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_heart_disease(args: argparse.Namespace) -> int:
+    from radfed.experiments.heart_disease import write_study
+
+    study = write_study(args.out)
+    print(f"wrote the four hospitals and {study}")
+    print(f"run it with: radfed run {study} [--pooled] [--transport simulation]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radfed", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
@@ -147,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--jobs", type=int, default=1, help="extraction cases in parallel at each site")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "heart-disease", help="write the UCI heart-disease hospitals and their study file"
+    )
+    p.add_argument("--out", default="heart-disease", help="folder (default: ./heart-disease)")
+    p.set_defaults(func=cmd_heart_disease)
 
     p = sub.add_parser("demo", help="synthesise three hospitals, extract and run a study")
     p.add_argument("--out", default="radfed-demo", help="demo folder (default: ./radfed-demo)")

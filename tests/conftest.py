@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from radfed.experiments.heart_disease import shared_data_dir, write_sites
@@ -78,12 +77,7 @@ def heart_study(heart_dir: Path) -> StudyConfig:
 @pytest.fixture
 def pipeline_study(heart_dir: Path) -> StudyConfig:
     """The whole pipeline (ComBat, mRMR, LASSO CV, clinical screening, nomogram) on three
-    real hospitals; chol = 0 is UCI's code for a missing value, so those rows are kept out."""
-    for site in ("cleveland", "hungarian", "va"):
-        table = heart_dir / "sites" / site / "features.csv"
-        frame = pd.read_csv(table, keep_default_na=False, dtype=str)
-        frame.loc[frame["chol"].isin(["0", "0.0"]), "chol"] = "NA"
-        frame.to_csv(table, index=False)
+    real hospitals."""
     path = heart_dir / "study.toml"
     path.write_text(heart_study_text(["cleveland", "hungarian", "va"], pipeline=True))
     return load_study(path)

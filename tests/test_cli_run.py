@@ -67,3 +67,24 @@ def test_missing_site_folder_is_a_clear_error(heart_dir):
     proc = radfed("run", "study.toml", "--no-track", cwd=heart_dir)
     assert proc.returncode == 2
     assert "nowhere: site folder not found" in proc.stderr
+
+
+@pytest.mark.slow
+def test_heart_disease_study_with_pooled_equivalence(tmp_path, shared_data):
+    """The packaged heart-disease study: federated equals pooled on every estimate."""
+    assert radfed("heart-disease", "--out", "hd", cwd=tmp_path).returncode == 0
+    proc = radfed("-q", "run", "hd/study.toml", "--pooled", "--no-track", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(
+        (tmp_path / "hd" / "radfed-out" / "heart-disease" / "results.json").read_text()
+    )
+    rows = results["equivalence"]
+    assert {r["estimate"] for r in rows} >= {
+        "ComBat gamma_star",
+        "LASSO coefficients at lambda.min",
+        "nomogram model coefficients",
+    }
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    assert set(results["models"]) == {"clinical", "radiomics", "nomogram"}
+    assert "Radscore = " in results["selection"]["radscore_formula"]
+    assert "Federated versus pooled" in proc.stdout
