@@ -12,13 +12,8 @@ from radfed.shared.config import load_study
 log = logging.getLogger(__name__)
 
 CLINICAL = ["age", "sex", "cobb_angle", "fat_thickness"]
-# Until federated mRMR + LASSO choose the Radscore features (issue 3), the demo names a
-# few texture and intensity features that the synthetic disease changes.
-FEATURES = [
-    "original_firstorder_90Percentile",
-    "original_firstorder_Skewness",
-    "original_glcm_ClusterShade",
-]
+# Every extracted feature is a candidate: ComBat, mRMR and LASSO choose the Radscore.
+FEATURES = ["*"]
 
 STUDY_TEMPLATE = """\
 # radfed demo study: written by `radfed demo`
@@ -32,6 +27,17 @@ seed = {seed}
 [split]
 test_fraction = 0.3
 
+[harmonization]
+batch = "site"                  # each hospital's scanner is its own batch
+covariates = ["age", "sex"]     # biology ComBat must preserve (age changes muscle texture)
+
+[selection]
+# mRMR keeps {mrmr_k} (seed 000 kept 30): a LASSO fold fit at a hospital of {patients} patients
+# has about {fold_rows} training rows, and sites refuse fits with more parameters than a
+# third of their rows.
+mrmr_k = {mrmr_k}
+folds = 10
+
 [extraction]
 params = "{params}"
 
@@ -42,7 +48,14 @@ experiment = "radfed-demo"
 {sites}"""
 
 
-def write_study(out: Path, site_dirs: list[Path], params: str, seed: int) -> Path:
+def mrmr_k_for(patients: int, test_fraction: float = 0.3, folds: int = 10) -> int:
+    """The most features a LASSO fold fit at a site of ``patients`` may use under the
+    default privacy rule (parameters <= rows / 3), capped at 15."""
+    fold_rows = int(patients * (1 - test_fraction) * (1 - 1 / folds))
+    return max(2, min(15, fold_rows // 3 - 1))
+
+
+def write_study(out: Path, site_dirs: list[Path], params: str, seed: int, patients: int) -> Path:
     """Write the demo's study file naming the site folders."""
     sites = "\n".join(
         f'[[sites]]\nname = "{d.name}"\npath = "{d.relative_to(out)}"\n' for d in site_dirs
@@ -53,6 +66,9 @@ def write_study(out: Path, site_dirs: list[Path], params: str, seed: int) -> Pat
         seed=seed,
         params=params,
         sites=sites,
+        patients=patients,
+        fold_rows=int(patients * 0.7 * 0.9),
+        mrmr_k=mrmr_k_for(patients),
     )
     path = out / "study.toml"
     path.write_text(text)
@@ -66,7 +82,7 @@ def _toml_list(values: list[str]) -> str:
 def run_demo(
     out: Path,
     sites: int = 3,
-    patients: int = 60,
+    patients: int = 80,
     seed: int = 0,
     params: str = "default",
     transport: str = "inprocess",
@@ -96,6 +112,6 @@ def run_demo(
         write_features(result, site_dir / "features.parquet")
         for problem in result.problems:
             log.warning("%s: %s", site_dir.name, problem)
-    study = write_study(out, site_dirs, params, seed)
+    study = write_study(out, site_dirs, params, seed, patients)
     result = run_study(load_study(study), transport=transport, out_dir=out / "results", jobs=jobs)
     return result, out

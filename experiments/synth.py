@@ -77,8 +77,8 @@ __all__ = [
     "ScannerProfile",
     "SynthError",
     "draw_clinical",
-    "site_name",
     "simulate_case",
+    "site_name",
     "write_cohort",
 ]
 
@@ -147,11 +147,21 @@ class ScannerProfile:
 SITE_PROFILES: tuple[ScannerProfile, ...] = (
     # name, spacing, gain, offset, noise_sd, blur_mm, prevalence, contrast, bias, cobb_reader_sd
     ScannerProfile("GE_MR750_3T", (0.7, 0.7, 3.5), 900.0, 0.0, 0.030, 0.35, 0.50, 1.00, 0.25, 2.0),
-    ScannerProfile("SIEMENS_AERA_1.5T", (0.9, 0.9, 4.0), 420.0, 40.0, 0.075, 0.70, 0.45, 0.80, 0.50, 3.0),
-    ScannerProfile("PHILIPS_INGENIA_3T", (0.6, 0.6, 3.0), 1900.0, 0.0, 0.045, 0.25, 0.55, 1.30, 0.10, 1.5),
-    ScannerProfile("GE_SIGNA_1.5T", (1.1, 1.1, 5.0), 300.0, 120.0, 0.090, 0.85, 0.48, 0.90, 0.70, 2.5),
-    ScannerProfile("SIEMENS_SKYRA_3T", (0.8, 0.8, 3.0), 1250.0, 10.0, 0.025, 0.50, 0.52, 1.15, 0.35, 2.0),
-    ScannerProfile("UIH_UMR780_3T", (1.0, 1.0, 4.0), 650.0, 60.0, 0.055, 0.60, 0.50, 0.75, 0.15, 3.0),
+    ScannerProfile(
+        "SIEMENS_AERA_1.5T", (0.9, 0.9, 4.0), 420.0, 40.0, 0.075, 0.70, 0.45, 0.80, 0.50, 3.0
+    ),
+    ScannerProfile(
+        "PHILIPS_INGENIA_3T", (0.6, 0.6, 3.0), 1900.0, 0.0, 0.045, 0.25, 0.55, 1.30, 0.10, 1.5
+    ),
+    ScannerProfile(
+        "GE_SIGNA_1.5T", (1.1, 1.1, 5.0), 300.0, 120.0, 0.090, 0.85, 0.48, 0.90, 0.70, 2.5
+    ),
+    ScannerProfile(
+        "SIEMENS_SKYRA_3T", (0.8, 0.8, 3.0), 1250.0, 10.0, 0.025, 0.50, 0.52, 1.15, 0.35, 2.0
+    ),
+    ScannerProfile(
+        "UIH_UMR780_3T", (1.0, 1.0, 4.0), 650.0, 60.0, 0.055, 0.60, 0.50, 0.75, 0.15, 3.0
+    ),
 )
 
 # Seed 000, Table 2 (training set): (mean, SD) per class; sex is P(male).
@@ -398,7 +408,9 @@ def _anatomy(
     fibre = _noise(rng, shape, (3.0, 0.8, 0.8))
     marb = _noise(rng, shape, (5.0, 1.2, 1.2))
     marb_w = _ramp((marb - float(special.ndtri(1.0 - body.marbling))) / 0.15)
-    muscle_sig = MUSCLE * np.where(multifidus, np.float32(1.08), np.float32(1.0)) * (1.0 + 0.10 * fibre)
+    muscle_sig = (
+        MUSCLE * np.where(multifidus, np.float32(1.08), np.float32(1.0)) * (1.0 + 0.10 * fibre)
+    )
     plane = np.exp(-(((ax_ - mf_border) / 0.45) ** 2))  # fat plane between MF and ES
     muscle_sig = muscle_sig * (1 - marb_w) + 0.9 * FAT * marb_w
     muscle_sig = muscle_sig * (1 - plane) + 0.85 * FAT * plane
@@ -510,7 +522,9 @@ def _acquire(
 
     # Site voxel centres as fractional truth indices.
     axes = []
-    for n, o, s, t, h in zip(size[::-1], origin[::-1], (sz, sy, sx), (tz, ty, tx), TRUTH_HALF[::-1], strict=True):
+    for n, o, s, t, h in zip(
+        size[::-1], origin[::-1], (sz, sy, sx), (tz, ty, tx), TRUTH_HALF[::-1], strict=True
+    ):
         axes.append(((o + s * np.arange(n)) + h) / t - 0.5)
     coords = np.meshgrid(*axes, indexing="ij")
 
@@ -522,7 +536,13 @@ def _acquire(
     mask = sample(integrate(roi, 0.0)) >= 0.5
 
     # Receive-coil bias: brighter towards the back, slightly tilted left-right.
-    _, yy, xx = np.meshgrid(*[o + s * np.arange(n) for n, o, s in zip(size[::-1], origin[::-1], (sz, sy, sx), strict=True)], indexing="ij")
+    _, yy, xx = np.meshgrid(
+        *[
+            o + s * np.arange(n)
+            for n, o, s in zip(size[::-1], origin[::-1], (sz, sy, sx), strict=True)
+        ],
+        indexing="ij",
+    )
     tilt = rng.normal(0.0, 0.05)
     bias = 1.0 + profile.bias * (yy / FOV_MM[1]) + tilt * profile.bias * (xx / FOV_MM[0])
     img = img * bias.astype(np.float32)
@@ -539,6 +559,7 @@ def simulate_case(
     age: int,
     fat_thickness: float,
     rng: np.random.Generator,
+    severity: float | None = None,
 ) -> tuple[sitk.Image, sitk.Image, float]:
     """Make one patient's image and mask as ``profile``'s scanner would acquire them.
 
@@ -554,6 +575,9 @@ def simulate_case(
         Subcutaneous fat thickness in cm; sets the posterior fat in the image.
     rng : numpy.random.Generator
         The patient's generator (consumed).
+    severity : float, optional
+        Disease severity 0-1; drawn for the class when omitted. Given, it makes paired
+        cases: the same generator state then yields the same anatomy.
 
     Returns
     -------
@@ -564,7 +588,10 @@ def simulate_case(
     severity : float
         The disease severity used (0-1).
     """
-    severity = _severity(rng, fasciitis)
+    if severity is None:
+        severity = _severity(rng, fasciitis)
+    elif not 0.0 <= severity <= 1.0:
+        raise SynthError(f"severity must be within 0-1, got {severity}")
     body = _draw_body(rng, age, fat_thickness)
     sig, roi = _anatomy(rng, body, severity)
     img_arr, mask_arr = _acquire(rng, sig, roi, profile)
@@ -597,7 +624,9 @@ def _check_args(sites: int, patients: int, seed: int) -> None:
     if sites < 1:
         raise SynthError(f"sites must be at least 1, got {sites}")
     if patients < 10:
-        raise SynthError(f"patients must be at least 10 per site (both classes need 3+), got {patients}")
+        raise SynthError(
+            f"patients must be at least 10 per site (both classes need 3+), got {patients}"
+        )
     if seed < 0:
         raise SynthError(f"seed must be non-negative, got {seed}")
 
@@ -636,30 +665,9 @@ def _class_labels(rng: np.random.Generator, patients: int, prevalence: float) ->
     return rng.permutation(labels)
 
 
-def _write_site(
-    folder: Path, index: int, patients: int, seed: int, bar: tqdm
-) -> None:
+def _write_site(folder: Path, index: int, patients: int, seed: int, bar: tqdm) -> None:
     profile = SITE_PROFILES[index % len(SITE_PROFILES)]
-    labels = _class_labels(np.random.default_rng([seed, index, 0]), patients, profile.prevalence)
-    width = max(3, len(str(patients)))
-    rows = []
-    for k, fasciitis in enumerate(labels):
-        pid = f"{site_name(index).upper()}{k + 1:0{width}d}"
-        rng = np.random.default_rng([seed, index, 1, k])  # one stream per patient
-        clin = draw_clinical(rng, int(fasciitis), profile)
-        image, mask, _ = simulate_case(profile, int(fasciitis), clin["age"], clin["fat_thickness"], rng)
-        rel_img, rel_mask = f"images/{pid}.nii.gz", f"masks/{pid}.nii.gz"
-        sitk.WriteImage(image, str(folder / rel_img), True)
-        sitk.WriteImage(mask, str(folder / rel_mask), True)
-        rows.append(
-            [pid, rel_img, rel_mask, int(fasciitis), clin["age"], clin["sex"],
-             f"{clin['cobb_angle']:.1f}", f"{clin['fat_thickness']:.2f}", profile.name]
-        )
-        bar.update(1)
-    with open(folder / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(MANIFEST_COLUMNS)
-        writer.writerows(rows)
+    # The marker goes first, so that an interrupted run can still be overwritten.
     marker = {
         "generator": "radfed.experiments.synth",
         "version": SYNTH_VERSION,
@@ -669,6 +677,37 @@ def _write_site(
         "profile": asdict(profile),
     }
     (folder / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+    labels = _class_labels(np.random.default_rng([seed, index, 0]), patients, profile.prevalence)
+    width = max(3, len(str(patients)))
+    rows = []
+    for k, fasciitis in enumerate(labels):
+        pid = f"{site_name(index).upper()}{k + 1:0{width}d}"
+        rng = np.random.default_rng([seed, index, 1, k])  # one stream per patient
+        clin = draw_clinical(rng, int(fasciitis), profile)
+        image, mask, _ = simulate_case(
+            profile, int(fasciitis), clin["age"], clin["fat_thickness"], rng
+        )
+        rel_img, rel_mask = f"images/{pid}.nii.gz", f"masks/{pid}.nii.gz"
+        sitk.WriteImage(image, str(folder / rel_img), True)
+        sitk.WriteImage(mask, str(folder / rel_mask), True)
+        rows.append(
+            [
+                pid,
+                rel_img,
+                rel_mask,
+                int(fasciitis),
+                clin["age"],
+                clin["sex"],
+                f"{clin['cobb_angle']:.1f}",
+                f"{clin['fat_thickness']:.2f}",
+                profile.name,
+            ]
+        )
+        bar.update(1)
+    with open(folder / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(MANIFEST_COLUMNS)
+        writer.writerows(rows)
 
 
 def write_cohort(

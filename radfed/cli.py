@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synthesise three hospitals, extract and run a study")
     p.add_argument("--out", default="radfed-demo", help="demo folder (default: ./radfed-demo)")
     p.add_argument("--sites", type=int, default=3)
-    p.add_argument("--patients", type=int, default=60, help="patients per site")
+    p.add_argument("--patients", type=int, default=80, help="patients per site")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--params", default="default", help="'default' (seed 000's), 'fast' or a file")
     p.add_argument(

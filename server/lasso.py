@@ -408,6 +408,31 @@ def choose_lambdas(lambdas: np.ndarray, cvm: np.ndarray, cvsd: np.ndarray) -> tu
 
 # --------------------------------------------------------------------------- solver
 
+#: Default budget of Hessian floats in one site reply (2**22 floats = 32 MB).
+_REPLY_FLOATS = 2**22
+
+
+@dataclass(frozen=True)
+class PathStop:
+    """glmnet's rule for ending the λ path early (``glmnet.control``: fdev, devmax, mnlam).
+
+    From the ``mnlam``-th λ on, the full-data path stops (that λ included) once the
+    fraction of null deviance explained exceeds ``devmax`` or grows by less than ``fdev``
+    from the previous λ. The fold fits then use the shortened sequence, as cv.glmnet.
+    """
+
+    fdev: float = 1e-5
+    devmax: float = 0.999
+    mnlam: int = 5
+
+    def last_index(self, dev_ratio: np.ndarray) -> int | None:
+        """Index of the last λ kept, given the dev ratios of a converged prefix; None if
+        the rule has not fired within it."""
+        for i in range(max(self.mnlam - 1, 1), len(dev_ratio)):
+            if dev_ratio[i] > self.devmax or dev_ratio[i] - dev_ratio[i - 1] < self.fdev:
+                return i
+        return None
+
 
 def lasso_cv(
     ask: Ask,
@@ -419,8 +444,10 @@ def lasso_cv(
     seed: int = 0,
     n_lambdas: int = 100,
     lambda_min_ratio: float | None = None,
+    path_stop: PathStop | None = PathStop(),
+    max_fits_per_round: int | None = None,
     tol: float = 1e-10,
-    max_rounds: int = 60,
+    max_rounds: int = 100,
     prob_clip: float = PROB_CLIP,
 ) -> LassoCVResult:
     """Fit the LASSO logistic path on all sites and choose λ by K-fold CV.
@@ -439,10 +466,18 @@ def lasso_cv(
         seeded by ``(seed, site name)`` (:func:`radfed.shared.selection_stats.assign_folds`).
     seed : int
     n_lambdas : int
+        Length of the λ sequence (before any early stop).
     lambda_min_ratio : float, optional
         Default glmnet's: 1e-4 when N > p, else 0.01.
+    path_stop : PathStop or None
+        glmnet's early end of the path (default on, as glmnet); None fits every λ.
+    max_fits_per_round : int, optional
+        Most (fold, λ) fits in flight per round; bounds a site's reply to about
+        ``max_fits_per_round·(p+1)²`` floats. Default: all (K+1)·n_lambdas fits when they
+        fit in 2**22 floats (32 MB), else a window of λ per fold that slides down the
+        path, each new fit warm-started from the nearest finished larger λ of its fold.
     tol : float
-        A problem has converged when its next IRLS step moves no coefficient by more.
+        A fit has converged when its next IRLS step moves no coefficient by more.
     max_rounds : int
     prob_clip : float
         Clamp of held-out probabilities (glmnet's 1e-5).
@@ -454,12 +489,12 @@ def lasso_cv(
     Notes
     -----
     Every round sends ``{"step": "lasso_irls", "center", "scale", "n_folds", "seed",
-    "prob_clip", "problem_folds": (B,) int, "beta": (B, p+1)}`` where problem b is
-    held-out fold ``problem_folds[b]`` (``n_folds`` = the full data) at ``beta[b]``;
-    each site replies ``hessian`` (B, p+1, p+1), ``gradient`` (B, p+1), ``deviance``
-    (B,), ``test_deviance`` (B,), ``fold_n`` (K,), ``n``. Round 1 has B = K + 1 (all at
-    β = 0); later rounds carry only the problems still iterating (at most
-    (K + 1)·n_lambdas).
+    "prob_clip", "problem_folds": (B,) int, "beta": (B, p+1)}`` where fit b leaves out
+    fold ``problem_folds[b]`` (``n_folds`` = none: the full data) and is evaluated at
+    ``beta[b]``; each site replies ``hessian`` (B, p+1, p+1), ``gradient`` (B, p+1),
+    ``deviance`` (B,), ``test_deviance`` (B,), ``fold_n`` (K,), ``n``. Round 1 has
+    B = K + 1 (every fold at β = 0, which also gives λ_max); later rounds carry only the
+    fits still iterating.
     """
     names = list(feature_names)
     p, K = len(names), int(n_folds)
@@ -483,53 +518,41 @@ def lasso_cv(
         n_sites = len(replies)
         return sum_replies(replies)
 
-    # Round 1: every fold at β = 0 (the same pieces serve every λ of that fold).
+    # Round 1: every fold at β = 0; these pieces serve every λ of the fold as a start.
     first = round_trip(np.arange(K + 1), np.zeros((K + 1, p + 1)))
     n = float(first["n"])
     fold_n = np.asarray(first["fold_n"], dtype=float)
-    n_train = np.append(n - fold_n, n)  # per problem fold; index K is the full data
     lam_max = lambda_max_from_zero_pieces(first["hessian"][K], first["gradient"][K])
     ratio = default_lambda_min_ratio(int(n), p) if lambda_min_ratio is None else lambda_min_ratio
     lambdas = lambda_path(lam_max, n_lambdas, ratio)
+    if max_fits_per_round is None:
+        max_fits_per_round = max(1, _REPLY_FLOATS // (p + 1) ** 2)
+    window = max(1, max_fits_per_round // (K + 1))
 
-    L = len(lambdas)
-    fold_of = np.repeat(np.arange(K + 1), L)
-    state = _PathState(
-        lam=np.tile(lambdas, K + 1),
-        n_train=n_train[fold_of],
-        beta=np.zeros((len(fold_of), p + 1)),
-        hessian=first["hessian"][fold_of],
-        gradient=first["gradient"][fold_of],
-        deviance=first["deviance"][fold_of],
-        test_deviance=first["test_deviance"][fold_of],
-    )
+    path = _PathSolver(first, lambdas, np.append(n - fold_n, n), window, tol, path_stop)
     rounds = 1
-    fresh = np.arange(len(fold_of))  # problems whose pieces at state.beta just arrived
-    trial = np.zeros((0, p + 1))
-    trial_idx = np.zeros(0, dtype=int)
     while True:
-        step_idx, step_beta = state.newton_steps(fresh, tol)
-        send_idx = np.concatenate([step_idx, trial_idx])
-        send_beta = np.concatenate([step_beta, trial])
+        send_idx, send_beta = path.pending()
         if len(send_idx) == 0:
             break
         if rounds >= max_rounds:
             raise RuntimeError(
                 f"LASSO path did not converge in {max_rounds} rounds "
-                f"({len(send_idx)} of {len(fold_of)} fits still moving)"
+                f"({len(send_idx)} fits still moving)"
             )
-        reply = round_trip(fold_of[send_idx], send_beta)
+        reply = round_trip(path.fold_of[send_idx], send_beta)
         rounds += 1
-        log.debug("lasso round %d: %d fits still iterating", rounds, len(send_idx))
-        fresh, trial_idx, trial = state.accept(send_idx, send_beta, reply)
+        log.debug("lasso round %d: %d fits in flight", rounds, len(send_idx))
+        path.receive(send_idx, send_beta, reply)
 
-    coefs = state.beta.reshape(K + 1, L, p + 1)
-    test_dev = state.test_deviance.reshape(K + 1, L)
+    L = path.n_kept
+    coefs = path.beta.reshape(K + 1, -1, p + 1)[:, :L]
+    test_dev = path.test_deviance.reshape(K + 1, -1)[:, :L]
     fold_mean, cvm, cvsd = cv_curve(test_dev[:K], fold_n)
-    i_min, i_1se = choose_lambdas(lambdas, cvm, cvsd)
+    i_min, i_1se = choose_lambdas(lambdas[:L], cvm, cvsd)
     return LassoCVResult(
         feature_names=names,
-        lambdas=lambdas,
+        lambdas=lambdas[:L],
         coef_path=coefs[K],
         cvm=cvm,
         cvsd=cvsd,
@@ -547,57 +570,138 @@ def lasso_cv(
     )
 
 
-@dataclass
-class _PathState:
-    """Per-problem IRLS state: the point whose pieces are known, and those pieces."""
+_WAITING, _ACTIVE, _DONE, _DROPPED = 0, 1, 2, 3
+_PIECES = ("hessian", "gradient", "deviance", "test_deviance")
 
-    lam: np.ndarray
-    n_train: np.ndarray
-    beta: np.ndarray
-    hessian: np.ndarray
-    gradient: np.ndarray
-    deviance: np.ndarray
-    test_deviance: np.ndarray
-    halvings: np.ndarray = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.halvings = np.zeros(len(self.lam), dtype=int)
+class _PathSolver:
+    """Schedules the (fold, λ) fits over rounds: IRLS state, warm starts, early stop.
 
-    def objective(self, idx: np.ndarray, beta: np.ndarray, deviance: np.ndarray) -> np.ndarray:
-        return deviance / (2.0 * self.n_train[idx]) + self.lam[idx] * np.abs(beta[:, 1:]).sum(1)
+    Fit ``b = fold * L + i`` leaves out ``fold`` (K: none) at ``lambdas[i]``. For each
+    fit it keeps the point whose summed pieces are known (``beta``, ``hessian``, ...)
+    and, while active, the trial point sent for evaluation (``trial``).
+    """
 
-    def newton_steps(self, idx: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
-        """Coordinate descent on the quadratic at each problem's point; drop the converged."""
-        if len(idx) == 0:
-            return idx, np.zeros((0, self.beta.shape[1]))
-        nt = self.n_train[idx, None]
-        H = self.hessian[idx]
-        A = H / nt[:, :, None]
-        c = (np.einsum("bjk,bk->bj", H, self.beta[idx]) + self.gradient[idx]) / nt
-        new = coordinate_descent(A, c, self.beta[idx], self.lam[idx])
-        moving = np.abs(new - self.beta[idx]).max(axis=1) >= tol
-        return idx[moving], new[moving]
+    def __init__(
+        self,
+        first: dict[str, np.ndarray],
+        lambdas: np.ndarray,
+        n_train: np.ndarray,
+        window: int,
+        tol: float,
+        path_stop: PathStop | None,
+    ) -> None:
+        F, L, P = len(n_train), len(lambdas), first["gradient"].shape[1]
+        self.L, self.F, self.tol, self.window, self.stop = L, F, tol, window, path_stop
+        self.fold_of = np.repeat(np.arange(F), L)
+        self.lam_index = np.tile(np.arange(L), F)
+        self.lam = lambdas[self.lam_index]
+        self.n_train = n_train[self.fold_of]
+        self.first = first  # pieces at β = 0, per fold
+        self.beta = np.zeros((F * L, P))
+        self.trial = np.zeros((F * L, P))
+        self.hessian = np.zeros((F * L, P, P))
+        self.gradient = np.zeros((F * L, P))
+        self.deviance = np.zeros(F * L)
+        self.test_deviance = np.zeros(F * L)
+        self.status = np.full(F * L, _WAITING)
+        self.halvings = np.zeros(F * L, dtype=int)
+        self.n_kept = L
+        # Null deviance of the full data (for glmnet's fraction of deviance explained).
+        sum_y = first["gradient"][F - 1, 0] + n_train[F - 1] / 2.0
+        ybar = sum_y / n_train[F - 1]
+        self.null_deviance = (
+            -2.0 * n_train[F - 1] * (ybar * np.log(ybar) + (1 - ybar) * np.log1p(-ybar))
+        )
+        self._advance(self._activate(np.arange(F)))
 
-    def accept(
-        self, idx: np.ndarray, beta: np.ndarray, reply: dict[str, np.ndarray]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # -- the round trip -------------------------------------------------------------
+
+    def pending(self) -> tuple[np.ndarray, np.ndarray]:
+        """The active fits and the points at which they need the sites' pieces."""
+        idx = np.flatnonzero(self.status == _ACTIVE)
+        return idx, self.trial[idx]
+
+    def receive(self, idx: np.ndarray, beta: np.ndarray, reply: dict[str, np.ndarray]) -> None:
         """Take the new points that lower the objective; halve the steps of the others."""
-        old = self.objective(idx, self.beta[idx], self.deviance[idx])
-        new = self.objective(idx, beta, reply["deviance"])
+        old = self._objective(idx, self.beta[idx], self.deviance[idx])
+        new = self._objective(idx, beta, reply["deviance"])
         worse = new > old + _OBJ_RTOL * (1.0 + np.abs(old))
-        ok = ~worse
-        take = idx[ok]
-        self.beta[take] = beta[ok]
-        self.hessian[take] = reply["hessian"][ok]
-        self.gradient[take] = reply["gradient"][ok]
-        self.deviance[take] = reply["deviance"][ok]
-        self.test_deviance[take] = reply["test_deviance"][ok]
+        take = idx[~worse]
+        self._store(take, beta[~worse], {k: np.asarray(reply[k])[~worse] for k in _PIECES})
         back = idx[worse]
         self.halvings[back] += 1
         if np.any(self.halvings[back] > _MAX_HALVINGS):
             raise RuntimeError("LASSO IRLS step halving failed: the objective keeps rising")
-        midpoint = (self.beta[back] + beta[worse]) / 2.0
-        return take, back, midpoint
+        self.trial[back] = (self.beta[back] + beta[worse]) / 2.0
+        self._advance(take)
+
+    # -- internals ------------------------------------------------------------------
+
+    def _objective(self, idx: np.ndarray, beta: np.ndarray, deviance: np.ndarray) -> np.ndarray:
+        return deviance / (2.0 * self.n_train[idx]) + self.lam[idx] * np.abs(beta[:, 1:]).sum(1)
+
+    def _store(self, idx: np.ndarray, beta: np.ndarray, pieces: dict[str, np.ndarray]) -> None:
+        self.beta[idx] = beta
+        self.hessian[idx] = pieces["hessian"]
+        self.gradient[idx] = pieces["gradient"]
+        self.deviance[idx] = pieces["deviance"]
+        self.test_deviance[idx] = pieces["test_deviance"]
+
+    def _advance(self, fresh: np.ndarray) -> None:
+        """IRLS steps for fits with fresh pieces; start successors of the converged."""
+        while len(fresh):
+            nt = self.n_train[fresh, None]
+            H = self.hessian[fresh]
+            c = (np.einsum("bjk,bk->bj", H, self.beta[fresh]) + self.gradient[fresh]) / nt
+            new = coordinate_descent(H / nt[:, :, None], c, self.beta[fresh], self.lam[fresh])
+            moving = np.abs(new - self.beta[fresh]).max(axis=1) >= self.tol
+            self.trial[fresh[moving]] = new[moving]
+            finished = fresh[~moving]
+            self.status[finished] = _DONE
+            self._check_path_stop()
+            fresh = self._activate(np.unique(self.fold_of[finished]))
+
+    def _activate(self, folds: np.ndarray) -> np.ndarray:
+        """Start waiting fits of these folds up to the window, warm-started."""
+        started = []
+        for f in folds:
+            block = slice(f * self.L, f * self.L + self.n_kept)
+            status = self.status[block]
+            free = self.window - int(np.sum(status == _ACTIVE))
+            waiting = np.flatnonzero(status == _WAITING)[: max(free, 0)]
+            for i in waiting:
+                b = f * self.L + i
+                done = np.flatnonzero(status[:i] == _DONE)
+                if len(done):  # the nearest finished larger λ: its point and pieces
+                    donor = f * self.L + done[-1]
+                    self._store(
+                        np.array([b]),
+                        self.beta[donor][None],
+                        {k: getattr(self, k)[donor][None] for k in _PIECES},
+                    )
+                else:  # β = 0, from round 1
+                    self._store(
+                        np.array([b]),
+                        np.zeros((1, self.beta.shape[1])),
+                        {k: self.first[k][f][None] for k in _PIECES},
+                    )
+                self.status[b] = _ACTIVE
+                started.append(b)
+        return np.array(started, dtype=int)
+
+    def _check_path_stop(self) -> None:
+        if self.stop is None or self.n_kept < self.L:
+            return
+        full = slice((self.F - 1) * self.L, self.F * self.L)
+        status = self.status[full]
+        prefix = int(np.argmin(status == _DONE)) if not (status == _DONE).all() else self.L
+        ratio = 1.0 - self.deviance[full][:prefix] / self.null_deviance
+        last = self.stop.last_index(ratio)
+        if last is not None:
+            self.n_kept = last + 1
+            drop = self.lam_index >= self.n_kept
+            self.status[drop] = _DROPPED
 
 
 # --------------------------------------------------------------------------- estimator
@@ -618,13 +722,17 @@ class FederatedLassoCV:
         n_lambdas: int = 100,
         lambda_min_ratio: float | None = None,
         seed: int = 0,
+        path_stop: PathStop | None = PathStop(),
+        max_fits_per_round: int | None = None,
         tol: float = 1e-10,
-        max_rounds: int = 60,
+        max_rounds: int = 100,
     ) -> None:
         self.n_folds = n_folds
         self.n_lambdas = n_lambdas
         self.lambda_min_ratio = lambda_min_ratio
         self.seed = seed
+        self.path_stop = path_stop
+        self.max_fits_per_round = max_fits_per_round
         self.tol = tol
         self.max_rounds = max_rounds
 
@@ -635,6 +743,7 @@ class FederatedLassoCV:
         center: np.ndarray,
         scale: np.ndarray,
     ) -> FederatedLassoCV:
+        """Run :func:`lasso_cv` with this estimator's settings; returns ``self``."""
         res = lasso_cv(
             ask,
             feature_names,
@@ -644,6 +753,8 @@ class FederatedLassoCV:
             seed=self.seed,
             n_lambdas=self.n_lambdas,
             lambda_min_ratio=self.lambda_min_ratio,
+            path_stop=self.path_stop,
+            max_fits_per_round=self.max_fits_per_round,
             tol=self.tol,
             max_rounds=self.max_rounds,
         )

@@ -75,9 +75,68 @@ def heart_study(heart_dir: Path) -> StudyConfig:
 
 
 @pytest.fixture
-def pipeline_study(heart_dir: Path) -> StudyConfig:
+def heart_pipeline_study(heart_dir: Path) -> StudyConfig:
     """The whole pipeline (ComBat, mRMR, LASSO CV, clinical screening, nomogram) on three
     real hospitals."""
     path = heart_dir / "study.toml"
     path.write_text(heart_study_text(["cleveland", "hungarian", "va"], pipeline=True))
     return load_study(path)
+
+
+SYNTH_STUDY = """
+[study]
+name = "synthetic"
+outcome = "fasciitis"
+clinical = ["age", "sex", "cobb_angle", "fat_thickness"]
+features = ["original_*"]
+seed = 3
+
+[extraction]
+params = "fast"
+
+[harmonization]
+covariates = ["age", "sex"]
+
+[selection]
+mrmr_k = 5
+folds = 5
+n_lambdas = 20
+
+[tracking]
+enabled = false
+
+[[sites]]
+name = "hospital_a"
+path = "sites/hospital_a"
+
+[[sites]]
+name = "hospital_b"
+path = "sites/hospital_b"
+
+[[sites]]
+name = "hospital_c"
+path = "sites/hospital_c"
+"""
+
+
+@pytest.fixture(scope="session")
+def synthetic_cohort(tmp_path_factory) -> Path:
+    """Three synthetic hospitals (36 patients each), extracted once with the fast
+    parameters into a private cache, with features.parquet written at each site."""
+    from radfed.client.extraction import extract_site, load_params, write_features
+    from radfed.experiments.synth import write_cohort
+
+    root = tmp_path_factory.mktemp("synthetic")
+    cache = root / "cache"
+    for site in write_cohort(root / "sites", sites=3, patients=36, seed=11, progress=False):
+        result = extract_site(site, load_params("fast"), jobs=2, cache_dir=cache, progress=False)
+        write_features(result, site / "features.parquet")
+    (root / "study.toml").write_text(SYNTH_STUDY)
+    return root
+
+
+@pytest.fixture
+def synthetic_study(synthetic_cohort: Path, monkeypatch) -> StudyConfig:
+    # Sites read the extraction cache the fixture filled (the site-level cache setting).
+    monkeypatch.setenv("RADFED_CACHE", str(synthetic_cohort / "cache"))
+    return load_study(synthetic_cohort / "study.toml")

@@ -16,10 +16,27 @@ from radfed.shared.config import StudyConfig
 
 
 def feature_tables(config: StudyConfig) -> dict[str, pd.DataFrame]:
-    """Each site's features.csv, as pandas reads it."""
-    return {
-        s.name: pd.read_csv(s.path / "features.csv", na_values=["NA", "?"]) for s in config.sites
-    }
+    """Each site's table as pandas reads it: features.csv, or the manifest joined with
+    the features.parquet that `radfed extract` wrote."""
+    tables = {}
+    for site in config.sites:
+        if (site.path / "features.csv").is_file():
+            tables[site.name] = pd.read_csv(site.path / "features.csv", na_values=["NA", "?"])
+        else:
+            manifest = pd.read_csv(site.path / "manifest.csv", dtype={"patient_id": str})
+            features = pd.read_parquet(site.path / "features.parquet")
+            tables[site.name] = manifest.merge(features, left_on="patient_id", right_index=True)
+    return tables
+
+
+def expand_features(config: StudyConfig, tables: dict[str, pd.DataFrame]) -> StudyConfig:
+    """The study with its feature patterns expanded against the tables' columns."""
+    import dataclasses
+    import fnmatch
+
+    columns = list(next(iter(tables.values())).columns)
+    names = [c for c in columns if any(fnmatch.fnmatchcase(c, p) for p in config.features)]
+    return dataclasses.replace(config, features=tuple(names))
 
 
 def pooled_rows(

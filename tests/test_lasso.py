@@ -12,25 +12,32 @@ import time
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.special import expit
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from radfed.experiments.heart_disease import read_hospital
 from radfed.server.lasso import (
     FederatedLassoCV,
     LassoCVResult,
     choose_lambdas,
     coordinate_descent,
     cv_curve,
+    lambda_path,
     lasso_cv,
 )
 from radfed.shared.errors import PrivacyRefusal
 from radfed.shared.privacy import PrivacyPolicy
 from radfed.shared.selection_stats import answer, assign_folds
 
-HEART = ["age", "sex", "cp", "trestbps", "chol", "fbs", "restecg", "thalach", "exang", "oldpeak"]
+COLUMNS = [
+    "age", "sex", "cp", "trestbps", "chol", "fbs", "restecg",
+    "thalach", "exang", "oldpeak", "slope", "ca", "thal", "num",
+]  # fmt: skip
+# slope, ca, thal, chol (0 = not measured) and fbs are missing for most patients outside
+# Cleveland; with them, dropping incomplete rows would leave one hospital.
+HEART = ["age", "sex", "cp", "trestbps", "restecg", "thalach", "exang", "oldpeak"]
 
 Site = tuple[str, np.ndarray, np.ndarray]
 
@@ -39,12 +46,13 @@ Site = tuple[str, np.ndarray, np.ndarray]
 
 
 def heart_sites(shared_data) -> list[Site]:
-    """The four hospitals; ``slope``, ``ca`` and ``thal`` are left out because they are
-    missing for nearly every patient outside Cleveland, then incomplete rows dropped."""
+    """The four UCI hospitals as sites: outcome num > 0, incomplete rows dropped."""
     sites = []
     for name in ("cleveland", "hungarian", "switzerland", "va"):
-        frame = read_hospital(name, shared_data / "heart_disease")[[*HEART, "disease"]].dropna()
-        sites.append((name, frame[HEART].to_numpy(float), frame["disease"].to_numpy(int)))
+        path = shared_data / "heart_disease" / f"processed.{name}.data"
+        frame = pd.read_csv(path, header=None, names=COLUMNS, na_values=["NA", "?"])
+        frame = frame[[*HEART, "num"]].dropna()
+        sites.append((name, frame[HEART].to_numpy(float), (frame["num"] > 0).to_numpy(int)))
     return sites
 
 
@@ -173,7 +181,10 @@ def test_path_equals_sklearn_at_every_lambda(which, request):
     expected = [np.log(ybar / (1 - ybar))] + [0] * X.shape[1]
     np.testing.assert_allclose(res.coef_path[0], expected, atol=1e-12)  # |x_jᵀr| = λ: ties
     # And the federated path satisfies the pooled optimality conditions to rounding.
-    assert max(kkt_residual(Z, y, b, lam) for b, lam in zip(res.coef_path, res.lambdas)) < 1e-9
+    assert (
+        max(kkt_residual(Z, y, b, lam) for b, lam in zip(res.coef_path, res.lambdas, strict=True))
+        < 1e-9
+    )
     assert res.n == len(y) and res.n_sites == len(sites)
 
 
@@ -200,7 +211,10 @@ def test_cv_curve_equals_pooled_recomputation(which, request):
     np.testing.assert_array_equal(res.fold_n, np.bincount(folds))
     for f, path in enumerate(res.fold_coef_path):
         train = folds != f
-        kkt = max(kkt_residual(Z[train], y[train], b, lam) for b, lam in zip(path, res.lambdas))
+        kkt = max(
+            kkt_residual(Z[train], y[train], b, lam)
+            for b, lam in zip(path, res.lambdas, strict=True)
+        )
         assert kkt < 1e-9, (f, kkt)
     np.testing.assert_allclose(res.fold_deviance, means, atol=1e-4)
     np.testing.assert_allclose(res.cvm, cvm, atol=1e-4)
@@ -215,17 +229,41 @@ def test_cv_curve_equals_pooled_recomputation(which, request):
 def test_default_path_100_lambdas_10_folds_on_heart(shared_data):
     sites = heart_sites(shared_data)
     start = time.perf_counter()
-    res = run(sites)  # glmnet defaults: 100 λ, ratio 1e-4 (N > p), 10 folds
+    res = run(sites)  # glmnet defaults: 100 λ, ratio 1e-4 (N > p), 10 folds, early stop
     elapsed = time.perf_counter() - start
-    assert len(res.lambdas) == 100 and res.n_folds == 10
-    assert res.lambdas[-1] / res.lambdas[0] == pytest.approx(1e-4)
-    assert res.rounds <= 15, res.rounds
-    assert elapsed < 30
+    assert res.n_folds == 10 and res.rounds <= 15 and elapsed < 30, (res.rounds, elapsed)
     X, y, center, scale = pooled(sites)
     Z = (X - center) / scale
-    for i in range(0, 100, 11):  # a spread of 10 λ over the path
+    # glmnet's path stop: from the 5th λ, the fraction of deviance explained passed 0.999
+    # or grew by less than 1e-5; it fires at the last λ kept and nowhere before.
+    eta = res.coef_path[:, :1].T + Z @ res.coef_path[:, 1:].T
+    dev = -2 * (y[:, None] * eta - np.logaddexp(0, eta)).sum(axis=0)
+    null = -2 * len(y) * (y.mean() * np.log(y.mean()) + (1 - y.mean()) * np.log(1 - y.mean()))
+    ratio = 1 - dev / null
+    fires = (ratio[4:] > 0.999) | (np.diff(ratio)[3:] < 1e-5)
+    assert 5 <= len(res.lambdas) < 100 and fires[-1] and not fires[:-1].any()
+    full = lambda_path(res.lambdas[0], 100, 1e-4)
+    np.testing.assert_allclose(res.lambdas, full[: len(res.lambdas)])
+    for i in np.linspace(0, len(res.lambdas) - 1, 10).astype(int):  # a spread of 10 λ
         assert np.abs(sklearn_l1(Z, y, res.lambdas[i]) - res.coef_path[i]).max() < 1e-4
     assert res.cvm[res.index_min] == res.cvm.min()
+    # Without the stop, all 100 λ are fitted and the kept ones are unchanged.
+    whole = run(sites, path_stop=None)
+    assert len(whole.lambdas) == 100
+    np.testing.assert_allclose(whole.coef_path[: len(res.lambdas)], res.coef_path, atol=1e-9)
+
+
+def test_sliding_window_gives_the_same_path(synth_fit):
+    sites, res = synth_fit
+    log: list = []
+    X, _, center, scale = pooled(sites)
+    names = [f"x{j}" for j in range(X.shape[1])]
+    kw = {"n_folds": 5, "n_lambdas": 20, "lambda_min_ratio": 0.01, "seed": 11}
+    small = lasso_cv(make_ask(sites, log), names, center, scale, max_fits_per_round=18, **kw)
+    assert max(len(r["problem_folds"]) for r, _ in log) <= 18
+    np.testing.assert_allclose(small.coef_path, res.coef_path, atol=1e-9)
+    np.testing.assert_allclose(small.cvm, res.cvm, atol=1e-9)
+    assert small.rounds > res.rounds
 
 
 # --------------------------------------------------------------------------- pieces
@@ -280,7 +318,7 @@ def test_assign_folds_is_stratified_seeded_and_per_site():
 def test_replies_are_aggregates_whatever_the_site_size():
     sites = synthetic_sites(n=400, p=8)
     log: list = []
-    X, _, center, scale = pooled(sites)
+    _, _, center, scale = pooled(sites)
     res = lasso_cv(
         make_ask(sites, log), [f"x{j}" for j in range(8)], center, scale, n_folds=4, n_lambdas=7
     )
@@ -332,11 +370,12 @@ def test_result_prints_and_writes_the_radscore(synth_fit):
 
 def test_estimator_interface(shared_data):
     sites = heart_sites(shared_data)
-    X, _, center, scale = pooled(sites)
+    _, _, center, scale = pooled(sites)
     est = FederatedLassoCV(n_folds=4, n_lambdas=10, seed=3).fit(
         make_ask(sites), HEART, center, scale
     )
-    assert est.coef_.shape == (10,) and est.lambdas_.shape == (10,)
+    assert est.coef_.shape == (len(HEART),) and len(est.lambdas_) <= 10
+    assert len(est.cvm_) == len(est.lambdas_) == len(est.coef_path_)
     assert est.lambda_min_ == est.result_.lambda_min
     assert est.intercept_ == est.result_.coef_min[0]
     assert est.n_rounds_ == est.result_.rounds

@@ -38,7 +38,7 @@ def _subsample(heart_dir, site: str, fraction: float, seed: int) -> None:
     table.sample(frac=fraction, random_state=seed).to_csv(path, index=False)
 
 
-def test_reply_shapes_do_not_depend_on_the_number_of_patients(pipeline_study, heart_dir):
+def test_reply_shapes_do_not_depend_on_the_number_of_patients(heart_pipeline_study, heart_dir):
     """The whole pipeline on sites of very different sizes sends replies of identical
     shapes, and no reply array has a dimension equal to a site's number of patients."""
     signatures, counts = [], []

@@ -17,8 +17,8 @@ from radfed.tests.reference import (
 
 
 @pytest.mark.slow
-def test_simulation_engine_equals_in_process_and_statsmodels(pipeline_study):
-    heart_study = pipeline_study
+def test_simulation_engine_equals_in_process_and_statsmodels(heart_pipeline_study):
+    heart_study = heart_pipeline_study
     result = run_in_simulation(heart_study)
     assert result.transport == "simulation"
     rows = pooled_training_rows(heart_study, feature_tables(heart_study))

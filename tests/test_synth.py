@@ -163,9 +163,13 @@ def test_same_seed_same_bytes_and_overwrite(tmp_path: Path, capsys) -> None:
 
 
 def test_fewer_sites_removes_stale_synth_sites(tmp_path: Path) -> None:
-    write_cohort(tmp_path, sites=2, patients=10, seed=0, progress=False)
+    stale = tmp_path / "hospital_b"  # as left by an earlier run with more sites
+    stale.mkdir()
+    (stale / synth.MARKER).write_text("{}")
+    (tmp_path / "notes.txt").write_text("kept")
     folders = write_cohort(tmp_path, sites=1, patients=10, seed=0, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hospital_a"] == [f.name for f in folders]
+    assert [f.name for f in folders] == ["hospital_a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hospital_a", "notes.txt"]
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -237,24 +241,23 @@ def test_batch_effect_separates_sites(table: pd.DataFrame) -> None:
 
 
 def test_disease_changes_roi_texture() -> None:
-    # Same clinical inputs (age, fat), so mostly the fasciitis changes differ by class.
-    stats: dict[str, list[float]] = {"mean": [], "tail": []}
-    for k in range(16):
-        image, mask, _ = synth.simulate_case(
-            SITE_PROFILES[4], k % 2, 45, 1.8, np.random.default_rng([11, k])
-        )
-        arr = sitk.GetArrayFromImage(image).astype(np.float64)
-        v = arr[sitk.GetArrayFromImage(mask).astype(bool)]
-        stats["mean"].append(v.mean())
-        stats["tail"].append(np.percentile(v, 99) / np.percentile(v, 75))  # bright streaks
-    y = np.arange(16) % 2
-    assert _auc(np.array(stats["mean"]), y) > 0.8
-    assert _auc(np.array(stats["tail"]), y) > 0.75
+    # Paired cases: the same anatomy and scanner with and without moderate fasciitis.
+    for k, profile in enumerate(SITE_PROFILES):
+        rois = []
+        for severity in (0.0, 0.6):
+            image, mask, _ = synth.simulate_case(
+                profile, 1, 45, 1.8, np.random.default_rng([11, k]), severity=severity
+            )
+            arr = sitk.GetArrayFromImage(image).astype(np.float64)
+            rois.append(arr[sitk.GetArrayFromImage(mask).astype(bool)])
+        healthy, sick = rois
+        assert sick.mean() > 1.015 * healthy.mean(), profile.name  # oedema raises the signal
+        # Hyperintense streaks: more voxels above the healthy ROI's 99th percentile.
+        assert np.mean(sick > np.percentile(healthy, 99)) > 0.015, profile.name
 
 
 def test_disease_visible_in_cohort(table: pd.DataFrame) -> None:
-    # Within each site the ROI statistics differ between classes.
-    aucs = [
-        _auc(g["sd"].to_numpy(), g["fasciitis"].to_numpy()) for _, g in table.groupby("scanner")
-    ]
-    assert np.mean(aucs) > 0.6
+    # The ROI median, standardised within each site, is higher with fasciitis (oedema and
+    # more posterior fat). Only 36 cases here, so the bound is loose.
+    z = table.groupby("scanner")["median"].transform(lambda x: (x - x.mean()) / x.std())
+    assert _auc(z.to_numpy(), table["fasciitis"].to_numpy()) > 0.6

@@ -9,9 +9,10 @@ It writes a cohort to a temporary folder (or ``--out``), then reports
 * AUCs over repeated stratified 70/30 splits: clinical logistic (age, sex, Cobb, fat),
   image-only (L2 logistic on the 12 statistics), and the nomogram (clinical + the
   image model's score, fitted on the training part);
-* with ``--pyradiomics N``: pyradiomics 3.0.1 seconds per case on N cases per site
+* with ``--pyradiomics N``: pyradiomics 3.0.1 CPU seconds per case on N cases per site
   (1 mm resampling, bin width 25, normalised, original + wavelet), and the same
-  site accuracy and AUCs with its features (N = 0 skips it).
+  site accuracy and AUCs with its features, the image model then being a top-30
+  F-test filter + LASSO logistic as in seed 000 (N = 0 skips it).
 """
 
 from __future__ import annotations
@@ -110,35 +111,61 @@ def site_accuracy(X: NDArray[np.floating], site: NDArray, seed: int = 0) -> floa
     return float(cross_val_score(model, X, site, cv=cv).mean())
 
 
-def split_aucs(
-    clinical: NDArray, image: NDArray, y: NDArray, repeats: int = 20, seed: int = 0
-) -> dict[str, float]:
-    """Median held-out AUC of clinical, image and combined models over 70/30 splits."""
+def _logit(c: float = 1e6):
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedShuffleSplit
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    def logit(c: float = 1e6):
-        return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
+
+
+def _radscore_model(k: int = 30):
+    """As seed 000: a relevance filter to k features, then LASSO logistic (C by 5-fold CV)."""
+    from sklearn.feature_selection import SelectKBest, f_classif
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    lasso = LogisticRegressionCV(
+        Cs=10, penalty="l1", solver="liblinear", cv=5, scoring="neg_log_loss", max_iter=5000
+    )
+    return make_pipeline(StandardScaler(), SelectKBest(f_classif, k=k), lasso)
+
+
+def split_aucs(
+    clinical: NDArray,
+    image: NDArray,
+    y: NDArray,
+    repeats: int = 20,
+    seed: int = 0,
+    radscore: bool = False,
+) -> dict[str, float]:
+    """Median held-out AUC of clinical, image and combined models over 70/30 splits.
+
+    The image model is an L2 logistic (C = 0.1) on all image features, or with
+    ``radscore`` the seed's filter + LASSO. The nomogram is a logistic on the clinical
+    variables plus the image model's linear score, both fitted on the training part.
+    """
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedShuffleSplit
 
     out: dict[str, list[float]] = {"clinical": [], "image": [], "nomogram": []}
     splits = StratifiedShuffleSplit(repeats, test_size=0.3, random_state=seed)
     for train, test in splits.split(clinical, y):
-        clin = logit().fit(clinical[train], y[train])
-        img = logit(0.1).fit(image[train], y[train])
+        clin = _logit().fit(clinical[train], y[train])
+        img = _radscore_model(min(30, image.shape[1])) if radscore else _logit(0.1)
+        img.fit(image[train], y[train])
         score_tr = img.decision_function(image[train])[:, None]
         score_te = img.decision_function(image[test])[:, None]
-        nomo = logit().fit(np.hstack([clinical[train], score_tr]), y[train])
+        nomo = _logit().fit(np.hstack([clinical[train], score_tr]), y[train])
         out["clinical"].append(roc_auc_score(y[test], clin.predict_proba(clinical[test])[:, 1]))
-        out["image"].append(roc_auc_score(y[test], img.predict_proba(image[test])[:, 1]))
+        out["image"].append(roc_auc_score(y[test], score_te[:, 0]))
         p_nomo = nomo.predict_proba(np.hstack([clinical[test], score_te]))[:, 1]
         out["nomogram"].append(roc_auc_score(y[test], p_nomo))
     return {k: float(np.median(v)) for k, v in out.items()}
 
 
-def _radiomics_case(args: tuple[str, str]) -> tuple[dict[str, float], float]:
+def _radiomics_case(args: tuple[str, str, bool]) -> tuple[dict[str, float], float]:
     from radiomics import featureextractor
 
     logging.getLogger("radiomics").setLevel(logging.ERROR)
@@ -151,18 +178,22 @@ def _radiomics_case(args: tuple[str, str]) -> tuple[dict[str, float], float]:
         "label": 1,
     }
     extractor = featureextractor.RadiomicsFeatureExtractor(**settings)
-    extractor.enableImageTypes(Original={}, Wavelet={})
-    start = time.perf_counter()
-    result = extractor.execute(*args)
-    seconds = time.perf_counter() - start
+    image, mask, wavelet = args
+    extractor.enableImageTypes(**({"Original": {}, "Wavelet": {}} if wavelet else {"Original": {}}))
+    start = time.process_time()  # CPU seconds: other processes share the machine
+    result = extractor.execute(image, mask)
+    seconds = time.process_time() - start
     feats = {k: float(v) for k, v in result.items() if not k.startswith("diagnostics")}
     return feats, seconds
 
 
-def radiomics_features(table: pd.DataFrame, workers: int) -> tuple[pd.DataFrame, float]:
-    """pyradiomics features of the given rows and the mean seconds per case (one core)."""
+def radiomics_features(
+    table: pd.DataFrame, workers: int, wavelet: bool = True
+) -> tuple[pd.DataFrame, float]:
+    """pyradiomics features of the given rows and the mean CPU seconds per case."""
     jobs = [
-        (str(Path(r.folder) / r.image), str(Path(r.folder) / r.mask)) for r in table.itertuples()
+        (str(Path(r.folder) / r.image), str(Path(r.folder) / r.mask), wavelet)
+        for r in table.itertuples()
     ]
     with ProcessPoolExecutor(workers) as pool:
         results = list(pool.map(_radiomics_case, jobs))
@@ -178,26 +209,42 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, help="keep the cohort here (default: temporary)")
-    parser.add_argument("--pyradiomics", type=int, default=0, metavar="N")
+    parser.add_argument(
+        "--pyradiomics",
+        type=int,
+        default=0,
+        metavar="N",
+        help="extract N cases per site with pyradiomics (0: skip)",
+    )
+    parser.add_argument("--no-wavelet", action="store_true", help="pyradiomics: original only")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         folders = write_cohort(out, args.sites, args.patients, args.seed, progress=False)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         n = args.sites * args.patients
-        print(f"write: {seconds:.1f} s for {n} cases, {seconds / n:.2f} s per case")
+        print(
+            f"write: {seconds:.1f} s for {n} cases ({seconds / n:.2f} s per case, "
+            f"{cpu / n:.2f} CPU s)"
+        )
         table = load_features(folders)
         _report(table, args.sites, args.repeats, args.seed, "simple ROI statistics")
         if args.pyradiomics > 0:
             sub = table.groupby("site", group_keys=False).head(args.pyradiomics)
-            feats, per_case = radiomics_features(sub, args.workers)
-            print(f"pyradiomics: {per_case:.2f} s per case, {feats.shape[1]} features")
+            feats, per_case = radiomics_features(sub, args.workers, not args.no_wavelet)
+            print(f"pyradiomics: {per_case:.2f} CPU s per case, {feats.shape[1]} features")
             feats = feats.loc[:, feats.std() > 0]
-            _report(pd.concat([sub, feats], axis=1), args.sites, args.repeats, args.seed,
-                    "pyradiomics", list(feats.columns))
+            _report(
+                pd.concat([sub, feats], axis=1),
+                args.sites,
+                args.repeats,
+                args.seed,
+                "pyradiomics",
+                list(feats.columns),
+            )
 
 
 def _report(
@@ -211,8 +258,10 @@ def _report(
     image_cols = image_cols or [c for c in table.columns if c.startswith("z_")]
     site = table["site"].to_numpy()
     y = table["fasciitis"].to_numpy()
-    print(f"[{label}] n = {len(table)}, prevalence {y.mean():.2f}, chance site accuracy "
-          f"{1 / sites:.2f}")
+    print(
+        f"[{label}] n = {len(table)}, prevalence {y.mean():.2f}, chance site accuracy "
+        f"{1 / sites:.2f}"
+    )
     if sites > 1:
         if "raw_mean" in image_cols or label == "simple ROI statistics":
             acc_raw = site_accuracy(table[RAW_STATS].to_numpy(), site, seed)
@@ -221,8 +270,14 @@ def _report(
         print(f"  site accuracy, {len(image_cols)} image features: {acc:.2f}")
     means = table.groupby("fasciitis")[CLINICAL].mean().round(2)
     print("  clinical means by class:\n" + means.to_string())
-    aucs = split_aucs(table[CLINICAL].to_numpy(float), table[image_cols].to_numpy(float), y,
-                      repeats, seed)
+    aucs = split_aucs(
+        table[CLINICAL].to_numpy(float),
+        table[image_cols].to_numpy(float),
+        y,
+        repeats,
+        seed,
+        radscore=label != "simple ROI statistics",
+    )
     print("  median held-out AUC: " + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items()))
 
 
