@@ -249,10 +249,11 @@ def coordinate_descent(
     intercept, is unpenalised): glmnet's inner loop on the summed IRLS quadratic, with
     A = XᵀWX / N and c = XᵀWz / N.
 
-    After each sweep the active set and signs of the iterate are tried as a guess of the
-    solution's: the linear system on that set is solved directly and kept when it meets
-    the optimality (KKT) conditions, which makes the answer exact to rounding instead of
-    to the slow last digits of coordinate descent on ill-conditioned problems.
+    When a sweep leaves the active set and signs of an iterate unchanged, they are tried
+    as the solution's: the linear system on that set is solved directly and kept when it
+    meets the optimality (KKT) conditions. This makes the answer exact to rounding
+    instead of waiting for the slow last digits of coordinate descent on ill-conditioned
+    problems (strongly correlated features, small λ).
 
     Parameters
     ----------
@@ -279,11 +280,26 @@ def coordinate_descent(
     diag = np.ascontiguousarray(np.diagonal(A, axis1=1, axis2=2).T)
     lam = np.asarray(lam, dtype=float)
     todo = np.arange(len(out))  # original indices of the problems still iterating
-    for _ in range(max_sweeps):
+    signs = np.sign(b_t)
+    tried = np.zeros(len(out), dtype=bool)  # this support was already tried exactly
+    for sweep in range(max_sweeps):
         done = _cd_sweep(At, c_t, diag, lam, b_t, q) < tol
-        exact, ok = _active_set_solution(A[todo], c_t.T, lam, b_t.T)
-        b_t[:, ok] = exact[ok].T
-        done |= ok
+        # Try the exact solve where a sweep left the support and signs unchanged.
+        new_signs = np.sign(b_t)
+        stable = (new_signs == signs).all(axis=0)
+        signs = new_signs
+        tried &= stable & (sweep % 16 != 15)  # and retry now and then regardless
+        attempt = np.flatnonzero(stable & ~tried & ~done)
+        if len(attempt):
+            exact, ok = _active_set_solution(
+                At[:, :, attempt].transpose(2, 0, 1),
+                c_t[:, attempt].T,
+                lam[attempt],
+                b_t[:, attempt].T,
+            )
+            b_t[:, attempt[ok]] = exact[ok].T
+            done[attempt[ok]] = True
+            tried[attempt] = True
         if done.any():
             out[todo[done]] = b_t[:, done].T
             if done.all():
@@ -296,45 +312,60 @@ def coordinate_descent(
                 diag[:, keep],
                 lam[keep],
             )
-            b_t, q = b_t[:, keep], q[:, keep]
+            b_t, q, signs, tried = b_t[:, keep], q[:, keep], signs[:, keep], tried[keep]
     out[todo] = b_t.T
     log.warning("coordinate descent stopped after %d sweeps without converging", max_sweeps)
     return out
 
 
 def _active_set_solution(
-    A: np.ndarray, c: np.ndarray, lam: np.ndarray, beta: np.ndarray
+    A: np.ndarray, c: np.ndarray, lam: np.ndarray, beta: np.ndarray, refinements: int = 8
 ) -> tuple[np.ndarray, np.ndarray]:
     """Solve each problem on the support and signs of ``beta``; flag those meeting KKT.
 
     On the support S (with the intercept) the optimum solves A_SS β_S = c_S - λ sign(β_S);
-    it is the lasso solution when the signs agree and |c_j - (A β)_j| <= λ off S.
+    it is the lasso solution when the signs agree and |c_j - (A β)_j| <= λ off S. When a
+    guess fails, coefficients whose sign flipped leave S and violators of the KKT bound
+    join it with the sign of their gradient, and the system is solved again.
     """
     B, P = beta.shape
     active = beta != 0
     active[:, 0] = True
     sign = np.sign(beta)
     sign[:, 0] = 0.0
-    mask = active[:, :, None] & active[:, None, :]
-    M = np.where(mask, A, 0.0)
+    sol = np.zeros((B, P))
+    ok = np.zeros(B, dtype=bool)
+    slack = 1e-9 * lam[:, None] + 1e-13
+    for _ in range(refinements):
+        sol = _masked_solve(A, np.where(active, c - lam[:, None] * sign, 0.0), active)
+        grad = c - np.einsum("bjk,bk->bj", A, sol)
+        flipped = active & (np.sign(sol) != sign)
+        flipped[:, 0] = False
+        violates = ~active & (np.abs(grad) > lam[:, None] + slack)
+        ok = ~(flipped.any(axis=1) | violates.any(axis=1)) & np.isfinite(sol).all(axis=1)
+        if ok.all():
+            break
+        active = (active & ~flipped) | violates
+        sign = np.where(violates, np.sign(grad), np.where(flipped, 0.0, sign))
+    return np.where(active, sol, 0.0), ok
+
+
+def _masked_solve(A: np.ndarray, rhs: np.ndarray, active: np.ndarray) -> np.ndarray:
+    """Solve A_SS x_S = rhs_S per problem (x = 0 off S); NaN where A_SS is singular."""
+    P = A.shape[1]
+    M = np.where(active[:, :, None] & active[:, None, :], A, 0.0)
     idx = np.arange(P)
     M[:, idx, idx] = np.where(active, M[:, idx, idx], 1.0)
-    rhs = np.where(active, c - lam[:, None] * sign, 0.0)
-    sol = np.full((B, P), np.nan)
     try:
-        sol = np.linalg.solve(M, rhs[:, :, None])[:, :, 0]
+        return np.linalg.solve(M, rhs[:, :, None])[:, :, 0]
     except np.linalg.LinAlgError:  # some support is collinear: solve the others one by one
-        for b in range(B):
+        out = np.full(rhs.shape, np.nan)
+        for b in range(len(M)):
             try:
-                sol[b] = np.linalg.solve(M[b], rhs[b])
+                out[b] = np.linalg.solve(M[b], rhs[b])
             except np.linalg.LinAlgError:
                 pass
-    grad = c - np.einsum("bjk,bk->bj", A, sol)
-    slack = 1e-9 * lam[:, None] + 1e-13
-    signs_ok = np.where(active[:, 1:], np.sign(sol[:, 1:]) == sign[:, 1:], True).all(axis=1)
-    kkt_off = np.where(active, True, np.abs(grad) <= lam[:, None] + slack).all(axis=1)
-    ok = signs_ok & kkt_off & np.isfinite(sol).all(axis=1)
-    return np.where(active, sol, 0.0), ok
+        return out
 
 
 def _cd_sweep(

@@ -22,6 +22,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -219,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-wavelet", action="store_true", help="pyradiomics: original only")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # sklearn 1.8 API notices
 
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
