@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet numpy setuptools wheel
+	$(BIN)/pip install --quiet --upgrade numpy "setuptools>=77" wheel
 	$(BIN)/pip install --quiet --no-build-isolation -e ".[test]"
 	touch $@
 

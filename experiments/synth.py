@@ -663,12 +663,18 @@ def _check_site_dir(folder: Path) -> None:
 
 
 def _prepare_site_dir(folder: Path) -> None:
-    """Empty a previous synth output (only what it wrote) and create the subfolders."""
+    """Empty a previous synth output and create the subfolders.
+
+    Everything in it goes, including files derived from the old images (features,
+    caches), which would no longer match the new ones.
+    """
     _check_site_dir(folder)
-    for child in ("images", "masks"):
-        shutil.rmtree(folder / child, ignore_errors=True)
-    for child in ("manifest.csv", MARKER):
-        (folder / child).unlink(missing_ok=True)
+    if folder.is_dir():
+        for child in folder.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
     (folder / "images").mkdir(parents=True)
     (folder / "masks").mkdir()
 
@@ -754,6 +760,13 @@ def write_cohort(
     SynthError
         (a ``ValueError``) for bad arguments, or when a site folder exists, is not
         empty and was not written by this generator.
+
+    Notes
+    -----
+    A site folder written by this generator (it holds ``.radfed_synth.json``) is
+    emptied and written anew, files added to it later (e.g. ``features.parquet``)
+    included. Such folders beyond ``sites`` (from an earlier, larger run) are removed,
+    so that a glob of ``out/hospital_*`` finds only this cohort.
     """
     _check_args(sites, patients, seed)
     out = Path(out)

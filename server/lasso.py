@@ -319,7 +319,7 @@ def coordinate_descent(
 
 
 def _active_set_solution(
-    A: np.ndarray, c: np.ndarray, lam: np.ndarray, beta: np.ndarray, refinements: int = 8
+    A: np.ndarray, c: np.ndarray, lam: np.ndarray, beta: np.ndarray, refinements: int = 2
 ) -> tuple[np.ndarray, np.ndarray]:
     """Solve each problem on the support and signs of ``beta``; flag those meeting KKT.
 
@@ -336,36 +336,48 @@ def _active_set_solution(
     sol = np.zeros((B, P))
     ok = np.zeros(B, dtype=bool)
     slack = 1e-9 * lam[:, None] + 1e-13
+    todo = np.arange(B)
     for _ in range(refinements):
-        sol = _masked_solve(A, np.where(active, c - lam[:, None] * sign, 0.0), active)
-        grad = c - np.einsum("bjk,bk->bj", A, sol)
-        flipped = active & (np.sign(sol) != sign)
+        act, sgn, lm, Ab, cb = active[todo], sign[todo], lam[todo, None], A[todo], c[todo]
+        x = _masked_solve(Ab, np.where(act, cb - lm * sgn, 0.0), act)
+        grad = cb - np.einsum("bjk,bk->bj", Ab, x)
+        flipped = act & (np.sign(x) != sgn)
         flipped[:, 0] = False
-        violates = ~active & (np.abs(grad) > lam[:, None] + slack)
-        ok = ~(flipped.any(axis=1) | violates.any(axis=1)) & np.isfinite(sol).all(axis=1)
-        if ok.all():
+        violates = ~act & (np.abs(grad) > lm + slack[todo])
+        good = ~(flipped.any(axis=1) | violates.any(axis=1)) & np.isfinite(x).all(axis=1)
+        sol[todo] = x
+        ok[todo] = good
+        active[todo] = (act & ~flipped) | violates
+        sign[todo] = np.where(violates, np.sign(grad), np.where(flipped, 0.0, sgn))
+        todo = todo[~good]
+        if len(todo) == 0:
             break
-        active = (active & ~flipped) | violates
-        sign = np.where(violates, np.sign(grad), np.where(flipped, 0.0, sign))
-    return np.where(active, sol, 0.0), ok
+    return np.where(ok[:, None], sol, 0.0), ok
 
 
 def _masked_solve(A: np.ndarray, rhs: np.ndarray, active: np.ndarray) -> np.ndarray:
-    """Solve A_SS x_S = rhs_S per problem (x = 0 off S); NaN where A_SS is singular."""
-    P = A.shape[1]
-    M = np.where(active[:, :, None] & active[:, None, :], A, 0.0)
-    idx = np.arange(P)
-    M[:, idx, idx] = np.where(active, M[:, idx, idx], 1.0)
-    try:
-        return np.linalg.solve(M, rhs[:, :, None])[:, :, 0]
-    except np.linalg.LinAlgError:  # some support is collinear: solve the others one by one
-        out = np.full(rhs.shape, np.nan)
-        for b in range(len(M)):
-            try:
-                out[b] = np.linalg.solve(M[b], rhs[b])
-            except np.linalg.LinAlgError:
-                pass
-        return out
+    """Solve A_SS x_S = rhs_S per problem (x = 0 off S); NaN where A_SS is singular.
+
+    Problems are grouped by support size so each solve is only as large as its support.
+    """
+    out = np.zeros(rhs.shape)
+    sizes = active.sum(axis=1)
+    for size in np.unique(sizes):
+        group = np.flatnonzero(sizes == size)
+        cols = np.nonzero(active[group])[1].reshape(len(group), size)  # sorted per row
+        M = A[group[:, None, None], cols[:, :, None], cols[:, None, :]]
+        r = np.take_along_axis(rhs[group], cols, axis=1)
+        try:
+            x = np.linalg.solve(M, r[:, :, None])[:, :, 0]
+        except np.linalg.LinAlgError:  # a collinear support: solve the others one by one
+            x = np.full(r.shape, np.nan)
+            for i in range(len(group)):
+                try:
+                    x[i] = np.linalg.solve(M[i], r[i])
+                except np.linalg.LinAlgError:
+                    pass
+        out[group[:, None], cols] = x
+    return out
 
 
 def _cd_sweep(

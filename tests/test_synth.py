@@ -162,6 +162,7 @@ def test_same_seed_same_bytes_overwrite_and_stale(
     stale.mkdir()
     (stale / synth.MARKER).write_text("{}")
     (tmp_path / "notes.txt").write_text("kept")
+    (site / "features.parquet").write_text("derived from the old images")
     (again,) = write_cohort(tmp_path, sites=1, patients=PATIENTS, seed=SEED + 1, progress=False)
     assert capsys.readouterr().err == ""
     assert again == site
@@ -191,6 +192,11 @@ def test_bad_arguments_raise(tmp_path: Path, kwargs: dict, message: str) -> None
     with pytest.raises(ValueError, match=message):
         write_cohort(tmp_path, **{"sites": 1, "patients": 10, **kwargs}, progress=False)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_bad_severity_raises() -> None:
+    with pytest.raises(ValueError, match="severity"):
+        synth.simulate_case(SITE_PROFILES[0], 1, 45, 1.8, np.random.default_rng(0), severity=1.5)
 
 
 def test_refuses_foreign_non_empty_folder(tmp_path: Path) -> None:
@@ -239,10 +245,10 @@ def test_batch_effect_separates_sites(table: pd.DataFrame) -> None:
     sites = table["scanner"].to_numpy()
     # Raw intensities: gain, offset and contrast differ (log: gains are multiplicative).
     raw = _nearest_centroid_loo(np.log(table[["mean", "sd", "median"]].to_numpy()), sites)
-    assert raw > 0.85  # chance is 1/3
+    assert raw > 0.75  # chance is 1/3; 0.87 at this seed
     # After whole-image z-scoring, noise and blur still give the site away.
     zscored = _nearest_centroid_loo(table[["z_sd", "z_local_sd"]].to_numpy(), sites)
-    assert zscored > 0.6
+    assert zscored > 0.6  # 0.77 at this seed
 
 
 def test_disease_changes_roi_texture() -> None:
@@ -263,6 +269,6 @@ def test_disease_changes_roi_texture() -> None:
 
 def test_disease_visible_in_cohort(table: pd.DataFrame) -> None:
     # The ROI median, standardised within each site, is higher with fasciitis (oedema and
-    # more posterior fat). Only 36 cases here, so the bound is loose.
+    # more posterior fat). Only 30 cases here, so the bound is loose (0.94 at this seed).
     z = table.groupby("scanner")["median"].transform(lambda x: (x - x.mean()) / x.std())
     assert _auc(z.to_numpy(), table["fasciitis"].to_numpy()) > 0.6
