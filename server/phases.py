@@ -40,21 +40,21 @@ def fit_combat(
     covariate_names: list[str],
     cfg: HarmonizationConfig,
 ) -> ComBatEstimates:
-    """Distributed ComBat on the training rows: three rounds, then sites adjust locally."""
+    """Distributed ComBat on the training rows: three rounds, then sites adjust locally.
+
+    Raises
+    ------
+    FederationError
+        With the solvers' diagnosis when the pooled design cannot be fitted (e.g. a
+        covariate confounded with batch).
+    """
     try:
-        return _fit_combat(transport, features, batch_levels, levels, covariate_names, cfg)
-    except ValueError as exc:  # the solvers' diagnosis of the pooled design
+        return _combat_rounds(transport, features, batch_levels, levels, covariate_names, cfg)
+    except ValueError as exc:
         raise FederationError(f"ComBat: {exc}") from exc
 
 
-def _fit_combat(
-    transport: Transport,
-    features: list[str],
-    batch_levels: list[str],
-    levels: dict[str, list[str]],
-    covariate_names: list[str],
-    cfg: HarmonizationConfig,
-) -> ComBatEstimates:
+def _combat_rounds(transport, features, batch_levels, levels, covariate_names, cfg):
     base = {"combat_features": features, "batch_levels": batch_levels, "levels": levels}
     replies = list(transport.ask("combat_design", base).values())
     location = solve_location(replies, batch_levels, covariate_names)

@@ -56,9 +56,10 @@ def pooled_table(config: StudyConfig) -> pd.DataFrame:
     return pd.concat(parts)
 
 
-def _combat(
+def pooled_combat(
     train: pd.DataFrame, features: list[str], config: StudyConfig
 ) -> tuple[pd.DataFrame, dict]:
+    """neuroCombat on pooled training rows: the harmonised frame and its estimates."""
     from neuroCombat import neuroCombat
 
     h = config.harmonization
@@ -178,7 +179,7 @@ def equivalence(config: StudyConfig, federated: StudyResult) -> list[Equivalence
     if "selection" in details:
         features = list(federated.federation["features"])
         if "harmonization" in details:
-            frame[features], reference = _combat(train, features, config)
+            frame[features], reference = pooled_combat(train, features, config)
             mine = details["harmonization"]
             for key, theirs in (
                 ("gamma_star", "gamma.star"),

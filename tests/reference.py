@@ -82,23 +82,10 @@ def assert_matches_logit(model: dict, reference, tol: float = 1e-6) -> None:
 
 
 def pooled_combat(rows: pd.DataFrame, config: StudyConfig) -> pd.DataFrame:
-    """neuroCombat on the pooled training rows (batch = site)."""
-    from neuroCombat import neuroCombat
+    """neuroCombat on the pooled training rows (batch = site), as ``--pooled`` runs it."""
+    from radfed.server.pooled import pooled_combat as combat
 
-    h = config.harmonization
-    numeric = [c for c in h.covariates if c not in h.categorical]
-    covars = rows[list(h.covariates)].copy()
-    covars["batch"] = rows["site"].to_numpy()
-    out = neuroCombat(
-        dat=rows[list(config.features)].to_numpy().T,
-        covars=covars,
-        batch_col="batch",
-        categorical_cols=list(h.categorical),
-        continuous_cols=numeric,
-        parametric=h.parametric,
-        mean_only=h.mean_only,
-    )
-    return pd.DataFrame(out["data"].T, columns=list(config.features), index=rows.index)
+    return combat(rows, list(config.features), config)[0]
 
 
 def assert_same_results(mine: dict, theirs: dict, tol: float = 1e-9) -> None:
