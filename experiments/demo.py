@@ -37,6 +37,9 @@ covariates = ["age", "sex"]     # biology ComBat must preserve (age changes musc
 # third of their rows.
 mrmr_k = {mrmr_k}
 folds = 10
+# glmnet's ratio for N < p: the deep end of a 1e-4 path is nearly separable on cohorts
+# this small, slow to fit and never chosen by CV.
+lambda_min_ratio = 0.01
 
 [extraction]
 params = "{params}"

@@ -202,7 +202,7 @@ FOV_MM = (90.0, 70.0, 30.0)  # the site grid's nominal field of view
 FAT, MUSCLE, FASCIA, FLUID, SKIN = 1.0, 0.30, 0.10, 1.5, 0.45
 CORTEX, MARROW, LIGAMENT, OTHER_MUSCLE = 0.06, 0.55, 0.12, 0.27
 # Scales every fasciitis change: tuned so the image alone gives a radiomics AUC near 0.8.
-DISEASE_CONTRAST = 0.7
+DISEASE_CONTRAST = 0.85
 
 
 # --------------------------------------------------------------------------- clinical

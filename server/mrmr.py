@@ -287,7 +287,12 @@ def mrmr_federated(
     """
     if mode not in ("columns", "gram"):
         raise ValueError(f"mode must be 'columns' or 'gram', got {mode!r}")
-    shift = {"center": center, "scale": scale}
+    # Keys left out rather than None, so any transport can carry the request.
+    shift = {
+        key: np.asarray(value, dtype=float)
+        for key, value in (("center", center), ("scale", scale))
+        if value is not None
+    }
     replies = ask(
         {"step": "mrmr_moments", "classes": list(classes), **shift, "gram": mode == "gram"}
     )
@@ -308,9 +313,10 @@ def mrmr_federated(
 
     def abs_corr_with(j: int) -> np.ndarray:
         nonlocal rounds
-        reply = sum_replies(
-            ask({"step": "mrmr_cross", "columns": [j], "center": mean, "scale": scale})
-        )
+        request = {"step": "mrmr_cross", "columns": [int(j)], "center": mean}
+        if "scale" in shift:
+            request["scale"] = shift["scale"]
+        reply = sum_replies(ask(request))
         rounds += 1
         ss = np.asarray(reply["sumsq"], dtype=float)
         return _abs_corr(np.asarray(reply["cross"], dtype=float)[:, 0], ss, ss[j])

@@ -325,7 +325,7 @@ def answer(
         Seeds the site's own CV folds.
     policy : PrivacyPolicy, optional
         When given, the site refuses (``PrivacyRefusal``) replies with a count below
-        ``min_cell`` (classes, folds, held-out classes) or a fit with too many parameters
+        ``min_cell`` (class sizes, fold sizes) or a fit with too many parameters
         for its training rows.
     """
     step = request["step"]
