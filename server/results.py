@@ -93,6 +93,8 @@ class LogisticFit:
                 "ci_low": float(ci[i, 0]),
                 "ci_high": float(ci[i, 1]),
                 "odds_ratio_per_sd": float(np.exp(self.coef[i])) if i else None,
+                "odds_ratio_ci": [float(np.exp(ci[i, 0])), float(np.exp(ci[i, 1]))] if i else None,
+                "odds_ratio_per_unit": float(np.exp(self.coef_per_unit[i])) if i else None,
                 "coef_per_unit": float(self.coef_per_unit[i]),
                 "se_per_unit": float(self.se_per_unit[i]),
             }
