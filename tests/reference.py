@@ -109,3 +109,17 @@ def assert_same_results(mine: dict, theirs: dict, tol: float = 1e-9) -> None:
             list(a["lasso"]["coef"].values()), list(b["lasso"]["coef"].values()), atol=tol
         )
     assert mine["rounds"] == theirs["rounds"]
+
+
+def in_memory_ask(sites: list[tuple[str, np.ndarray, np.ndarray]], log: list | None = None):
+    """One federated round of the selection solvers, in memory: every (name, X, y) site
+    answers with its own rows (``log`` collects requests and replies)."""
+    from radfed.shared.selection_stats import answer
+
+    def ask(request):
+        replies = [answer(request, X, y, name) for name, X, y in sites]
+        if log is not None:
+            log.append((request, replies))
+        return replies
+
+    return ask

@@ -30,6 +30,7 @@ from radfed.server.lasso import (
 from radfed.shared.errors import PrivacyRefusal
 from radfed.shared.privacy import PrivacyPolicy
 from radfed.shared.selection_stats import answer, assign_folds
+from radfed.tests.reference import in_memory_ask
 
 COLUMNS = [
     "age", "sex", "cp", "trestbps", "chol", "fbs", "restecg",
@@ -69,16 +70,7 @@ def synthetic_sites(n: int = 520, p: int = 30, seed: int = 3) -> list[Site]:
     return [(f"site{i}", X[rows], y[rows]) for i, rows in enumerate(cuts)]
 
 
-def make_ask(sites: list[Site], log: list | None = None):
-    """One federated round, in memory: every site answers with its own rows."""
-
-    def ask(request):
-        replies = [answer(request, X, y, name) for name, X, y in sites]
-        if log is not None:
-            log.append((request, replies))
-        return replies
-
-    return ask
+make_ask = in_memory_ask
 
 
 def pooled(sites: list[Site]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

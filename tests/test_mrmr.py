@@ -18,6 +18,7 @@ from radfed.server.mrmr import MrmrResult, f_statistics, mrmr_federated, mrmr_se
 from radfed.shared.errors import PrivacyRefusal
 from radfed.shared.privacy import PrivacyPolicy
 from radfed.shared.selection_stats import answer, class_moments, sum_replies
+from radfed.tests.reference import in_memory_ask
 
 COLUMNS = [
     "age", "sex", "cp", "trestbps", "chol", "fbs", "restecg",
@@ -60,14 +61,7 @@ def synthetic_sites(n: int = 450, p: int = 200, seed: int = 0) -> tuple[list[Sit
     return [(f"site{i}", X[r], y[r]) for i, r in enumerate(cuts)], names
 
 
-def make_ask(sites: list[Site], log: list | None = None):
-    def ask(request):
-        replies = [answer(request, X, y, name) for name, X, y in sites]
-        if log is not None:
-            log.append((request, replies))
-        return replies
-
-    return ask
+make_ask = in_memory_ask
 
 
 def oracle(sites: list[Site], names: list[str], k: int) -> list[str]:
