@@ -73,9 +73,6 @@ class Transport(ABC):
             )
         return {site: replies[site] for site in targets}
 
-    def close(self) -> None:  # noqa: B027 - most transports hold nothing to release
-        """Release what the transport holds (processes, connections)."""
-
 
 class InProcessTransport(Transport):
     """All sites in this Python process: tests, notebooks and single-machine runs.

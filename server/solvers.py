@@ -54,19 +54,6 @@ class LogisticSpec:
     scale: np.ndarray
 
 
-def fit_logistic(
-    transport: Transport,
-    columns: list[str],
-    center: np.ndarray,
-    scale: np.ndarray,
-    subset: str = "train",
-    outcome: str = "outcome",
-) -> LogisticFit:
-    """Federated logistic regression of one model (see :func:`fit_logistic_many`)."""
-    spec = LogisticSpec(list(columns), np.asarray(center), np.asarray(scale))
-    return fit_logistic_many(transport, {"model": spec}, subset, outcome)["model"]
-
-
 def fit_logistic_many(
     transport: Transport,
     specs: dict[str, LogisticSpec],

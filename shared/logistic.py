@@ -20,13 +20,6 @@ def design(x: np.ndarray, center: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.column_stack([np.ones(len(z)), z])
 
 
-def linear_predictor(
-    x: np.ndarray, center: np.ndarray, scale: np.ndarray, beta: np.ndarray
-) -> np.ndarray:
-    """The linear predictor (log-odds) of a standardised logistic model."""
-    return design(x, center, scale) @ beta
-
-
 @dataclass(frozen=True)
 class NewtonPieces:
     """One site's (or the sum of all sites') contribution to a Newton step at ``beta``."""
