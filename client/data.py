@@ -192,7 +192,7 @@ def _sidecar(path: Path) -> dict:
     return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
-def _canonical_text(column: pd.Series) -> pd.Series:
+def canonical_text(column: pd.Series) -> pd.Series:
     """Labels as text that is the same at every site: numeric codes are written
     without a trailing ``.0`` (a column read as float at one site and as int at another
     must give the same levels)."""
@@ -204,7 +204,7 @@ def _canonical_text(column: pd.Series) -> pd.Series:
 
 def _labels(frame: pd.DataFrame, columns: tuple[str, ...], lines: pd.Series, file: str):
     """Text columns as strings; rows with a missing label are reported."""
-    text = frame[list(columns)].apply(_canonical_text)
+    text = frame[list(columns)].apply(canonical_text)
     bad = text.isna().any(axis=1) | (text.apply(lambda c: c.str.strip()) == "").any(axis=1)
     problems = [
         RowProblem(int(lines.loc[pid]), str(pid), file, f"missing value in {list(columns)}")

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import zlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,6 @@ from radfed.client.data import SiteTable, TableSpec, load_site_table
 from radfed.shared.errors import PrivacyRefusal, RadfedError
 from radfed.shared.logistic import design, newton_pieces
 from radfed.shared.messages import RADSCORE, Payload
-from radfed.shared.metrics import auc
 from radfed.shared.privacy import PrivacyPolicy
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 TRAIN, TEST = "train", "test"
 SPLITS = (TRAIN, TEST)
 SITE_BATCH = "site"
+#: Column prefix of a fitted model's linear predictor (see :meth:`Site._data`).
+LP = "lp:"
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,7 @@ class Site:
             if "combat_feature_names" in request:
                 from radfed.harmonization.combat import ComBatEstimates, apply_combat
 
-                est = ComBatEstimates.from_payload(request)
+                est = self._with_own_batches(ComBatEstimates.from_payload(request), request)
                 names = list(est.feature_names)
                 cov = self.covariates(subset, request.get("levels", {}))
                 frame[names] = apply_combat(est, frame[names].to_numpy(), self.batches(subset), cov)
@@ -188,14 +190,47 @@ class Site:
             self._views[key] = frame
         return self._views[key]
 
+    def _with_own_batches(self, estimates: Any, request: Payload) -> Any:
+        """ComBat estimates extended by this site's batches that the federation never
+        saw (a held-out or validation-only site): estimated here, from all of the site's
+        rows and without the outcome; nothing is sent."""
+        from radfed.harmonization.combat import estimate_new_batch
+
+        own = set(self.batches("all"))
+        if own <= set(estimates.batch_levels):
+            return estimates
+        names = list(estimates.feature_names)
+        return estimate_new_batch(
+            estimates,
+            self.table.frame[names].to_numpy(dtype=float),
+            self.batches("all"),
+            self.covariates("all", request.get("levels", {})),
+        )
+
     def _data(
         self, request: Payload, columns: list[str], subset: str
     ) -> tuple[np.ndarray, np.ndarray]:
         frame = self.view(request, subset)
-        missing = [c for c in columns if c not in frame.columns]
+        # "lp:{model}" is the linear predictor of a fitted model the request carries
+        # (for calibration fits of y on logit p).
+        extra = {c: self._linear_predictor(request, c[3:], frame) for c in columns if c[:3] == LP}
+        missing = [c for c in columns if c not in frame.columns and c not in extra]
         if missing:
             raise RadfedError(f"the site has no column(s) {missing}")
-        return frame[columns].to_numpy(dtype=float), frame[self.table.outcome].to_numpy(dtype=float)
+        x = (
+            np.column_stack(
+                [extra[c] if c in extra else frame[c].to_numpy(dtype=float) for c in columns]
+            )
+            if columns
+            else np.empty((len(frame), 0))
+        )
+        return x, frame[self.table.outcome].to_numpy(dtype=float)
+
+    @staticmethod
+    def _linear_predictor(request: Payload, model: str, frame: pd.DataFrame) -> np.ndarray:
+        x = frame[list(request[f"{model}_columns"])].to_numpy(dtype=float)
+        X = design(x, request[f"{model}_center"], request[f"{model}_scale"])
+        return X @ request[f"{model}_beta"]
 
     # -- tasks -------------------------------------------------------------------------
 
@@ -259,21 +294,81 @@ class Site:
         return reply
 
     def evaluate(self, request: Payload) -> Payload:
-        """Per model and split: n, events and AUC of standardised logistic models.
+        """Per subset and model: discrimination, calibration and decision-curve sums.
 
-        ``models`` names the models; each has ``{model}_columns``, ``_center``,
-        ``_scale`` and ``_beta``.
+        ``models`` names the models (each with ``{model}_columns``, ``_center``,
+        ``_scale``, ``_beta``); ``subsets`` the rows (default train and test);
+        ``thresholds`` the probability grid of the threshold counts; ``bin_edges`` the
+        risk bins. Every array is sized by the request (models x thresholds or bins).
+        A subset with one class only is reported as undefined, and one whose counts are
+        below the site's minimum cell as refused, each with its reason.
         """
+        from radfed.shared import evaluation_stats as es
+
+        models = list(request["models"])
+        thresholds = np.asarray(request["thresholds"], dtype=float)
+        edges = np.asarray(request["bin_edges"], dtype=float)
         reply: Payload = {}
-        for subset in SPLITS:
+        for subset in request.get("subsets", list(SPLITS)):
             counts = self._counts(subset)
-            self.policy.check_counts(counts, f"evaluate ({subset})")
-            reply.update({f"n_{subset}": counts["n"], f"events_{subset}": counts["events"]})
-            for model in request["models"]:
-                x, y = self._data(request, request[f"{model}_columns"], subset)
-                X = design(x, request[f"{model}_center"], request[f"{model}_scale"])
-                reply[f"{model}_auc_{subset}"] = auc(y, X @ request[f"{model}_beta"])
+            status, reason = self._evaluable(counts)
+            reply.update({f"{subset}_status": status, f"{subset}_reason": reason})
+            if status == "refused":
+                continue
+            reply.update({f"{subset}_n": counts["n"], f"{subset}_events": counts["events"]})
+            if status != "ok":
+                continue
+            x, y = self._data(request, [f"{LP}{m}" for m in models], subset)
+            P = 1 / (1 + np.exp(-x))
+            roc = es.delong(y, x)
+            tp, fp = es.threshold_counts(y, P, thresholds)
+            bin_n, observed, expected = es.calibration_bins(y, P, edges)
+            hl = [
+                es.hosmer_lemeshow(y, P[:, j], int(request.get("hl_groups", 10)))
+                for j in range(len(models))
+            ]
+            fits = np.array([es.calibration_fit(y, P[:, j]) for j in range(len(models))])
+            reply.update(
+                {
+                    f"{subset}_auc": roc.auc,
+                    f"{subset}_auc_cov": roc.cov,
+                    f"{subset}_tp": tp,
+                    f"{subset}_fp": fp,
+                    f"{subset}_bin_n": bin_n,
+                    f"{subset}_bin_observed": observed,
+                    f"{subset}_bin_expected": expected,
+                    f"{subset}_brier": np.array([es.brier(y, P[:, j]) for j in range(len(models))]),
+                    f"{subset}_cal_intercept": fits[:, 0],
+                    f"{subset}_cal_slope": fits[:, 1],
+                    f"{subset}_hl_statistic": np.array([h.statistic for h in hl]),
+                    f"{subset}_hl_df": np.array([h.df for h in hl], dtype=float),
+                    f"{subset}_hl_p": np.array([h.pvalue for h in hl]),
+                }
+            )
         return reply
+
+    def _evaluable(self, counts: dict[str, int]) -> tuple[str, str]:
+        """("ok", ""), ("undefined", why) for one class only, or ("refused", why)."""
+        if counts["n"] == 0:
+            # The commonest reason only: no patient identifier leaves the site.
+            reasons = Counter(p.reason for p in self.table.problems).most_common(1)
+            why = f" ({reasons[0][1]} for {reasons[0][0]})" if reasons else ""
+            excluded = len(self.table.problems)
+            return "undefined", f"no patient with complete data: {excluded} excluded{why}"
+        try:
+            self.policy.check_counts({"n": counts["n"]}, "evaluate")
+        except PrivacyRefusal as exc:
+            return "refused", str(exc)
+        if counts["events"] == 0 or counts["non_events"] == 0:
+            missing = "events" if counts["events"] == 0 else "non-events"
+            return "undefined", f"only one class: no {missing} among {counts['n']} patients"
+        try:
+            self.policy.check_counts(
+                {"events": counts["events"], "non-events": counts["non_events"]}, "evaluate"
+            )
+        except PrivacyRefusal as exc:
+            return "refused", str(exc)
+        return "ok", ""
 
     def _combat_inputs(self, request: Payload) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         x, _ = self._data(request, request["combat_features"], TRAIN)
@@ -340,7 +435,7 @@ def request_sizes(request: Payload) -> set[int]:
             sizes.add(len(value))
         elif isinstance(value, dict):
             sizes.update(len(v) for v in value.values() if isinstance(v, list))
-    for key in ("n_folds", "folds"):
+    for key in ("n_folds", "folds", "n_bins"):
         if isinstance(request.get(key), int):
             sizes.add(request[key])
     # A ComBat design has one column per batch plus the covariate design columns.

@@ -1,4 +1,4 @@
-"""The ``radfed`` command line: synth, extract, run and demo."""
+"""The ``radfed`` command line: synth, extract, run, demo, report and compare."""
 
 from __future__ import annotations
 
@@ -70,6 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     print(result.summary())
     print(f"\nresults.json: {out / 'results.json'}")
+    print(f"report:       {out / 'report.html'}")
     _print_mlflow(result.federation)
     return 0
 
@@ -97,9 +98,49 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     print()
     print(result.auc_table())
+    print()
+    print(result.external_table())
     print(f"\nstudy file:   {out / 'study.toml'}")
     print(f"results.json: {out / 'results' / 'results.json'}")
+    print(f"report:       {out / 'results' / 'report.html'}")
     _print_mlflow(result.federation)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from radfed.server.report import report_from_run
+
+    path = report_from_run(args.run_id, tracking_uri=args.tracking_uri, out=args.out)
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from radfed.server.compare import compare_runs, format_comparison, write_comparison
+
+    tracking_uri, experiment = args.tracking_uri, args.experiment
+    if experiment.endswith(".toml"):  # a study file names its store and experiment
+        from radfed.shared.config import load_study
+
+        config = load_study(experiment)
+        tracking_uri = tracking_uri or config.tracking_uri
+        experiment = config.experiment or config.name
+    df = compare_runs(
+        experiment,
+        tracking_uri,
+        models=args.models,
+        split=args.split,
+        metric=args.metric,
+        run_ids=args.runs,
+        last=args.last,
+        baseline=args.baseline,
+        sort_by=args.sort_by,
+        ascending=not args.descending,
+    )
+    print(format_comparison(df))
+    if args.out:
+        csv_path, png_path = write_comparison(df, args.out)
+        print(f"\ntable:  {csv_path}\nfigure: {png_path}")
     return 0
 
 
@@ -176,6 +217,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--jobs", type=int, default=0, help="extraction cases in parallel (0: all cores)"
     )
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("report", help="write the HTML report of a tracked study run")
+    p.add_argument("run_id", help="MLflow run id of the study run")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--out", help="HTML file or existing folder (default: ./report-RUN.html)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="compare a metric per site across tracked study runs")
+    p.add_argument("experiment", help="MLflow experiment name, or a study file (TOML) naming it")
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: the study file's, else $MLFLOW_TRACKING_URI)",
+    )
+    p.add_argument("--metric", default="auc", help="auc (default), brier, cal_slope, hl_p, ...")
+    p.add_argument("--split", default="test", choices=["train", "test", "external"])
+    p.add_argument("--models", nargs="+", metavar="MODEL", help="default: every model logged")
+    p.add_argument("--runs", nargs="+", metavar="RUN_ID", help="run ids or unique prefixes")
+    p.add_argument("--last", type=int, metavar="N", help="only the N most recent runs")
+    p.add_argument("--baseline", metavar="RUN_ID", help="differences against (default: oldest)")
+    p.add_argument(
+        "--sort-by", metavar="COLUMN", help="model, site, #2, Δ#3 (as printed) or a run id"
+    )
+    p.add_argument("--descending", action="store_true", help="sort largest first")
+    p.add_argument("--out", metavar="DIR", help="also write comparison.csv and comparison.png")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -57,6 +57,10 @@ class GridTransport(Transport):
         self.node_of = self._discover(expected_sites, connect_timeout)
         self.sites = list(expected_sites)
 
+    @property
+    def reachable(self) -> list[str]:
+        return list(self.node_of)
+
     def _discover(self, expected: list[str], timeout: float) -> dict[str, int]:
         deadline = time.monotonic() + timeout
         found: dict[str, int] = {}

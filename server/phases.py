@@ -150,6 +150,10 @@ class RadiomicsSelection:
                 "rounds": lasso.rounds,
             },
             "radscore_formula": self.formula(),
+            # The Radscore as sites compute it (standardised with the pooled mean and SD).
+            "radscore": {
+                k.removeprefix("radscore_"): _plain(v) for k, v in self.radscore_payload().items()
+            },
         }
 
 
@@ -264,3 +268,7 @@ __all__ = [
     "screen_clinical",
     "select_radiomics",
 ]
+
+
+def _plain(value: Any) -> Any:
+    return value.tolist() if isinstance(value, np.ndarray) else value

@@ -37,6 +37,11 @@ class Transport(ABC):
         # request, so sites keep no state between rounds.
         self.context: Payload = {}
 
+    @property
+    def reachable(self) -> list[str]:
+        """Every site this transport can deliver to (``sites`` are those a study uses)."""
+        return list(self.sites)
+
     @abstractmethod
     def _exchange(self, requests: Mapping[str, RecordDict]) -> dict[str, RecordDict]:
         """Deliver one encoded request per site and collect the encoded replies."""
@@ -73,6 +78,31 @@ class Transport(ABC):
             )
         return {site: replies[site] for site in targets}
 
+    def subset(self, sites: list[str]) -> Transport:
+        """A transport over some of these sites, with its own context and round counts
+        (a leave-one-site-out fit); it delivers through this one."""
+        return SiteSubset(self, sites)
+
+
+class SiteSubset(Transport):
+    """Some of another transport's sites: their rounds go through the parent."""
+
+    def __init__(self, parent: Transport, sites: list[str]) -> None:
+        super().__init__()
+        unknown = sorted(set(sites) - set(parent.reachable))
+        if unknown:
+            raise FederationError(f"sites {unknown} are not reachable through {parent.name}")
+        self.parent = parent
+        self.name = parent.name
+        self.sites = list(sites)
+
+    @property
+    def reachable(self) -> list[str]:
+        return self.parent.reachable
+
+    def _exchange(self, requests: Mapping[str, RecordDict]) -> dict[str, RecordDict]:
+        return self.parent._exchange(requests)
+
 
 class InProcessTransport(Transport):
     """All sites in this Python process: tests, notebooks and single-machine runs.
@@ -87,6 +117,10 @@ class InProcessTransport(Transport):
         super().__init__()
         self.workers = dict(workers)
         self.sites = list(self.workers)
+
+    @property
+    def reachable(self) -> list[str]:
+        return list(self.workers)
 
     @classmethod
     def from_study(

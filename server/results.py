@@ -11,9 +11,17 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-SCHEMA = "radfed.results/1"
+SCHEMA = "radfed.results/2"
 INTERCEPT = "(Intercept)"
-DETAILS = ("harmonization", "selection", "clinical_screening", "equivalence")
+DETAILS = (
+    "settings",
+    "harmonization",
+    "selection",
+    "clinical_screening",
+    "evaluation",
+    "external",
+    "equivalence",
+)
 
 
 @dataclass
@@ -225,19 +233,59 @@ class StudyResult:
         return path
 
     def auc_table(self) -> str:
-        """Per-site AUC table of every model, train and test."""
+        """Per-site discrimination of every model, train and test, with DeLong CIs."""
         lines = []
         for model, per_site in self.performance.items():
             head = (
-                f"{'site':<16}{'n train':>8}{'events':>8}{'AUC train':>11}"
-                f"{'n test':>8}{'events':>8}{'AUC test':>10}"
+                f"{'site':<16}{'n':>5}{'ev':>4} {'AUC train [95% CI]':<22}"
+                f"{'n':>5}{'ev':>4} {'AUC test [95% CI]':<22}{'Brier':>7}{'sens':>6}{'spec':>6}"
             )
             lines += [f"Model: {model}", head, "-" * len(head)]
             for site, splits in per_site.items():
                 tr, te = splits["train"], splits["test"]
                 lines.append(
-                    f"{site:<16}{tr['n']:>8}{tr['events']:>8}{_fmt(tr['auc']):>11}"
-                    f"{te['n']:>8}{te['events']:>8}{_fmt(te['auc']):>10}"
+                    f"{site:<16}{_int(tr.get('n')):>5}{_int(tr.get('events')):>4} "
+                    f"{_auc_ci(tr):<22}{_int(te.get('n')):>5}{_int(te.get('events')):>4} "
+                    f"{_auc_ci(te):<22}{_fmt(te.get('brier')):>7}"
+                    f"{_fmt(te.get('sensitivity'), 2):>6}{_fmt(te.get('specificity'), 2):>6}"
+                )
+        cutoffs = self.details.get("evaluation", {}).get("cutoffs")
+        if cutoffs:
+            lines.append(
+                "Cut-offs (Youden, pooled training): "
+                + ", ".join(f"{m} {c:.2f}" for m, c in cutoffs.items())
+            )
+        return "\n".join(lines)
+
+    def external_table(self) -> str:
+        """External AUCs: validation-only sites and leave-one-site-out, with the summary."""
+        ext = self.details.get("external")
+        if not ext:
+            return ""
+        lines = []
+        for kind, title in (
+            ("validation", "Validation-only sites (study models)"),
+            ("held_out", "Leave-one-site-out (pipeline fitted without the site)"),
+        ):
+            if not ext.get(kind):
+                continue
+            lines.append(title)
+            for site, entry in ext[kind].items():
+                if entry.get("status") != "ok":
+                    lines.append(f"  {site:<16}not evaluated: {entry.get('reason')}")
+                    continue
+                cells = [
+                    f"{m} {_auc_ci(metrics)}" for m, metrics in entry.get("metrics", {}).items()
+                ]
+                lines.append(f"  {site:<16}" + "   ".join(cells))
+        if ext.get("status") == "skipped":
+            lines.append(f"Leave-one-site-out skipped: {ext.get('reason')}")
+        for model, meta in ext.get("meta", {}).items():
+            if "auc" in meta:
+                lines.append(
+                    f"  random effects, {model}: AUC {_fmt(meta['auc'])} "
+                    f"[{_fmt(meta['ci'][0])}, {_fmt(meta['ci'][1])}], "
+                    f"I2 = {100 * meta['i2']:.0f}%, k = {meta['k']}"
                 )
         return "\n".join(lines)
 
@@ -263,6 +311,9 @@ class StudyResult:
             )
         parts += [f"Model: {name}\n{fit.summary()}" for name, fit in self.models.items()]
         parts.append(self.auc_table())
+        external = self.external_table()
+        if external:
+            parts.append(external)
         if "equivalence" in self.details:
             rows = [
                 f"  {r['estimate']:<52}{r['max_abs_diff']:>12.3g}{r['tolerance']:>10.0e}  "
@@ -280,8 +331,21 @@ class StudyResult:
         return self.summary()
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None or not np.isfinite(value) else f"{value:.3f}"
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _int(value: Any) -> str:
+    missing = value is None or (isinstance(value, float) and not np.isfinite(value))
+    return "-" if missing else str(value)
+
+
+def _auc_ci(metrics: dict[str, Any]) -> str:
+    """``0.812 [0.74, 0.88]``, or why the AUC is missing."""
+    if metrics.get("status", "ok") != "ok":
+        return str(metrics.get("status"))
+    ci = metrics.get("auc_ci") or [None, None]
+    return f"{_fmt(metrics.get('auc'))} [{_fmt(ci[0], 2)}, {_fmt(ci[1], 2)}]"
 
 
 def _nan(obj: Any) -> Any:

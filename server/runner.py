@@ -19,14 +19,17 @@ RESULTS = "results.json"
 def record_result(
     result: StudyResult, config: StudyConfig, out_dir: Path, track: bool = True
 ) -> Path:
-    """Write ``results.json`` into ``out_dir`` and log the run to MLflow (when enabled)."""
+    """Write ``results.json``, the figures and the report into ``out_dir`` and log the
+    run to MLflow (when enabled)."""
     out_dir = Path(out_dir)
     if track and config.tracking_enabled:
         from radfed.server.tracking import log_study
 
-        log_study(result, config, out_dir)  # writes results.json with the run id, as an artifact
+        log_study(result, config, out_dir)  # writes the outputs with the run id, as artifacts
     else:
-        result.write_json(out_dir / RESULTS)
+        from radfed.server.outputs import write_outputs
+
+        write_outputs(result, out_dir)
     path = out_dir / RESULTS
     log.info("results written to %s", path)
     return path

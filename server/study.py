@@ -12,12 +12,15 @@ each phase is recorded.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
 import radfed
+from radfed.server.evaluation import evaluate_models
+from radfed.server.external import external_validation
 from radfed.server.phases import fit_combat, fit_standardised, screen_clinical, select_radiomics
 from radfed.server.protocol import Transport
 from radfed.server.results import LogisticFit, StudyResult
@@ -67,6 +70,17 @@ def check_consistency(described: dict[str, Payload]) -> dict[str, Any]:
     }
 
 
+@dataclass
+class FittedStudy:
+    """The pipeline fitted on some sites: what the sites said, and the models."""
+
+    described: dict[str, Payload]
+    split: dict[str, Payload]
+    shared: dict[str, Any]
+    models: dict[str, LogisticFit]
+    details: dict[str, Any]
+
+
 class FederatedStudy:
     """Run a study over a transport and collect a :class:`StudyResult`.
 
@@ -74,7 +88,8 @@ class FederatedStudy:
     ----------
     config : StudyConfig
     transport : Transport
-        Any of the three transports; the driver does not know which.
+        Any of the three transports; the driver does not know which. It must reach
+        every site of the study; the pipeline is fitted on the training sites.
     """
 
     def __init__(self, config: StudyConfig, transport: Transport) -> None:
@@ -87,6 +102,22 @@ class FederatedStudy:
         log.info("phase: %s", name)
 
     def run(self) -> StudyResult:
+        """Fit on the training sites, evaluate, then validate externally."""
+        cfg, transport = self.config, self.transport
+        unreachable = sorted(set(cfg.site_names) - set(transport.reachable))
+        if unreachable:
+            raise FederationError(f"the transport cannot reach site(s) {unreachable}")
+        transport.sites = cfg.training_sites
+        fitted = self.fit()
+        self._phase("evaluate")
+        performance, evaluation, cutoffs = evaluate_models(transport, fitted.models, cfg.outcome)
+        fitted.details["evaluation"] = evaluation
+        fitted.details["external"] = external_validation(cfg, transport, fitted, cutoffs)
+        return self._result(fitted, performance)
+
+    def fit(self) -> FittedStudy:
+        """The pipeline on ``transport.sites``: consistency, split, ComBat, selection,
+        screening and the three models."""
         cfg, transport = self.config, self.transport
         self._phase("consistency")
         described = transport.ask("describe")
@@ -136,10 +167,7 @@ class FederatedStudy:
             models = fit_standardised(transport, specs, cfg.outcome)
         if not models:
             raise FederationError("no model to fit: no feature, and no clinical variable retained")
-
-        self._phase("evaluate")
-        evaluated = transport.ask("evaluate", evaluation_request(models))
-        return self._result(described, split, shared, models, evaluated, details)
+        return FittedStudy(described, split, shared, models, details)
 
     def _harmonise(self, described: dict[str, Payload], features: list[str]) -> dict[str, Any]:
         """Fit ComBat on the training rows; later requests carry the estimates."""
@@ -157,6 +185,7 @@ class FederatedStudy:
             "method": "combat",
             "batch": h.batch,
             "batch_levels": batch_levels,
+            "levels": levels,
             "n_per_batch": dict(zip(batch_levels, estimates.n_per_batch.tolist(), strict=True)),
             "covariates": covariate_names,
             "parametric": h.parametric,
@@ -168,10 +197,16 @@ class FederatedStudy:
             "gamma_star": estimates.gamma_star.tolist(),
             "delta_star": estimates.delta_star.tolist(),
             "var_pooled": estimates.var_pooled.tolist(),
+            # Everything a new patient's harmonisation needs (the logged MLflow model).
+            "estimates": {
+                k: v.tolist() if isinstance(v, np.ndarray) else v
+                for k, v in estimates.to_payload().items()
+            },
         }
 
-    def _result(self, described, split, shared, models, evaluated, details) -> StudyResult:
+    def _result(self, fitted: FittedStudy, performance: dict[str, Any]) -> StudyResult:
         cfg = self.config
+        described, split, shared = fitted.described, fitted.split, fitted.shared
         sites = {
             site: {
                 "n": described[site]["n"],
@@ -187,23 +222,10 @@ class FederatedStudy:
             }
             for site in described
         }
-        performance = {
-            model: {
-                site: {
-                    subset: {
-                        "n": int(r[f"n_{subset}"]),
-                        "events": int(r[f"events_{subset}"]),
-                        "auc": _float(r[f"{model}_auc_{subset}"]),
-                    }
-                    for subset in ("train", "test")
-                }
-                for site, r in evaluated.items()
-            }
-            for model in models
-        }
         federation = {
             **shared,
             "sites": list(described),
+            "validation_sites": cfg.validation_sites,
             "n_features": len(shared["features"]),
             "flwr_version": _flwr_version(),
             "radfed_version": radfed.__version__,
@@ -213,33 +235,13 @@ class FederatedStudy:
             outcome=cfg.outcome,
             transport=self.transport.name,
             sites=sites,
-            models=models,
+            models=fitted.models,
             performance=performance,
             rounds=dict(self.transport.rounds),
             federation=federation,
-            details=details,
+            details={"settings": cfg.as_params(), **fitted.details},
             created=datetime.now(UTC).isoformat(timespec="seconds"),
         )
-
-
-def evaluation_request(models: dict[str, LogisticFit]) -> Payload:
-    """One evaluate request for every model (their columns and coefficients)."""
-    request: Payload = {"models": list(models)}
-    for name, fit in models.items():
-        request.update(
-            {
-                f"{name}_columns": fit.columns,
-                f"{name}_center": fit.center,
-                f"{name}_scale": fit.scale,
-                f"{name}_beta": fit.coef,
-            }
-        )
-    return request
-
-
-def _float(value: Any) -> float:
-    value = float(value)
-    return value if np.isfinite(value) else float("nan")
 
 
 def _flwr_version() -> str:

@@ -22,9 +22,17 @@ A study file is TOML::
     [privacy]
     min_cell = 3
 
+    [validation]
+    leave_one_site_out = "auto"  # "auto": with three or more training sites; true; false
+
     [[sites]]
     name = "hospital_a"
     path = "sites/hospital_a"
+
+    [[sites]]
+    name = "hospital_d"
+    path = "sites/hospital_d"
+    role = "validation"          # external validation only: never used to fit
 
 Relative paths are resolved against the folder of the study file.
 """
@@ -52,8 +60,11 @@ KNOWN = {
     "extraction": {"params"},
     "tracking": {"uri", "experiment", "enabled"},
     "privacy": {"min_cell", "max_param_fraction"},
-    "sites": {"name", "path"},
+    "validation": {"leave_one_site_out"},
+    "sites": {"name", "path", "role"},
 }
+ROLES = ("training", "validation")
+LOSO_CHOICES = ("auto", True, False)
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,7 @@ class SiteConfig:
 
     name: str
     path: Path
+    role: str = "training"
 
 
 @dataclass(frozen=True)
@@ -109,11 +121,27 @@ class StudyConfig:
     harmonization: HarmonizationConfig = field(default_factory=HarmonizationConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     univariable_p: float = 0.05
+    leave_one_site_out: str | bool = "auto"
     source: Path | None = None
 
     @property
     def site_names(self) -> list[str]:
         return [s.name for s in self.sites]
+
+    @property
+    def training_sites(self) -> list[str]:
+        return [s.name for s in self.sites if s.role == "training"]
+
+    @property
+    def validation_sites(self) -> list[str]:
+        return [s.name for s in self.sites if s.role == "validation"]
+
+    @property
+    def runs_leave_one_site_out(self) -> bool:
+        """Whether each training site is also held out in turn (``"auto"``: three or more)."""
+        if self.leave_one_site_out == "auto":
+            return len(self.training_sites) >= 3
+        return bool(self.leave_one_site_out)
 
     def protocol(self) -> dict[str, Any]:
         """What every site needs to know to answer: sent with every request.
@@ -143,7 +171,8 @@ class StudyConfig:
         flat = {k: v for k, v in asdict(self).items() if k not in {"sites", "source", *nested}}
         for section in nested:
             flat.update({f"{section}.{k}": v for k, v in asdict(getattr(self, section)).items()})
-        flat["sites"] = [s.name for s in self.sites]
+        flat["sites"] = self.training_sites
+        flat["validation_sites"] = self.validation_sites
         return {
             k: json.dumps(v) if isinstance(v, (list, tuple)) else str(v) for k, v in flat.items()
         }
@@ -250,10 +279,24 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
             raise StudyConfigError(
                 f"{where}: site name {site_name!r} may hold only letters, digits, '_' and '-'"
             )
-        sites.append(SiteConfig(site_name, _resolve(_require(raw, "path", str, where), base)))
+        role = raw.get("role", "training")
+        if role not in ROLES:
+            raise StudyConfigError(f"{where}: role must be one of {list(ROLES)}, got {role!r}")
+        path = _resolve(_require(raw, "path", str, where), base)
+        sites.append(SiteConfig(site_name, path, role))
     names = [s.name for s in sites]
     if len(set(names)) != len(names):
         raise StudyConfigError(f"study file: site names must be unique, got {names}")
+    if not any(s.role == "training" for s in sites):
+        raise StudyConfigError("study file: at least one site must have role 'training'")
+
+    validation = data.get("validation", {})
+    _check_keys(validation, "validation")
+    loso = validation.get("leave_one_site_out", "auto")
+    if loso not in LOSO_CHOICES or (isinstance(loso, int) and not isinstance(loso, bool)):
+        raise StudyConfigError(
+            f'[validation]: leave_one_site_out must be "auto", true or false, got {loso!r}'
+        )
 
     return StudyConfig(
         name=name,
@@ -271,6 +314,7 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
         harmonization=harmonization,
         selection=selection,
         univariable_p=float(univariable_p),
+        leave_one_site_out=loso,
         source=source,
     )
 

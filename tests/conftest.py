@@ -14,10 +14,20 @@ PIPELINE_CLINICAL = ["age", "sex", "trestbps"]
 PIPELINE_FEATURES = ["cp", "thalach", "exang", "oldpeak", "chol"]
 
 
-def heart_study_text(sites: list[str], min_cell: int = 3, pipeline: bool = False) -> str:
+def heart_study_text(
+    sites: list[str],
+    min_cell: int = 3,
+    pipeline: bool = False,
+    loso: bool = False,
+    validation: tuple[str, ...] = (),
+) -> str:
     """A heart-disease study: clinical variables only, or (``pipeline``) the whole
-    radiomics pipeline with tabular variables standing in for features."""
+    radiomics pipeline with tabular variables standing in for features. Leave-one-site-out
+    validation is off unless ``loso``; ``validation`` names validation-only sites."""
     tables = "\n".join(f'[[sites]]\nname = "{s}"\npath = "sites/{s}"\n' for s in sites)
+    tables += "\n".join(
+        f'\n[[sites]]\nname = "{s}"\npath = "sites/{s}"\nrole = "validation"\n' for s in validation
+    )
     if pipeline:
         variables = f"""clinical = {PIPELINE_CLINICAL!r}
 features = {PIPELINE_FEATURES!r}
@@ -45,6 +55,9 @@ experiment = "heart-tests"
 
 [privacy]
 min_cell = {min_cell}
+
+[validation]
+leave_one_site_out = {str(loso).lower()}
 
 {tables}
 """.replace("'", '"')
@@ -104,6 +117,9 @@ n_lambdas = 20
 
 [tracking]
 enabled = false
+
+[validation]
+leave_one_site_out = false
 
 [[sites]]
 name = "hospital_a"

@@ -123,3 +123,39 @@ def in_memory_ask(sites: list[tuple[str, np.ndarray, np.ndarray]], log: list | N
         return replies
 
     return ask
+
+
+# -- evaluation oracles (pROC and ResourceSelection formulas, written out) ----------
+
+
+def delong_oracle(y: np.ndarray, S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """pROC's formulas with the psi kernel over all event/non-event pairs, O(m n)."""
+    y = y.astype(bool)
+    m, n = int(y.sum()), int((~y).sum())
+    k = S.shape[1]
+    v10, v01 = np.empty((m, k)), np.empty((n, k))
+    for r in range(k):
+        x, z = S[y, r], S[~y, r]
+        psi = (x[:, None] > z[None, :]) + 0.5 * (x[:, None] == z[None, :])
+        v10[:, r] = psi.mean(axis=1)  # each event against all non-events
+        v01[:, r] = psi.mean(axis=0)  # each non-event against all events
+    theta = v10.mean(axis=0)
+    s10 = sum(np.outer(v - theta, v - theta) for v in v10) / (m - 1)
+    s01 = sum(np.outer(v - theta, v - theta) for v in v01) / (n - 1)
+    return theta, s10 / m + s01 / n
+
+
+def hoslem_oracle(y: np.ndarray, p: np.ndarray, g: int = 10) -> tuple[float, int]:
+    """ResourceSelection::hoslem.test transcribed with numpy and pandas:
+    qq <- unique(quantile(yhat, seq(0, 1, 1/g)))          # type 7
+    cutyhat <- cut(yhat, breaks = qq, include.lowest = TRUE)   # right-closed
+    chisq <- sum((observed - expected)^2 / expected)       # y0 and y1 columns
+    df <- length(unique(cutyhat)) - 2
+    (empty intervals, NaN in R, are dropped as the module documents)."""
+    qq = np.unique(np.quantile(p, np.linspace(0, 1, g + 1), method="linear"))
+    cut = pd.cut(p, bins=qq, include_lowest=True, right=True)
+    frame = pd.DataFrame({"cut": cut, "y1": y, "y0": 1 - y, "e1": p, "e0": 1 - p})
+    tab = frame.groupby("cut", observed=True)[["y0", "y1", "e0", "e1"]].sum()
+    chisq = ((tab["y1"] - tab["e1"]) ** 2 / tab["e1"]).sum()
+    chisq += ((tab["y0"] - tab["e0"]) ** 2 / tab["e0"]).sum()
+    return float(chisq), len(tab) - 2

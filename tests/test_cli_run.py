@@ -30,7 +30,7 @@ def test_run_writes_results_and_tracks_in_mlflow(heart_study, heart_dir):
     assert "cleveland" in proc.stdout and "MLflow run" in proc.stdout
 
     results = json.loads((out / "results.json").read_text())
-    assert results["schema"] == "radfed.results/1"
+    assert results["schema"] == "radfed.results/2"
     assert results["transport"] == "inprocess"
     assert set(results["sites"]) == {"cleveland", "hungarian", "va"}
     for site, info in results["sites"].items():
@@ -51,7 +51,48 @@ def test_run_writes_results_and_tracks_in_mlflow(heart_study, heart_dir):
     assert run.data.params["outcome"] == "disease"
     assert run.data.tags["radfed.transport"] == "inprocess"
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)]
-    assert "results.json" in artifacts
+    assert "results.json" in artifacts and "report.html" in artifacts
+
+
+@pytest.mark.slow
+def test_report_and_compare_read_runs_back_from_mlflow(heart_dir):
+    """Two runs of a study with leave-one-site-out: `radfed report RUN_ID` rebuilds the
+    report from MLflow (checked in a real browser) and `radfed compare` tabulates the
+    per-site AUCs of both runs with their differences."""
+    import pandas as pd
+
+    from radfed.tests.test_report import dump_dom
+
+    text = heart_study_text(["cleveland", "hungarian", "va"], loso=True)
+    (heart_dir / "study.toml").write_text(text)
+    runs = []
+    for out in ("out1", "out2"):
+        assert radfed("-q", "run", "study.toml", "--out", out, cwd=heart_dir).returncode == 0
+        runs.append(json.loads((heart_dir / out / "results.json").read_text()))
+    uri = f"sqlite:///{heart_dir}/mlflow.db"
+    run_id = runs[0]["federation"]["mlflow_run_id"]
+
+    proc = radfed("report", run_id, "--tracking-uri", uri, "--out", "r.html", cwd=heart_dir)
+    assert proc.returncode == 0, proc.stderr
+    dom = dump_dom(heart_dir / "r.html", heart_dir / "chromium")
+    assert dom.body.get("data-broken-images") == "0"
+    assert int(dom.body.get("data-images", "0")) >= 10
+    titles = " ".join(dom.headings["h2"])
+    for section in ("Discrimination", "Calibration", "External validation", "Figures"):
+        assert section in titles
+
+    proc = radfed("compare", "study.toml", "--out", "cmp", cwd=heart_dir)
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(heart_dir / "cmp" / "comparison.csv")
+    pooled = table[(table["site"] == "pooled") & (table["model"] == "clinical")]
+    assert len(pooled) == 1
+    values = pooled.drop(columns=["model", "split", "site"]).iloc[0]
+    auc = runs[0]["performance"]["clinical"]["pooled"]["test"]["auc"]
+    assert values.iloc[0] == pytest.approx(auc)
+    assert values.iloc[-1] == pytest.approx(0.0, abs=1e-12)  # same study: no difference
+    assert (heart_dir / "cmp" / "comparison.png").stat().st_size > 10_000
+    proc = radfed("compare", "study.toml", "--split", "external", cwd=heart_dir)
+    assert proc.returncode == 0 and "random_effects" in proc.stdout
 
 
 def test_bad_study_file_is_a_clear_error(tmp_path):

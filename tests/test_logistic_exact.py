@@ -54,7 +54,8 @@ def test_pooled_standardisation_equals_numpy(heart_study):
 
 def test_rounds_are_recorded(heart_result):
     rounds = heart_result.rounds
-    assert rounds["consistency"] == 1 and rounds["split"] == 1 and rounds["evaluate"] == 1
+    assert rounds["consistency"] == 1 and rounds["split"] == 1
+    assert 1 < rounds["evaluate"] < 30  # one evaluate round, then pooled calibration fits
     # One standardisation round, then Newton rounds shared by all univariable models.
     univariable = heart_result.details["clinical_screening"]["univariable"]
     assert rounds["screening"] == 1 + max(u["iterations"] for u in univariable.values())

@@ -127,7 +127,9 @@ def test_rounds_are_recorded_per_phase(federated):
     result, _ = federated
     rounds = result.rounds
     assert rounds["combat"] == 3
-    assert rounds["consistency"] == rounds["split"] == rounds["evaluate"] == 1
+    assert rounds["consistency"] == rounds["split"] == 1
+    # One evaluate round, then the pooled calibration fits (Newton rounds).
+    assert 1 < rounds["evaluate"] < 30
     assert {"standardise", "mrmr", "lasso", "screening", "models"} <= set(rounds)
     assert sum(rounds.values()) < 60
 

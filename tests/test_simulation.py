@@ -25,6 +25,6 @@ def test_simulation_engine_equals_in_process_and_statsmodels(heart_pipeline_stud
     columns = result.models["clinical"].columns
     reference = pooled_logit(rows, heart_study.outcome, columns)
     assert_matches_logit(result.to_dict()["models"]["clinical"], reference, tol=1e-6)
-    assert set(result.performance["clinical"]) == {"cleveland", "hungarian", "va"}
+    assert set(result.performance["clinical"]) == {"cleveland", "hungarian", "va", "pooled"}
     in_process = FederatedStudy(heart_study, InProcessTransport.from_study(heart_study)).run()
     assert_same_results(result.to_dict(), in_process.to_dict(), tol=1e-9)

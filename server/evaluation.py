@@ -1,0 +1,347 @@
+"""Evaluation of the fitted models: per site and split at the sites, pooled from sums.
+
+One ``evaluate`` round: each site returns, per model and subset, its AUC and DeLong
+covariance, counts of events and non-events at or above each threshold of a fixed
+probability grid, per-risk-bin n / events / sum of predictions, its Brier score,
+calibration intercept and slope and Hosmer-Lemeshow test (all computed at the site,
+shapes fixed by the request). The coordinator turns them into the metrics of every
+site (:func:`site_metrics`) and of all sites together (:func:`pooled_metrics`); pooled
+calibration intercept and slope are a federated logistic fit of y on logit(p)
+(:func:`pooled_calibration`), exact like every other federated fit.
+
+The cut-off of each model is Youden's (sensitivity + specificity - 1 largest) on the
+pooled training data, searched on the threshold grid; sensitivity, specificity and
+accuracy at it follow from the threshold counts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from radfed.server import inference
+from radfed.server.protocol import Transport
+from radfed.server.results import LogisticFit
+from radfed.server.solvers import LogisticSpec, fit_logistic_many
+from radfed.shared.errors import FederationError
+from radfed.shared.messages import Payload
+
+log = logging.getLogger(__name__)
+
+#: Probability thresholds of the counts sent by sites: decision curves' 0.01-0.99 grid.
+THRESHOLDS = np.round(np.arange(1, 100) / 100, 2)
+#: Risk bins of the calibration curve (and of the pooled Hosmer-Lemeshow test).
+BIN_EDGES = np.round(np.linspace(0.0, 1.0, 11), 2)
+HL_GROUPS = 10
+LP = "lp:"
+CUTOFF_RULE = (
+    "Youden (max sensitivity + specificity - 1) on the pooled training data, "
+    "searched on the 0.01 threshold grid"
+)
+POOLED = "pooled"
+NAN = float("nan")
+
+
+def model_payload(models: Mapping[str, LogisticFit]) -> Payload:
+    """The fitted models' columns and coefficients, for sites to predict with."""
+    payload: Payload = {}
+    for name, fit in models.items():
+        payload.update(
+            {
+                f"{name}_columns": fit.columns,
+                f"{name}_center": fit.center,
+                f"{name}_scale": fit.scale,
+                f"{name}_beta": fit.coef,
+            }
+        )
+    return payload
+
+
+def evaluation_request(models: list[str], subsets: list[str]) -> Payload:
+    """An ``evaluate`` request; the models' coefficients travel in the context."""
+    return {
+        "models": list(models),
+        "subsets": list(subsets),
+        "thresholds": THRESHOLDS.copy(),
+        "bin_edges": BIN_EDGES.copy(),
+        "n_bins": len(BIN_EDGES) - 1,
+        "hl_groups": HL_GROUPS,
+    }
+
+
+def youden_cutoffs(
+    replies: Mapping[str, Payload], models: list[str], subset: str = "train"
+) -> dict[str, int]:
+    """Index into :data:`THRESHOLDS` of each model's Youden cut-off on pooled ``subset``."""
+    ok = [r for r in replies.values() if r.get(f"{subset}_status") == "ok"]
+    if not ok:
+        return {}
+    tp = sum(np.asarray(r[f"{subset}_tp"], dtype=float) for r in ok)
+    fp = sum(np.asarray(r[f"{subset}_fp"], dtype=float) for r in ok)
+    events = sum(int(r[f"{subset}_events"]) for r in ok)
+    nonevents = sum(int(r[f"{subset}_n"]) - int(r[f"{subset}_events"]) for r in ok)
+    cutoffs = {
+        m: inference.youden_cutoff(tp[j], fp[j], events, nonevents, THRESHOLDS).index
+        for j, m in enumerate(models)
+    }
+    return {m: c for m, c in cutoffs.items() if c is not None}
+
+
+def _at_cutoff(tp: np.ndarray, fp: np.ndarray, n: int, events: int, c: int | None) -> dict:
+    if c is None:
+        return {"cutoff": NAN, "accuracy": NAN, "accuracy_ci": [NAN, NAN]} | dict.fromkeys(
+            ("sensitivity", "specificity"), NAN
+        )
+    nonevents = n - events
+    tn = nonevents - fp[c]
+    correct = round(float(tp[c] + tn))
+    return {
+        "cutoff": float(THRESHOLDS[c]),
+        "accuracy": correct / n,
+        "accuracy_ci": list(inference.clopper_pearson(correct, n)),
+        "sensitivity": float(tp[c] / events),
+        "specificity": float(tn / nonevents),
+    }
+
+
+def _curves(tp: np.ndarray, fp: np.ndarray, n: int, events: int) -> dict[str, Any]:
+    return {
+        "roc": {"tpr": (tp / events).tolist(), "fpr": (fp / (n - events)).tolist()},
+        "net_benefit": inference.net_benefit(tp, fp, n, THRESHOLDS).tolist(),
+        "treat_all": inference.net_benefit_treat_all(events, n, THRESHOLDS).tolist(),
+    }
+
+
+def missing_metrics(n: int | None, events: int | None, status: str, reason: str) -> dict:
+    """The metrics entry of a model that could not be evaluated, with the reason."""
+    return {"n": n, "events": events, "status": status, "reason": reason, "auc": NAN}
+
+
+def site_metrics(reply: Payload, subset: str, j: int, cutoff: int | None) -> dict[str, Any]:
+    """Metrics of model ``j`` on one site's ``subset``, from its evaluate reply."""
+    status = reply.get(f"{subset}_status", "refused")
+    n, events = reply.get(f"{subset}_n"), reply.get(f"{subset}_events")
+    if status != "ok":
+        return missing_metrics(n, events, status, reply.get(f"{subset}_reason", ""))
+    n, events = int(n), int(events)
+    auc = float(reply[f"{subset}_auc"][j])
+    var = float(reply[f"{subset}_auc_cov"][j, j])
+    tp, fp = reply[f"{subset}_tp"][j], reply[f"{subset}_fp"][j]
+    return {
+        "n": n,
+        "events": events,
+        "status": "ok",
+        "reason": None,
+        "auc": auc,
+        "auc_se": math.sqrt(var),
+        "auc_ci": list(inference.auc_ci(auc, var)),
+        "brier": float(reply[f"{subset}_brier"][j]),
+        **_at_cutoff(tp, fp, n, events, cutoff),
+        "calibration": {
+            "intercept": float(reply[f"{subset}_cal_intercept"][j]),
+            "slope": float(reply[f"{subset}_cal_slope"][j]),
+            "hl_statistic": float(reply[f"{subset}_hl_statistic"][j]),
+            "hl_df": int(reply[f"{subset}_hl_df"][j]),
+            "hl_p": float(reply[f"{subset}_hl_p"][j]),
+            "bins": _bins(reply, subset, j),
+        },
+        **_curves(tp, fp, n, events),
+    }
+
+
+def _bins(reply: Payload, subset: str, j: int) -> dict[str, list[float]]:
+    return {
+        "edges": BIN_EDGES.tolist(),
+        "n": np.asarray(reply[f"{subset}_bin_n"][j]).tolist(),
+        "observed": np.asarray(reply[f"{subset}_bin_observed"][j]).tolist(),
+        "expected": np.asarray(reply[f"{subset}_bin_expected"][j]).tolist(),
+    }
+
+
+def pooled_auc(replies: list[Payload], subset: str, j: int) -> float:
+    """AUC over all sites' patients: pairs within a site from the sites' exact AUCs,
+    pairs across sites compared on the threshold grid (ties within a step count 1/2)."""
+    hists = []
+    concordant = 0.0
+    for r in replies:
+        n, events = int(r[f"{subset}_n"]), int(r[f"{subset}_events"])
+        concordant += float(r[f"{subset}_auc"][j]) * events * (n - events)
+        # Patients per grid cell [t_i, t_i+1), from the counts at or above each threshold.
+        tp = np.concatenate([[events], r[f"{subset}_tp"][j], [0]])
+        fp = np.concatenate([[n - events], r[f"{subset}_fp"][j], [0]])
+        hists.append((-np.diff(tp), -np.diff(fp)))
+    for (e_a, _), (_, ne_b) in itertools.permutations(hists, 2):
+        below = np.concatenate([[0.0], np.cumsum(ne_b)[:-1]])
+        concordant += float(e_a @ (below + ne_b / 2))
+    events = sum(h[0].sum() for h in hists)
+    nonevents = sum(h[1].sum() for h in hists)
+    return concordant / (events * nonevents)
+
+
+def pooled_metrics(
+    replies: Mapping[str, Payload],
+    subset: str,
+    j: int,
+    cutoff: int | None,
+    calibration: tuple[float, float] | None = None,
+) -> dict[str, Any]:
+    """Metrics of model ``j`` on all sites' ``subset`` together, from the summed replies.
+
+    Sites whose subset could not be evaluated are left out and named in ``reason``.
+    """
+    ok = {s: r for s, r in replies.items() if r.get(f"{subset}_status") == "ok"}
+    left_out = sorted(set(replies) - set(ok))
+    note = f"without {', '.join(left_out)} (not evaluable there)" if left_out else None
+    if not ok:
+        return missing_metrics(None, None, "undefined", "no site could be evaluated")
+    rows = list(ok.values())
+    n = sum(int(r[f"{subset}_n"]) for r in rows)
+    events = sum(int(r[f"{subset}_events"]) for r in rows)
+    tp = sum(np.asarray(r[f"{subset}_tp"][j], dtype=float) for r in rows)
+    fp = sum(np.asarray(r[f"{subset}_fp"][j], dtype=float) for r in rows)
+    bins = {
+        key: sum(np.asarray(r[f"{subset}_bin_{key}"][j], dtype=float) for r in rows)
+        for key in ("n", "observed", "expected")
+    }
+    hl = inference.hosmer_lemeshow_from_bins(bins["n"], bins["observed"], bins["expected"])
+    auc = pooled_auc(rows, subset, j)
+    se = inference.hanley_mcneil_se(auc, events, n - events)
+    intercept, slope = calibration if calibration else (NAN, NAN)
+    return {
+        "n": n,
+        "events": events,
+        "status": "ok",
+        "reason": note,
+        "auc": auc,
+        "auc_se": se,
+        "auc_ci": list(inference.auc_ci(auc, se**2)),
+        "brier": sum(float(r[f"{subset}_brier"][j]) * int(r[f"{subset}_n"]) for r in rows) / n,
+        **_at_cutoff(tp, fp, n, events, cutoff),
+        "calibration": {
+            "intercept": intercept,
+            "slope": slope,
+            "hl_statistic": hl.statistic,
+            "hl_df": hl.df,
+            "hl_p": hl.pvalue,
+            "bins": {"edges": BIN_EDGES.tolist(), **{k: v.tolist() for k, v in bins.items()}},
+        },
+        **_curves(tp, fp, n, events),
+        "approximate": {
+            "auc": "pairs within a site exact; pairs across sites compared on the 0.01 "
+            "probability grid (ties within a step count 1/2)",
+            "auc_ci": "Hanley-McNeil standard error of the pooled AUC",
+            "hl": "10 fixed-width risk bins (0-0.1, ..., 0.9-1), not deciles of risk",
+        },
+    }
+
+
+def comparisons(reply: Payload, subset: str, models: list[str]) -> list[dict[str, Any]]:
+    """DeLong's paired test of every pair of models on one site's subset."""
+    if reply.get(f"{subset}_status") != "ok":
+        return []
+    auc, cov = np.asarray(reply[f"{subset}_auc"]), np.asarray(reply[f"{subset}_auc_cov"])
+    out = []
+    for i, k in itertools.combinations(range(len(models)), 2):
+        diff, z, p = inference.delong_test(auc, cov, i, k)
+        out.append({"models": [models[i], models[k]], "auc_diff": diff, "z": z, "p": p})
+    return out
+
+
+def pooled_calibration(
+    transport: Transport, models: list[str], subset: str, outcome: str
+) -> dict[str, tuple[float, float]]:
+    """Calibration intercept and slope of each model on all sites' ``subset``: the
+    federated logistic fit of y on the model's linear predictor (logit p)."""
+    specs = {
+        f"calibration_{m}": LogisticSpec([f"{LP}{m}"], np.zeros(1), np.ones(1)) for m in models
+    }
+    try:
+        fits = fit_logistic_many(transport, specs, subset=subset, outcome=outcome)
+    except FederationError as exc:
+        log.warning("pooled calibration on %s not fitted: %s", subset, exc)
+        return {}
+    return {
+        m: (float(fits[f"calibration_{m}"].coef[0]), float(fits[f"calibration_{m}"].coef[1]))
+        for m in models
+    }
+
+
+def evaluate_models(
+    transport: Transport,
+    models: Mapping[str, LogisticFit],
+    outcome: str,
+    subsets: tuple[str, ...] = ("train", "test"),
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:
+    """Evaluate ``models`` at every site of ``transport``.
+
+    Returns
+    -------
+    performance : dict
+        ``performance[model][site or "pooled"][subset]`` metrics.
+    evaluation : dict
+        Threshold grid, cut-offs and the paired DeLong tests per site and subset.
+    cutoffs : dict
+        Each model's cut-off as an index into :data:`THRESHOLDS`.
+    """
+    names = list(models)
+    transport.context.update(model_payload(models))
+    replies = transport.ask("evaluate", evaluation_request(names, list(subsets)))
+    cutoffs = youden_cutoffs(replies, names)
+    calibration = {s: pooled_calibration(transport, names, s, outcome) for s in subsets}
+    performance: dict[str, Any] = {m: {} for m in names}
+    for j, m in enumerate(names):
+        for site, reply in replies.items():
+            performance[m][site] = {s: site_metrics(reply, s, j, cutoffs.get(m)) for s in subsets}
+        performance[m][POOLED] = {
+            s: pooled_metrics(replies, s, j, cutoffs.get(m), calibration[s].get(m)) for s in subsets
+        }
+    evaluation = {
+        "thresholds": THRESHOLDS.tolist(),
+        "cutoffs": {m: float(THRESHOLDS[c]) for m, c in cutoffs.items()},
+        "cutoff_rule": CUTOFF_RULE,
+        "comparisons": {
+            site: {s: comparisons(reply, s, names) for s in subsets}
+            for site, reply in replies.items()
+        },
+    }
+    return performance, evaluation, cutoffs
+
+
+def external_metrics(
+    transport: Transport,
+    models: Mapping[str, LogisticFit],
+    sites: list[str],
+    cutoffs: Mapping[str, int],
+) -> dict[str, dict[str, Any]]:
+    """Metrics of ``models`` on all patients of each of ``sites`` (not used to fit them).
+
+    Returns ``{site: {"status", "reason", "n", "events", "metrics": {model: ...},
+    "comparisons": [...]}}``; a site that cannot answer is reported with its reason.
+    """
+    names = list(models)
+    transport.context.update(model_payload(models))
+    out: dict[str, dict[str, Any]] = {}
+    for site in sites:
+        try:
+            reply = transport.ask("evaluate", evaluation_request(names, ["all"]), sites=[site])[
+                site
+            ]
+        except FederationError as exc:
+            out[site] = {"status": "failed", "reason": str(exc), "metrics": {}}
+            continue
+        metrics = {m: site_metrics(reply, "all", j, cutoffs.get(m)) for j, m in enumerate(names)}
+        status = reply.get("all_status")
+        out[site] = {
+            "status": "ok" if status == "ok" else "failed",
+            "reason": reply.get("all_reason") or None,
+            "n": reply.get("all_n"),
+            "events": reply.get("all_events"),
+            "metrics": metrics,
+            "comparisons": comparisons(reply, "all", names),
+        }
+    return out

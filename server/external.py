@@ -1,0 +1,141 @@
+"""External validation: models evaluated on hospitals that were not used to fit them.
+
+Two kinds, both on all of a hospital's patients:
+
+* **validation-only sites** (``role = "validation"`` in the study file) are evaluated
+  with the study's models;
+* **leave-one-site-out** (by default with three or more training sites): for each
+  training hospital, the whole pipeline, ComBat included, is fitted on the other
+  training hospitals (their training splits, as in the main fit) and evaluated on it.
+
+A held-out site harmonises its own rows: it estimates its scanner's ComBat batch
+effects locally from its features, without the outcome (see
+:func:`radfed.harmonization.combat.estimate_new_batch`). The external AUCs of the
+held-out sites are summarised by a DerSimonian-Laird random-effects meta-analysis on
+the logit scale, with I².
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from radfed.server import inference
+from radfed.server.evaluation import THRESHOLDS, evaluate_models, external_metrics
+from radfed.server.protocol import Transport
+from radfed.shared.config import StudyConfig
+from radfed.shared.errors import FederationError
+
+if TYPE_CHECKING:
+    from radfed.server.study import FittedStudy
+
+log = logging.getLogger(__name__)
+
+#: Scalar metrics kept for the internal evaluation of each leave-one-site-out model.
+SCALARS = ("n", "events", "status", "reason", "auc", "auc_ci", "brier")
+
+
+def external_validation(
+    config: StudyConfig, transport: Transport, fitted: FittedStudy, cutoffs: dict[str, int]
+) -> dict[str, Any]:
+    """Validation-only sites with the study's models, then leave-one-site-out.
+
+    Returns
+    -------
+    dict
+        ``status`` and ``reason`` (why leave-one-site-out did not run), ``validation``
+        (per validation-only site), ``held_out`` (per training site: its external
+        metrics, the model fitted without it, or the reason it failed) and ``meta``
+        (random-effects summary of the held-out sites' AUCs per model).
+    """
+    out: dict[str, Any] = {"validation": {}, "held_out": {}, "meta": {}}
+    if config.validation_sites:
+        transport.step = "validation"
+        out["validation"] = external_metrics(
+            transport, fitted.models, config.validation_sites, cutoffs
+        )
+    training = list(transport.sites)
+    if not config.runs_leave_one_site_out:
+        out["status"] = "skipped"
+        out["reason"] = (
+            f"leave_one_site_out = {config.leave_one_site_out!r} with "
+            f"{len(training)} training site(s) (auto needs three or more)"
+        )
+        return out
+    if len(training) < 2:
+        out["status"], out["reason"] = "skipped", "needs at least two training sites"
+        return out
+    out["status"], out["reason"] = "ran", None
+    for held in training:
+        log.info("leave-one-site-out: fitting without %s", held)
+        out["held_out"][held] = hold_out(config, transport, held)
+    out["meta"] = meta_analysis(out["held_out"], list(fitted.models))
+    return out
+
+
+def hold_out(config: StudyConfig, transport: Transport, held: str) -> dict[str, Any]:
+    """Fit the pipeline without ``held`` and evaluate it on all of ``held``'s patients."""
+    from radfed.server.study import FederatedStudy
+
+    others = [s for s in transport.sites if s != held]
+    sub = transport.subset(others)
+    entry: dict[str, Any] = {"training_sites": others}
+    try:
+        fitted = FederatedStudy(config, sub).fit()
+        sub.step = "evaluate"
+        performance, _, cutoffs = evaluate_models(sub, fitted.models, config.outcome)
+        sub.step = "external"
+        entry.update(external_metrics(sub, fitted.models, [held], cutoffs)[held])
+        entry["radscore_formula"] = fitted.details.get("selection", {}).get("radscore_formula")
+        entry["models"] = {name: fit.to_dict() for name, fit in fitted.models.items()}
+        entry["cutoffs"] = {m: float(THRESHOLDS[c]) for m, c in cutoffs.items()}
+        entry["internal"] = {
+            m: {
+                site: {split: {k: v.get(k) for k in SCALARS} for split, v in splits.items()}
+                for site, splits in per_site.items()
+            }
+            for m, per_site in performance.items()
+        }
+    except FederationError as exc:
+        log.warning("leave-one-site-out without %s failed: %s", held, exc)
+        entry.update({"status": "failed", "reason": str(exc), "metrics": {}})
+    finally:
+        transport.rounds["external"] += sum(sub.rounds.values())
+    return entry
+
+
+def meta_analysis(held_out: dict[str, dict[str, Any]], models: list[str]) -> dict[str, Any]:
+    """Random-effects summary of each model's external AUCs over the held-out sites."""
+    out: dict[str, Any] = {}
+    for model in models:
+        rows = [
+            (site, e["metrics"][model])
+            for site, e in held_out.items()
+            if e.get("status") == "ok"
+            and e["metrics"].get(model, {}).get("status") == "ok"
+            and np.isfinite(e["metrics"][model].get("auc_se", np.nan))
+        ]
+        if len(rows) < 2:
+            out[model] = {
+                "k": len(rows),
+                "reason": "needs at least two evaluated held-out sites",
+            }
+            continue
+        auc = np.array([m["auc"] for _, m in rows])
+        se = np.array([m["auc_se"] for _, m in rows])
+        re = inference.random_effects_auc(auc, se**2)
+        out[model] = {
+            "auc": re.estimate,
+            "ci": [re.ci_low, re.ci_upp],
+            "prediction_interval": [re.pi_low, re.pi_upp],
+            "tau2": re.tau2,
+            "i2": re.i2,
+            "q": re.q,
+            "q_p": re.q_pvalue,
+            "k": re.k,
+            "method": "DerSimonian-Laird random effects on logit(AUC), DeLong variances",
+            "sites": [s for s, _ in rows],
+        }
+    return out

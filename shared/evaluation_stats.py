@@ -1,0 +1,538 @@
+"""Site-side statistics for evaluating predicted risks: discrimination, decision
+thresholds and calibration.
+
+Every function takes one site's own rows, ``y`` (0/1 outcomes, shape ``(n,)``) and the
+predictions of ``k`` models (``P``, shape ``(n, k)``, or ``(n,)`` for one model), and
+returns numbers whose shapes depend only on the request, never on the number of
+patients: ``(k,)``, ``(k, k)``, ``(k, T)`` for ``T`` thresholds, ``(k, B)`` for ``B``
+bins. Counts are the only per-site sizes in a reply. The coordinator turns these into
+confidence intervals, tests, pooled curves and meta-analyses
+(:mod:`radfed.server.inference`).
+
+========================  ==========================================================
+function                  returns
+========================  ==========================================================
+:func:`delong`            AUCs (k,) and their DeLong covariance (k, k), as pROC
+:func:`threshold_counts`  events and non-events with ``p >= t``, each (k, T)
+:func:`calibration_bins`  patients, events and Σp per risk bin, each (k, B)
+:func:`hosmer_lemeshow`   ResourceSelection's ``hoslem.test`` on decile-of-risk groups
+:func:`calibration_fit`   calibration intercept and slope (rms ``val.prob``)
+:func:`calibration_in_the_large`  intercept of ``y ~ offset(logit p)``
+:func:`brier`             mean squared error of the predicted risks
+========================  ==========================================================
+
+Undefined results are NaN, never an exception: an AUC, its covariance and the
+calibration fits need both outcome classes (and the DeLong covariance at least two
+patients in each), so a site whose split holds one class answers NaN, which the
+caller detects with :func:`numpy.isnan` or :attr:`DeLong.defined`. Malformed input
+(outcomes other than 0/1, non-finite predictions, mismatched lengths) raises
+:class:`ValueError`.
+
+Only numpy is imported at module level: these functions run in short-lived Flower
+client processes, where importing scipy.stats alone costs about a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+#: Predicted probabilities are clipped to [PROB_EPS, 1 - PROB_EPS] before taking logits
+#: in the calibration fits. Exact 0 or 1 (a hard classifier, or a saturated model) would
+#: otherwise give infinite logits; 1e-8 (logit ±18.4) changes no clinically meaningful
+#: risk and keeps the Newton weights p(1-p) away from zero.
+PROB_EPS = 1e-8
+
+_MAX_NEWTON_ITER = 100
+_NEWTON_TOL = 1e-10
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _outcome(y: np.ndarray) -> np.ndarray:
+    """``y`` as a boolean vector; raise unless it holds only 0 and 1."""
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"y must be one-dimensional, got shape {y.shape}")
+    if y.dtype != bool:
+        if not np.all(np.isin(y, (0, 1))):
+            raise ValueError("y must hold only 0 and 1")
+        y = y.astype(bool)
+    return y
+
+
+def _predictions(y: np.ndarray, P: np.ndarray, name: str = "P") -> np.ndarray:
+    """``P`` as a finite float array of shape (n, k); a vector is one model."""
+    P = np.asarray(P, dtype=float)
+    if P.ndim == 1:
+        P = P[:, None]
+    if P.ndim != 2 or P.shape[0] != len(y):
+        raise ValueError(f"{name} must have shape (n,) or (n, k) with n = {len(y)}, got {P.shape}")
+    if not np.all(np.isfinite(P)):
+        raise ValueError(f"{name} must be finite")
+    return P
+
+
+def _probabilities(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """One model's predicted probabilities as a finite vector in [0, 1]."""
+    p = np.asarray(p, dtype=float)
+    if p.ndim != 1 or len(p) != len(y):
+        raise ValueError(f"p must have shape ({len(y)},), got {p.shape}")
+    if not np.all(np.isfinite(p)) or np.any((p < 0) | (p > 1)):
+        raise ValueError("p must hold probabilities in [0, 1]")
+    return p
+
+
+def _grid(values: np.ndarray, name: str) -> np.ndarray:
+    """A strictly increasing, finite 1-D grid (thresholds or bin edges)."""
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 1 or len(values) == 0:
+        raise ValueError(f"{name} must be a non-empty vector")
+    if not np.all(np.isfinite(values)) or np.any(np.diff(values) <= 0):
+        raise ValueError(f"{name} must be finite and strictly increasing")
+    return values
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, PROB_EPS, 1.0 - PROB_EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+# --------------------------------------------------------------------------- DeLong
+
+
+@dataclass(frozen=True)
+class DeLong:
+    """AUCs of ``k`` models on the same patients and their DeLong covariance.
+
+    Attributes
+    ----------
+    auc : ndarray of shape (k,)
+        Area under the ROC curve of each model, ties counted one half.
+    cov : ndarray of shape (k, k)
+        DeLong covariance of the AUCs, ``S10 / n_events + S01 / n_nonevents``.
+    n_events, n_nonevents : int
+        Patients with ``y = 1`` and ``y = 0``.
+    """
+
+    auc: np.ndarray
+    cov: np.ndarray
+    n_events: int
+    n_nonevents: int
+
+    @property
+    def var(self) -> np.ndarray:
+        """DeLong variance of each AUC, shape (k,)."""
+        return np.diag(self.cov).copy()
+
+    @property
+    def defined(self) -> bool:
+        """Whether the AUCs and their covariance are all defined (not NaN)."""
+        return bool(np.all(np.isfinite(self.auc)) and np.all(np.isfinite(self.cov)))
+
+
+def delong(y: np.ndarray, scores: np.ndarray) -> DeLong:
+    """AUCs and their DeLong covariance, exactly as R's pROC computes them.
+
+    Higher scores mean an event (pROC's ``direction = "<"``, with ``y = 1`` the cases).
+    The placement values follow pROC's ``delongPlacements``, computed with midranks as
+    in Sun & Xu (2014): for event ``i``, ``V10_i`` is the fraction of non-events scored
+    below it, and for non-event ``j``, ``V01_j`` the fraction of events scored above it,
+    ties counting one half. Then ``auc = mean(V10)`` and
+
+    ``cov = S10 / m + S01 / n``, with ``S10 = Σ_i (V10_i - auc)(V10_i - auc)ᵀ / (m - 1)``
+    and ``S01`` likewise over the ``n`` non-events (pROC's ``ci_auc_delong`` and
+    ``delong.paired.calculations``).
+
+    Parameters
+    ----------
+    y : ndarray of shape (n,)
+        Outcome, 0/1.
+    scores : ndarray of shape (n,) or (n, k)
+        Scores of ``k`` models (any scale; only their order matters).
+
+    Returns
+    -------
+    DeLong
+        ``auc`` is NaN when a class is absent; ``cov`` is NaN unless there are at least
+        two events and two non-events (pROC returns NA there too).
+
+    References
+    ----------
+    DeLong ER, DeLong DM, Clarke-Pearson DL (1988). Biometrics 44(3), 837-845.
+    Sun X, Xu W (2014). IEEE Signal Processing Letters 21(11), 1389-1393.
+    Robin X et al. (2011). pROC. BMC Bioinformatics 12, 77.
+    """
+    y = _outcome(y)
+    S = _predictions(y, scores, "scores")
+    k = S.shape[1]
+    m = int(y.sum())
+    n = len(y) - m
+    if m == 0 or n == 0:
+        nan = np.full(k, np.nan)
+        return DeLong(nan, np.full((k, k), np.nan), m, n)
+
+    from scipy.stats import rankdata
+
+    # Midranks among all patients minus midranks within a class count the patients of
+    # the other class below (ties one half): the O(n log n) form of the psi kernel.
+    ranks_all = rankdata(S, axis=0)
+    ranks_events = rankdata(S[y], axis=0)
+    ranks_nonevents = rankdata(S[~y], axis=0)
+    v10 = (ranks_all[y] - ranks_events) / n
+    v01 = 1.0 - (ranks_all[~y] - ranks_nonevents) / m
+    auc = v10.mean(axis=0)
+    if m < 2 or n < 2:
+        return DeLong(auc, np.full((k, k), np.nan), m, n)
+    d10 = v10 - auc
+    d01 = v01 - auc
+    cov = (d10.T @ d10) / ((m - 1) * m) + (d01.T @ d01) / ((n - 1) * n)
+    return DeLong(auc, cov, m, n)
+
+
+# ----------------------------------------------------------------- threshold counts
+
+
+def threshold_counts(
+    y: np.ndarray, P: np.ndarray, thresholds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Events and non-events classified positive at each threshold.
+
+    A patient is positive at threshold ``t`` when ``p >= t``: the comparison of the
+    ``dcurves`` package (``risks >= threshold`` in its true- and false-positive rates),
+    and of pROC's thresholds with ``direction = "<"``. (dcurves also nudges predictions
+    of exactly 0 and 1 by machine epsilon, which changes its counts only at ``t = 0``
+    and ``t = 1``; net benefit is not defined at ``t = 1`` anyway.)
+
+    Parameters
+    ----------
+    y : ndarray of shape (n,)
+        Outcome, 0/1.
+    P : ndarray of shape (n,) or (n, k)
+        Predicted risks of ``k`` models.
+    thresholds : ndarray of shape (T,)
+        Strictly increasing thresholds.
+
+    Returns
+    -------
+    tp, fp : ndarray of int, shape (k, T)
+        Events (true positives) and non-events (false positives) with ``p >= t``.
+    """
+    y = _outcome(y)
+    P = _predictions(y, P)
+    t = _grid(thresholds, "thresholds")
+    tp = np.empty((P.shape[1], len(t)), dtype=np.int64)
+    fp = np.empty_like(tp)
+    for j in range(P.shape[1]):
+        for out, mask in ((tp, y), (fp, ~y)):
+            s = np.sort(P[mask, j])
+            # side="left": the first index with s >= t, so len - index counts s >= t.
+            out[j] = len(s) - np.searchsorted(s, t, side="left")
+    return tp, fp
+
+
+# ----------------------------------------------------------------------- calibration
+
+
+def calibration_bins(
+    y: np.ndarray, P: np.ndarray, edges: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Patients, events and summed predicted risk in each risk bin.
+
+    Bins are ``[e_i, e_{i+1})``, the last one closed, as :func:`numpy.histogram`;
+    predictions outside ``[e_0, e_B]`` are in no bin (the sum of ``n`` shows it).
+
+    Parameters
+    ----------
+    y : ndarray of shape (n,)
+        Outcome, 0/1.
+    P : ndarray of shape (n,) or (n, k)
+        Predicted risks of ``k`` models.
+    edges : ndarray of shape (B + 1,)
+        Strictly increasing bin edges, e.g. ``np.linspace(0, 1, 11)``.
+
+    Returns
+    -------
+    n : ndarray of int, shape (k, B)
+        Patients per bin.
+    observed : ndarray of int, shape (k, B)
+        Events per bin.
+    expected : ndarray of float, shape (k, B)
+        Sum of the predicted risks per bin (the expected number of events).
+    """
+    y = _outcome(y)
+    P = _predictions(y, P)
+    e = _grid(edges, "edges")
+    if len(e) < 2:
+        raise ValueError("edges must hold at least two values (one bin)")
+    n_bins = len(e) - 1
+    k = P.shape[1]
+    n = np.zeros((k, n_bins), dtype=np.int64)
+    observed = np.zeros((k, n_bins), dtype=np.int64)
+    expected = np.zeros((k, n_bins))
+    for j in range(k):
+        p = P[:, j]
+        idx = np.searchsorted(e, p, side="right") - 1
+        idx[p == e[-1]] = n_bins - 1  # the last bin is closed on the right
+        inside = (idx >= 0) & (idx < n_bins)
+        idx, yy, pp = idx[inside], y[inside], p[inside]
+        n[j] = np.bincount(idx, minlength=n_bins)
+        observed[j] = np.bincount(idx[yy], minlength=n_bins)
+        expected[j] = np.bincount(idx, weights=pp, minlength=n_bins)
+    return n, observed, expected
+
+
+@dataclass(frozen=True)
+class HosmerLemeshow:
+    """Hosmer-Lemeshow goodness-of-fit test on groups of patients.
+
+    Attributes
+    ----------
+    statistic : float
+        ``Σ_g (O1 - E1)² / E1 + (O0 - E0)² / E0`` over the groups, for events (1) and
+        non-events (0).
+    df : int
+        Degrees of freedom, groups - 2.
+    pvalue : float
+        Upper tail of the chi-square distribution with ``df`` degrees of freedom;
+        NaN when ``df < 1``.
+    groups : int
+        Number of (non-empty) groups used.
+    n, observed, expected : ndarray of shape (groups,)
+        Patients, events and summed predicted risk per group.
+    """
+
+    statistic: float
+    df: int
+    pvalue: float
+    groups: int
+    n: np.ndarray
+    observed: np.ndarray
+    expected: np.ndarray
+
+    @classmethod
+    def from_groups(
+        cls,
+        n: np.ndarray,
+        observed: np.ndarray,
+        expected: np.ndarray,
+        expected_nonevents: np.ndarray | None = None,
+    ) -> HosmerLemeshow:
+        """The test from per-group counts; groups with no patient are dropped.
+
+        ``expected_nonevents`` defaults to ``n - expected``; a site passes Σ(1 - p),
+        which is what ResourceSelection sums. A term whose expected count is zero adds
+        nothing when its observed count is zero too, and makes the statistic infinite
+        otherwise (R would give NaN for 0/0).
+        """
+        n = np.asarray(n, dtype=float)
+        o1 = np.asarray(observed, dtype=float)
+        e1 = np.asarray(expected, dtype=float)
+        e0 = n - e1 if expected_nonevents is None else np.asarray(expected_nonevents, float)
+        keep = n > 0
+        n, o1, e1, e0 = n[keep], o1[keep], e1[keep], e0[keep]
+        o0 = n - o1
+        statistic = float(_chisq_terms(o1, e1).sum() + _chisq_terms(o0, e0).sum())
+        groups = len(n)
+        df = groups - 2
+        if groups < 2:
+            statistic = float("nan")
+        pvalue = float("nan")
+        if df >= 1 and np.isfinite(statistic):
+            from scipy.stats import chi2
+
+            # chi2.sf, not R's 1 - pchisq: equal where R's is accurate, and exact in
+            # the far tail where 1 - pchisq rounds to 0.
+            pvalue = float(chi2.sf(statistic, df))
+        return cls(statistic, df, pvalue, groups, n, o1, e1)
+
+
+def _chisq_terms(observed: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """(O - E)² / E, with 0/0 read as 0 (an empty expectation that came true)."""
+    num = (observed - expected) ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = num / expected
+    return np.where((expected == 0) & (num == 0), 0.0, terms)
+
+
+def _r_quantile7(x: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """R's ``quantile(x, probs, type = 7)``, operation for operation.
+
+    Transcribed rather than delegated to :func:`numpy.quantile` so that breaks that
+    fall on a data point land on exactly the same side of it as in R.
+    """
+    x = np.sort(x)
+    index = 1.0 + (len(x) - 1) * probs  # R's 1-based index
+    lo = np.floor(index).astype(np.int64)
+    hi = np.ceil(index).astype(np.int64)
+    qs = x[lo - 1]
+    x_hi = x[hi - 1]
+    interpolate = (index > lo) & (x_hi != qs)
+    h = index - lo
+    return np.where(interpolate, (1.0 - h) * qs + h * x_hi, qs)
+
+
+def hosmer_lemeshow(y: np.ndarray, p: np.ndarray, g: int = 10) -> HosmerLemeshow:
+    """Hosmer-Lemeshow test on ``g`` quantile groups, as ResourceSelection's ``hoslem.test``.
+
+    Breaks are ``unique(quantile(p, seq(0, 1, 1/g)))`` with R's default quantile type 7;
+    patients are grouped by ``cut(p, breaks, include.lowest = TRUE)``, i.e. intervals
+    ``(b_i, b_{i+1}]`` with the first one closed; the statistic is the chi-square over
+    both the event and the non-event columns of observed versus expected counts.
+
+    Non-unique breaks (many tied predictions) are merged, and the degrees of freedom are
+    the number of groups actually formed minus 2 — what current ResourceSelection does
+    (it warns; older versions kept ``g - 2``, and R's ``cut`` errors on duplicated
+    breaks without ``unique``). Where merged breaks still leave an interval with no
+    patient, R's table keeps the empty row and its statistic is NaN (0/0); here empty
+    groups are dropped and not counted in the degrees of freedom. When fewer than two
+    groups remain (all predictions equal) the statistic and p-value are NaN, where R
+    stops with an error.
+
+    The break values themselves are not returned: the outer ones are individual
+    patients' predictions.
+
+    Parameters
+    ----------
+    y : ndarray of shape (n,)
+        Outcome, 0/1.
+    p : ndarray of shape (n,)
+        Predicted probabilities of one model.
+    g : int, default 10
+        Number of quantile groups requested, at least 2.
+
+    Returns
+    -------
+    HosmerLemeshow
+    """
+    y = _outcome(y)
+    p = _probabilities(y, p)
+    if int(g) != g or g < 2:
+        raise ValueError(f"g must be an integer of at least 2, got {g}")
+    if len(y) == 0:
+        empty = np.zeros(0)
+        return HosmerLemeshow(float("nan"), -2, float("nan"), 0, empty, empty, empty)
+    # seq(0, 1, 1/g) computes from + (0:n) * by, capped at `to`.
+    probs = np.minimum(np.arange(g + 1) * (1.0 / g), 1.0)
+    breaks = np.unique(_r_quantile7(p, probs))
+    n_groups = max(len(breaks) - 1, 1)
+    # Right-closed intervals (b_i, b_{i+1}]: side="left" finds the first break >= p;
+    # include.lowest puts p == b_0 in the first group.
+    group = np.clip(np.searchsorted(breaks, p, side="left") - 1, 0, n_groups - 1)
+    n = np.bincount(group, minlength=n_groups)
+    observed = np.bincount(group[y], minlength=n_groups)
+    expected = np.bincount(group, weights=p, minlength=n_groups)
+    expected0 = np.bincount(group, weights=1.0 - p, minlength=n_groups)
+    return HosmerLemeshow.from_groups(n, observed, expected, expected0)
+
+
+class CalibrationFit(NamedTuple):
+    """Calibration intercept and slope of ``logit P(y = 1) = a + b logit(p)``."""
+
+    intercept: float
+    slope: float
+
+
+def _newton_logistic(
+    y: np.ndarray, X: np.ndarray, offset: np.ndarray, beta: np.ndarray
+) -> np.ndarray | None:
+    """Maximum-likelihood logistic coefficients by Newton-Raphson with step halving.
+
+    Returns None when the likelihood has no finite maximum (separation: the iterations
+    do not settle) or the information matrix is singular.
+    """
+    from scipy.special import expit
+
+    def deviance(b: np.ndarray) -> float:
+        eta = offset + X @ b
+        return -2.0 * float(np.sum(y * eta - np.logaddexp(0.0, eta)))
+
+    dev = deviance(beta)
+    for _ in range(_MAX_NEWTON_ITER):
+        mu = expit(offset + X @ beta)
+        w = mu * (1.0 - mu)
+        hessian = X.T @ (X * w[:, None])
+        try:
+            step = np.linalg.solve(hessian, X.T @ (y - mu))
+        except np.linalg.LinAlgError:
+            return None
+        if not np.all(np.isfinite(step)):
+            return None
+        # Halve the step until the deviance does not increase: Newton from (0, 1) is
+        # well behaved for calibrated-ish models, but a badly miscalibrated one can
+        # overshoot.
+        for _ in range(30):
+            new = beta + step
+            new_dev = deviance(new)
+            if new_dev <= dev + 1e-12 * abs(dev):
+                break
+            step = step / 2.0
+        beta, dev = new, new_dev
+        if np.max(np.abs(step)) < _NEWTON_TOL * (1.0 + np.max(np.abs(beta))):
+            return beta
+    return None
+
+
+def calibration_fit(y: np.ndarray, p: np.ndarray) -> CalibrationFit:
+    """Calibration intercept and slope: logistic regression of ``y`` on ``logit(p)``.
+
+    These are rms ``val.prob``'s "Intercept" and "Slope" (both estimated together);
+    a perfectly calibrated model has intercept 0 and slope 1. ``p`` is clipped to
+    ``[PROB_EPS, 1 - PROB_EPS]`` before the logit.
+
+    Parameters
+    ----------
+    y : ndarray of shape (n,)
+        Outcome, 0/1.
+    p : ndarray of shape (n,)
+        Predicted probabilities of one model.
+
+    Returns
+    -------
+    CalibrationFit
+        NaN for both when the fit does not exist: one outcome class only, all
+        predictions equal (slope not identifiable), or complete separation by the
+        predictions (slope infinite).
+    """
+    y = _outcome(y)
+    p = _probabilities(y, p)
+    nan = CalibrationFit(float("nan"), float("nan"))
+    if y.all() or not y.any():
+        return nan
+    lp = _logit(p)
+    X = np.column_stack([np.ones(len(lp)), lp])
+    beta = _newton_logistic(y.astype(float), X, np.zeros(len(lp)), np.array([0.0, 1.0]))
+    if beta is None:
+        return nan
+    return CalibrationFit(float(beta[0]), float(beta[1]))
+
+
+def calibration_in_the_large(y: np.ndarray, p: np.ndarray) -> float:
+    """Calibration-in-the-large: the intercept of ``y ~ offset(logit p)``.
+
+    The slope is fixed at 1, so the intercept measures only whether the model predicts
+    too many (negative) or too few (positive) events on average. ``p`` is clipped as in
+    :func:`calibration_fit`. NaN when one outcome class is absent.
+    """
+    y = _outcome(y)
+    p = _probabilities(y, p)
+    if y.all() or not y.any():
+        return float("nan")
+    lp = _logit(p)
+    beta = _newton_logistic(y.astype(float), np.ones((len(lp), 1)), lp, np.zeros(1))
+    return float("nan") if beta is None else float(beta[0])
+
+
+def brier(y: np.ndarray, p: np.ndarray) -> float:
+    """Brier score, the mean of ``(p - y)²``.
+
+    Defined with one outcome class too; NaN only when there is no patient.
+    """
+    y = _outcome(y)
+    p = _probabilities(y, p)
+    if len(y) == 0:
+        return float("nan")
+    return float(np.mean((p - y) ** 2))

@@ -1,0 +1,158 @@
+"""Per-site and pooled evaluation equals the reference formulas on the pooled rows.
+
+The study is the clinical heart-disease study on three real hospitals. The reference
+model is statsmodels' Logit on the pooled training rows; its predictions on each site's
+rows feed independent oracles: pROC's DeLong formulas written out, statsmodels for
+calibration, ResourceSelection's Hosmer-Lemeshow transcribed, dcurves for net benefit,
+scipy for the exact binomial interval and a brute-force Youden search.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import statsmodels.api as sm
+from scipy import stats
+from scipy.special import expit
+
+from radfed.server.protocol import InProcessTransport
+from radfed.server.study import FederatedStudy
+from radfed.tests.reference import (
+    delong_oracle,
+    feature_tables,
+    hoslem_oracle,
+    pooled_logit,
+    pooled_rows,
+)
+
+GRID = np.round(np.arange(1, 100) / 100, 2)
+TOL = 1e-8
+
+
+@pytest.fixture
+def evaluated(heart_study):
+    return FederatedStudy(heart_study, InProcessTransport.from_study(heart_study)).run()
+
+
+@pytest.fixture
+def reference(heart_study, evaluated):
+    """Rows of every site and split with the reference model's linear predictor."""
+    tables = feature_tables(heart_study)
+    train = pooled_rows(heart_study, tables, "train")
+    test = pooled_rows(heart_study, tables, "test")
+    columns = evaluated.models["clinical"].columns
+    fit = pooled_logit(train, heart_study.outcome, columns)
+    mean, sd = train[columns].mean(), train[columns].std(ddof=0)
+    rows = []
+    for split, frame in (("train", train), ("test", test)):
+        z = ((frame[columns] - mean) / sd).to_numpy()
+        lp = fit.params[0] + z @ fit.params[1:]
+        rows.append(frame.assign(split=split, lp=lp, p=expit(lp)))
+    return pd.concat(rows, ignore_index=True)
+
+
+def _calibration(y: np.ndarray, lp: np.ndarray) -> np.ndarray:
+    return sm.Logit(y, sm.add_constant(lp)).fit(disp=0, tol=1e-12).params
+
+
+def _net_benefit(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    import dcurves
+
+    frame = pd.DataFrame({"y": y, "p": p})
+    curve = dcurves.dca(data=frame, outcome="y", modelnames=["p"], thresholds=GRID)
+    return curve[curve["model"] == "p"].sort_values("threshold")["net_benefit"].to_numpy()
+
+
+def test_site_metrics_equal_the_reference_formulas(heart_study, evaluated, reference):
+    outcome = heart_study.outcome
+    for site in heart_study.training_sites:
+        for split in ("train", "test"):
+            rows = reference[(reference["site"] == site) & (reference["split"] == split)]
+            y, lp, p = rows[outcome].to_numpy(), rows["lp"].to_numpy(), rows["p"].to_numpy()
+            m = evaluated.performance["clinical"][site][split]
+            assert m["status"] == "ok" and m["n"] == len(y) and m["events"] == y.sum()
+            auc, cov = delong_oracle(y, lp[:, None])
+            assert m["auc"] == pytest.approx(auc[0], abs=TOL)
+            assert m["auc_se"] == pytest.approx(np.sqrt(cov[0, 0]), abs=TOL)
+            half = stats.norm.ppf(0.975) * np.sqrt(cov[0, 0])
+            np.testing.assert_allclose(
+                m["auc_ci"], np.clip([auc[0] - half, auc[0] + half], 0, 1), atol=TOL
+            )
+            assert m["brier"] == pytest.approx(np.mean((p - y) ** 2), abs=TOL)
+            cal = m["calibration"]
+            intercept, slope = _calibration(y, lp)
+            assert cal["intercept"] == pytest.approx(intercept, abs=1e-6)
+            assert cal["slope"] == pytest.approx(slope, abs=1e-6)
+            chisq, df = hoslem_oracle(y, p)
+            assert cal["hl_statistic"] == pytest.approx(chisq, rel=1e-7)
+            assert cal["hl_df"] == df
+            assert cal["hl_p"] == pytest.approx(stats.chi2.sf(chisq, df), rel=1e-6)
+            edges = np.linspace(0, 1, 11)
+            np.testing.assert_array_equal(cal["bins"]["n"], np.histogram(p, edges)[0])
+            np.testing.assert_array_equal(
+                cal["bins"]["observed"], np.histogram(p[y == 1], edges)[0]
+            )
+            np.testing.assert_allclose(m["net_benefit"], _net_benefit(y, p), atol=1e-9)
+
+
+def test_pooled_metrics_equal_the_reference_on_pooled_rows(heart_study, evaluated, reference):
+    from sklearn.metrics import roc_auc_score
+
+    outcome = heart_study.outcome
+    for split in ("train", "test"):
+        rows = reference[reference["split"] == split]
+        y, lp, p = rows[outcome].to_numpy(), rows["lp"].to_numpy(), rows["p"].to_numpy()
+        m = evaluated.performance["clinical"]["pooled"][split]
+        assert m["n"] == len(y) and m["events"] == y.sum()
+        assert m["brier"] == pytest.approx(np.mean((p - y) ** 2), abs=TOL)
+        intercept, slope = _calibration(y, lp)
+        assert m["calibration"]["intercept"] == pytest.approx(intercept, abs=1e-6)
+        assert m["calibration"]["slope"] == pytest.approx(slope, abs=1e-6)
+        np.testing.assert_allclose(m["net_benefit"], _net_benefit(y, p), atol=1e-9)
+        # Pairs across sites are compared on the 0.01 grid: approximate, and says so.
+        assert m["auc"] == pytest.approx(roc_auc_score(y, p), abs=0.005)
+        assert "auc" in m["approximate"] and "hl" in m["approximate"]
+
+
+def test_cutoff_is_youden_on_pooled_training_data(heart_study, evaluated, reference):
+    outcome = heart_study.outcome
+    train = reference[reference["split"] == "train"]
+    y, p = train[outcome].to_numpy(), train["p"].to_numpy()
+    youden = [np.mean(p[y == 1] >= t) + np.mean(p[y == 0] < t) - 1 for t in GRID]
+    cut = GRID[int(np.argmax(youden))]
+    assert evaluated.details["evaluation"]["cutoffs"]["clinical"] == cut
+    for site in heart_study.training_sites:
+        rows = reference[(reference["site"] == site) & (reference["split"] == "test")]
+        y, p = rows[outcome].to_numpy(), rows["p"].to_numpy()
+        m = evaluated.performance["clinical"][site]["test"]
+        predicted = p >= cut
+        assert m["cutoff"] == cut
+        assert m["sensitivity"] == pytest.approx(predicted[y == 1].mean(), abs=1e-12)
+        assert m["specificity"] == pytest.approx((~predicted[y == 0]).mean(), abs=1e-12)
+        correct = int((predicted == (y == 1)).sum())
+        assert m["accuracy"] == pytest.approx(correct / len(y), abs=1e-12)
+        ci = stats.binomtest(correct, len(y)).proportion_ci(method="exact")
+        np.testing.assert_allclose(m["accuracy_ci"], [ci.low, ci.high], atol=1e-9)
+
+
+def test_evaluation_replies_are_aggregates(heart_study):
+    """Every array an evaluate reply holds is sized by the request: models x thresholds
+    (99) or risk bins (10), never by the number of patients."""
+    from radfed.shared.messages import from_record
+
+    transport = InProcessTransport.from_study(heart_study)
+    exchange = transport._exchange
+    replies: list[dict] = []
+
+    def spy(requests):
+        out = exchange(requests)
+        if from_record(next(iter(requests.values())))["task"] == "evaluate":
+            replies.extend(from_record(r) for r in out.values())
+        return out
+
+    transport._exchange = spy
+    result = FederatedStudy(heart_study, transport).run()
+    k = len(result.models)
+    shapes = {v.shape for r in replies for v in r.values() if isinstance(v, np.ndarray)}
+    assert shapes == {(k,), (k, k), (k, 99), (k, 10)}
