@@ -4,7 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean chromium
+
+# The report's test opens it in a real headless browser (Debian's chromium).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # pyradiomics 3.0.1 must be built against the numpy already installed, without build
 # isolation (its sdist's metadata is otherwise wrong for numpy 2): numpy first, then the rest.
@@ -18,8 +21,14 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(BIN)/radfed demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed chromium
 	$(BIN)/python -m pytest
+
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v google-chrome >/dev/null 2>&1 \
+	  || [ -n "$$RADFED_CHROMIUM" ] \
+	  || { echo "installing Debian's chromium for the report's browser test"; \
+	       $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

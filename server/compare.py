@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from radfed.server.plots import model_color
 from radfed.shared.errors import RadfedError
 
 KIND_TAG = "radfed.kind"
@@ -31,9 +32,6 @@ NOT_MODELS = {"site", "rounds"}
 #: Summary rows after the hospitals.
 LAST_SITES = ("pooled", "random_effects")
 DIFF = "Δ "
-# The models' colours of server/plots.py (Okabe-Ito), so figures agree.
-COLORS = {"radiomics": "#0072B2", "clinical": "#009E73", "nomogram": "#D55E00"}
-SPARE_COLORS = ("#CC79A7", "#56B4E9", "#E69F00", "#882255", "#44AA99", "#999933")
 
 
 class ComparisonError(RadfedError):
@@ -401,10 +399,6 @@ def format_comparison(
     return "\n".join(lines)
 
 
-def _color(model: str, k: int) -> str:
-    return COLORS.get(model, SPARE_COLORS[k % len(SPARE_COLORS)])
-
-
 def comparison_figure(df: pd.DataFrame) -> Any:
     """Dot-and-line plot: one panel per site, the metric per run (oldest first, x axis),
     one colour per model. Returns a :class:`matplotlib.figure.Figure` (no pyplot)."""
@@ -423,11 +417,11 @@ def comparison_figure(df: pd.DataFrame) -> Any:
     axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
     x = list(range(1, len(runs) + 1))
     for ax, site in zip(axes, sites, strict=False):
-        for k, model in enumerate(models):
+        for model in models:
             if (model, site) not in pairs:
                 continue
             values = df.xs((model, site), level=("model", "site")).iloc[0][runs].astype(float)
-            ax.plot(x, values.tolist(), "o-", color=_color(model, k), label=model, lw=1.4, ms=5)
+            ax.plot(x, values.tolist(), "o-", color=model_color(model), label=model, lw=1.4, ms=5)
         ax.set_title(str(site), fontsize=10)
         ax.set_xticks(x, [short[r] for r in runs], fontsize=8)
         ax.set_xlim(0.5, len(runs) + 0.5)

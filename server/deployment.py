@@ -166,12 +166,13 @@ class TLSFiles:
     """PEM files of a TLS-secured SuperLink.
 
     ``server_cert`` must name the SuperLink's address (for a local federation: the IP
-    SAN 127.0.0.1). SuperNodes and the ``flwr`` CLI verify it with ``ca_cert``.
+    SAN 127.0.0.1). SuperNodes and the ``flwr`` CLI verify it with ``ca_cert``, and
+    need nothing else (a SuperNode's ``TLSFiles`` may leave the server files out).
     """
 
     ca_cert: Path
-    server_cert: Path
-    server_key: Path
+    server_cert: Path | None = None
+    server_key: Path | None = None
 
 
 def executable(name: str) -> str:
@@ -201,6 +202,8 @@ def superlink_command(
     if tls is None:
         cmd += ["--insecure"]
     else:
+        if tls.server_cert is None or tls.server_key is None:
+            raise FederationError("a TLS SuperLink needs its server certificate and key")
         cmd += [
             "--ssl-ca-certfile", str(tls.ca_cert),
             "--ssl-certfile", str(tls.server_cert),
@@ -544,16 +547,23 @@ class RunStatus:
 def start_run(
     connection: Connection,
     run_config: Mapping[str, Any],
-    app: Path | None = None,
+    app: Path | str | None = None,
     work_dir: Path | None = None,
 ) -> int:
-    """``flwr run APP CONNECTION --run-config FILE``: submit the app and return the run id."""
-    app = Path(app or app_dir()).resolve()
+    """``flwr run APP CONNECTION --run-config FILE``: submit the app and return the run id.
+
+    ``app`` is an app folder (default: radfed's), or an app spec ``@publisher/name==x.y.z``
+    that the SuperLink fetches with its signatures (see :mod:`radfed.deploy.signing`).
+    """
+    if isinstance(app, str) and app.startswith("@"):
+        target = app
+    else:
+        target = str(Path(app or app_dir()).resolve())
     work_dir = Path(work_dir or connection.flwr_home)
     work_dir.mkdir(parents=True, exist_ok=True)
     overrides = work_dir / f"run-config-{time.time_ns()}.toml"
     overrides.write_text(tomli_w.dumps(dict(run_config)))
-    answer = connection.flwr_json("run", str(app), connection.name, "--run-config", str(overrides))
+    answer = connection.flwr_json("run", target, connection.name, "--run-config", str(overrides))
     return int(answer["run-id"])
 
 
@@ -641,7 +651,7 @@ def submit_run(
     *,
     log_path: Path,
     timeout: float = 600.0,
-    app: Path | None = None,
+    app: Path | str | None = None,
     check_alive: Callable[[], None] | None = None,
     diagnostics: Callable[[], str] | None = None,
 ) -> RunStatus:

@@ -27,6 +27,7 @@ from matplotlib.patches import Polygon
 from matplotlib.text import Text
 from scipy import stats
 from scipy.special import expit, logit
+from sklearn.metrics import roc_auc_score as mann_whitney_auc
 
 from radfed.server.plots import (
     calibration_figure,
@@ -39,7 +40,6 @@ from radfed.server.plots import (
     save_figure,
 )
 from radfed.server.results import _finite, _nan
-from radfed.shared.metrics import auc as mann_whitney_auc
 
 THRESHOLDS = np.round(np.arange(1, 100) / 100, 2)
 MODELS = ("radiomics", "clinical", "nomogram")

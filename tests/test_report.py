@@ -15,6 +15,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score as mann_whitney_auc
 
 from radfed.server.report import (
     ReportError,
@@ -24,7 +25,6 @@ from radfed.server.report import (
     write_report,
 )
 from radfed.server.results import LogisticFit
-from radfed.shared.metrics import auc as mann_whitney_auc
 
 matplotlib.use("Agg")
 
