@@ -129,3 +129,13 @@ def test_heart_disease_study_with_pooled_equivalence(tmp_path, shared_data):
     assert set(results["models"]) == {"clinical", "radiomics", "nomogram"}
     assert "Radscore = " in results["selection"]["radscore_formula"]
     assert "Federated versus pooled" in proc.stdout
+    # Leave-one-site-out on the three training hospitals; Switzerland (validation only)
+    # has no patient with a cholesterol value: not evaluated, and the report says why.
+    external = results["external"]
+    assert {s: e["status"] for s, e in external["held_out"].items()} == dict.fromkeys(
+        ["cleveland", "hungarian", "va"], "ok"
+    )
+    swiss = external["validation"]["switzerland"]
+    assert swiss["status"] == "failed" and "no patient with complete data" in swiss["reason"]
+    report = (tmp_path / "hd" / "radfed-out" / "heart-disease" / "report.html").read_text()
+    assert "switzerland" in report and "no patient with complete data" in report

@@ -155,3 +155,46 @@ def test_clinical_auc_per_site_equals_sklearn(pipeline_study, federated):
         perf = result.performance["clinical"][name]
         assert perf["test"]["auc"] == pytest.approx(roc_auc_score(y[test], eta[test]), abs=1e-12)
         assert perf["test"]["n"] == test.sum()
+
+
+def test_paired_delong_tests_equal_procs_formulas_on_the_study_data(
+    pipeline_study, federated, pooled
+):
+    """Each site's training rows scored by the three pooled reference models (neuroCombat,
+    scikit-learn LASSO, statsmodels): AUCs, DeLong CIs and paired tests as pROC."""
+    from scipy import stats
+
+    from radfed.tests.reference import delong_oracle
+
+    result, _ = federated
+    rows, harmonised = pooled
+    outcome = pipeline_study.outcome
+    lasso = result.details["selection"]["lasso"]
+    beta = np.array(list(lasso["coef"].values()))
+    z = standardise(harmonised[lasso["features"]]).to_numpy()
+    with_score = rows.assign(**{RADSCORE: beta[0] + z @ beta[1:]})
+    names = list(result.models)
+    columns = {name: result.models[name].columns for name in names}
+    fits = {name: pooled_logit(with_score, outcome, cols) for name, cols in columns.items()}
+    lp = np.column_stack(
+        [
+            fits[name].params[0]
+            + standardise(with_score[columns[name]]).to_numpy() @ fits[name].params[1:]
+            for name in names
+        ]
+    )
+    for site in result.sites:
+        mine = rows["site"].to_numpy() == site
+        y = rows.loc[mine, outcome].to_numpy()
+        auc, cov = delong_oracle(y, lp[mine])
+        for j, name in enumerate(names):
+            m = result.performance[name][site]["train"]
+            assert m["auc"] == pytest.approx(auc[j], abs=1e-7)
+            assert m["auc_se"] == pytest.approx(np.sqrt(cov[j, j]), abs=1e-7)
+        for test in result.details["evaluation"]["comparisons"][site]["train"]:
+            i, k = (names.index(m) for m in test["models"])
+            diff = auc[i] - auc[k]
+            zval = diff / np.sqrt(cov[i, i] + cov[k, k] - 2 * cov[i, k])
+            assert test["auc_diff"] == pytest.approx(diff, abs=1e-7)
+            assert test["z"] == pytest.approx(zval, rel=1e-5)
+            assert test["p"] == pytest.approx(2 * stats.norm.sf(abs(zval)), rel=1e-5, abs=1e-12)
