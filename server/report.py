@@ -46,7 +46,7 @@ FIGURE_KINDS = {
     "calibration": "Calibration curves",
     "decision": "Decision curves",
     "lasso_cv": "LASSO cross-validation",
-    "radscore": "Radscore distribution",
+    "radscore": "Radscore coefficients",
     "forest": "External validation forest plot",
     "nomogram": "Nomogram",
 }
