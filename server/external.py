@@ -135,7 +135,7 @@ def meta_analysis(held_out: dict[str, dict[str, Any]], models: list[str]) -> dic
             "q": re.q,
             "q_p": re.q_pvalue,
             "k": re.k,
-            "method": "DerSimonian-Laird random effects on logit(AUC), DeLong variances",
+            "method": "DerSimonian-Laird, logit AUC",
             "sites": [s for s, _ in rows],
         }
     return out
