@@ -4,9 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint clean chromium
+.PHONY: demo test lint clean system-tools
 
-# The report's test opens it in a real headless browser (Debian's chromium).
+# System tools the tests use: a headless browser for the report (Debian's chromium)
+# and nginx for the coordinator's gateway.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # pyradiomics 3.0.1 must be built against the numpy already installed, without build
@@ -21,14 +22,18 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(BIN)/radfed demo
 
-test: $(VENV)/.installed chromium
+test: $(VENV)/.installed system-tools
 	$(BIN)/python -m pytest
 
-chromium:
-	@command -v chromium >/dev/null 2>&1 || command -v google-chrome >/dev/null 2>&1 \
-	  || [ -n "$$RADFED_CHROMIUM" ] \
-	  || { echo "installing Debian's chromium for the report's browser test"; \
-	       $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+system-tools:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || command -v google-chrome >/dev/null 2>&1 \
+	  || [ -n "$$RADFED_CHROMIUM" ] || missing="chromium"; \
+	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian's$$missing for the tests"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

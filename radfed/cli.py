@@ -1,4 +1,4 @@
-"""The ``radfed`` command line: synth, extract, run, demo, report and compare."""
+"""The ``radfed`` command line: synth, extract, run, demo, report, compare and deploy."""
 
 from __future__ import annotations
 
@@ -144,6 +144,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+#: `radfed deploy TOOL ...` runs the deployment modules (deploy/README.md).
+DEPLOY_TOOLS = ("pki", "signing", "site", "coordinator", "health", "demo")
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(f"radfed.deploy.{args.tool}")
+    return int(module.main(args.rest) or 0)
+
+
 def cmd_heart_disease(args: argparse.Namespace) -> int:
     from radfed.experiments.heart_disease import write_study
 
@@ -242,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--descending", action="store_true", help="sort largest first")
     p.add_argument("--out", metavar="DIR", help="also write comparison.csv and comparison.png")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "deploy", help="keys, app signing and the container entrypoints (deploy/README.md)"
+    )
+    p.add_argument("tool", choices=DEPLOY_TOOLS)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the tool's own arguments")
+    p.set_defaults(func=cmd_deploy)
     return parser
 
 

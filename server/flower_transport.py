@@ -64,6 +64,7 @@ class GridTransport(Transport):
     def _discover(self, expected: list[str], timeout: float) -> dict[str, int]:
         deadline = time.monotonic() + timeout
         found: dict[str, int] = {}
+        refused: dict[int, str] = {}  # nodes that answered hello with an error, and why
         asked: set[int] = set()
         while True:
             new = [n for n in self.grid.get_node_ids() if n not in asked]
@@ -74,6 +75,7 @@ class GridTransport(Transport):
                 # round has its own timeout, apart from the wait for nodes to connect.
                 for reply in self._send_and_receive(messages, timeout=self.hello_timeout):
                     if reply.has_error():
+                        refused[reply.metadata.src_node_id] = reply.error.reason
                         log.warning(
                             "node %s did not say hello: %s",
                             reply.metadata.src_node_id,
@@ -89,9 +91,10 @@ class GridTransport(Transport):
             if not missing:
                 break
             if time.monotonic() > deadline:
+                errors = "".join(f"; node {n} replied: {why}" for n, why in refused.items())
                 raise FederationError(
                     f"site(s) {missing} did not connect within {timeout:.0f} s "
-                    f"(connected: {sorted(found) or 'none'})"
+                    f"(connected: {sorted(found) or 'none'}){errors}"
                 )
             time.sleep(0.5)
         unknown = sorted(set(found) - set(expected))

@@ -16,7 +16,7 @@ A study file is TOML::
     params = "default"          # "default", "fast" or a parameter file path
 
     [tracking]
-    uri = "sqlite:///mlflow.db"  # relative paths are relative to the study file
+    uri = "sqlite:///mlflow.db"  # relative to the study file; $RADFED_TRACKING_URI overrides
     experiment = "lumbar-fasciitis"
 
     [privacy]
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -63,6 +64,8 @@ KNOWN = {
     "validation": {"leave_one_site_out"},
     "sites": {"name", "path", "role"},
 }
+#: Overrides ``[tracking] uri`` of every study file (set by the coordinator image).
+TRACKING_URI_ENV = "RADFED_TRACKING_URI"
 ROLES = ("training", "validation")
 LOSO_CHOICES = ("auto", True, False)
 
@@ -250,7 +253,9 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
 
     tracking = data.get("tracking", {})
     _check_keys(tracking, "tracking")
-    uri = _tracking_uri(tracking.get("uri", "sqlite:///mlflow.db"), base)
+    # A coordinator's deployment may point every study at its tracking server.
+    uri = os.environ.get(TRACKING_URI_ENV) or tracking.get("uri", "sqlite:///mlflow.db")
+    uri = _tracking_uri(uri, base)
 
     privacy_table = data.get("privacy", {})
     _check_keys(privacy_table, "privacy")
