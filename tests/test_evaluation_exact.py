@@ -156,3 +156,23 @@ def test_evaluation_replies_are_aggregates(heart_study):
     k = len(result.models)
     shapes = {v.shape for r in replies for v in r.values() if isinstance(v, np.ndarray)}
     assert shapes == {(k,), (k, k), (k, 99), (k, 10)}
+
+
+def test_pooled_auc_is_exact_within_sites_and_binned_across(heart_study, evaluated, reference):
+    """The pooled AUC's stated rule, computed pair by pair on the reference predictions:
+    pairs within a site compared exactly, pairs across sites by their 0.01 grid cell."""
+    outcome = heart_study.outcome
+    for split in ("train", "test"):
+        rows = reference[reference["split"] == split]
+        cell = np.searchsorted(GRID, rows["p"].to_numpy(), side="right")
+        exact = rows["p"].to_numpy()
+        y = rows[outcome].to_numpy() == 1
+        site = rows["site"].to_numpy()
+        same = site[y][:, None] == site[~y][None, :]
+        score = np.where(same, exact[y][:, None], cell[y][:, None])
+        other = np.where(same, exact[~y][None, :], cell[~y][None, :])
+        pairs = (score > other) + 0.5 * (score == other)
+        expected = pairs.mean()
+        assert evaluated.performance["clinical"]["pooled"][split]["auc"] == pytest.approx(
+            expected, abs=1e-12
+        )
