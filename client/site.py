@@ -26,6 +26,7 @@ import radfed
 from radfed.client.data import SiteTable, TableSpec, load_site_table
 from radfed.shared.errors import PrivacyRefusal, RadfedError
 from radfed.shared.logistic import design, newton_pieces
+from radfed.shared.messages import LINEAR_PREDICTOR as LP
 from radfed.shared.messages import RADSCORE, Payload
 from radfed.shared.privacy import PrivacyPolicy
 
@@ -34,8 +35,6 @@ log = logging.getLogger(__name__)
 TRAIN, TEST = "train", "test"
 SPLITS = (TRAIN, TEST)
 SITE_BATCH = "site"
-#: Column prefix of a fitted model's linear predictor (see :meth:`Site._data`).
-LP = "lp:"
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from radfed.server.plots import model_color
+from radfed.server.results import POOLED
 from radfed.shared.errors import RadfedError
 
 KIND_TAG = "radfed.kind"
@@ -30,7 +31,7 @@ MODEL_ORDER = ("radiomics", "clinical", "nomogram")
 #: Row keys of metrics that are not per-model (``site/{site}/{split}/n``, ``rounds/...``).
 NOT_MODELS = {"site", "rounds"}
 #: Summary rows after the hospitals.
-LAST_SITES = ("pooled", "random_effects")
+LAST_SITES = (POOLED, "random_effects")
 DIFF = "Δ "
 
 

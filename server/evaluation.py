@@ -26,9 +26,10 @@ import numpy as np
 
 from radfed.server import inference
 from radfed.server.protocol import Transport
-from radfed.server.results import LogisticFit
+from radfed.server.results import POOLED, LogisticFit
 from radfed.server.solvers import LogisticSpec, fit_logistic_many
 from radfed.shared.errors import FederationError
+from radfed.shared.messages import LINEAR_PREDICTOR as LP
 from radfed.shared.messages import Payload
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,10 @@ THRESHOLDS = np.round(np.arange(1, 100) / 100, 2)
 #: Risk bins of the calibration curve (and of the pooled Hosmer-Lemeshow test).
 BIN_EDGES = np.round(np.linspace(0.0, 1.0, 11), 2)
 HL_GROUPS = 10
-LP = "lp:"
 CUTOFF_RULE = (
     "Youden (max sensitivity + specificity - 1) on the pooled training data, "
     "searched on the 0.01 threshold grid"
 )
-POOLED = "pooled"
 NAN = float("nan")
 
 
@@ -166,20 +165,24 @@ def _bins(reply: Payload, subset: str, j: int) -> dict[str, list[float]]:
 def pooled_auc(replies: list[Payload], subset: str, j: int) -> float:
     """AUC over all sites' patients: pairs within a site from the sites' exact AUCs,
     pairs across sites compared on the threshold grid (ties within a step count 1/2)."""
-    hists = []
-    concordant = 0.0
-    for r in replies:
-        n, events = int(r[f"{subset}_n"]), int(r[f"{subset}_events"])
-        concordant += float(r[f"{subset}_auc"][j]) * events * (n - events)
-        # Patients per grid cell [t_i, t_i+1), from the counts at or above each threshold.
-        tp = np.concatenate([[events], r[f"{subset}_tp"][j], [0]])
-        fp = np.concatenate([[n - events], r[f"{subset}_fp"][j], [0]])
-        hists.append((-np.diff(tp), -np.diff(fp)))
-    for (e_a, _), (_, ne_b) in itertools.permutations(hists, 2):
-        below = np.concatenate([[0.0], np.cumsum(ne_b)[:-1]])
-        concordant += float(e_a @ (below + ne_b / 2))
-    events = sum(h[0].sum() for h in hists)
-    nonevents = sum(h[1].sum() for h in hists)
+    counts = [
+        (
+            int(r[f"{subset}_events"]),
+            int(r[f"{subset}_n"]) - int(r[f"{subset}_events"]),
+            np.asarray(r[f"{subset}_tp"][j]),
+            np.asarray(r[f"{subset}_fp"][j]),
+        )
+        for r in replies
+    ]
+    concordant = sum(
+        float(r[f"{subset}_auc"][j]) * events * nonevents
+        for r, (events, nonevents, _, _) in zip(replies, counts, strict=True)
+    )
+    # Site a's events against site b's non-events: the grid AUC of their counts.
+    for (e_a, _, tp_a, _), (_, ne_b, _, fp_b) in itertools.permutations(counts, 2):
+        concordant += inference.auc_from_counts(tp_a, fp_b, e_a, ne_b) * e_a * ne_b
+    events = sum(c[0] for c in counts)
+    nonevents = sum(c[1] for c in counts)
     return concordant / (events * nonevents)
 
 

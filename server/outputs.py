@@ -6,14 +6,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from radfed.server.results import StudyResult
+from radfed.server.results import POOLED, StudyResult
 
 log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
 FIGURES = "figures"
 REPORT = "report.html"
-POOLED = "pooled"
 #: Resolution of the run's PNG figures (sharp on screen; the nomogram is also SVG).
 REPORT_DPI = 110
 

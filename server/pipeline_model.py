@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from radfed.client.data import canonical_text
+from radfed.client.site import SITE_BATCH
 from radfed.server.results import LogisticFit
 from radfed.shared.logistic import design
 from radfed.shared.messages import RADSCORE
@@ -25,7 +26,6 @@ from radfed.shared.messages import RADSCORE
 log = logging.getLogger(__name__)
 
 PIPELINE_FILE = "pipeline.json"
-SITE_BATCH = "site"
 
 
 class FittedPipeline:

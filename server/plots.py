@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Polygon
 
-from radfed.server.results import INTERCEPT
+from radfed.server.results import INTERCEPT, POOLED
 
 Metrics = Mapping[str, Any]
 Performance = Mapping[str, Mapping[str, Mapping[str, Metrics]]]
@@ -618,7 +618,7 @@ def _approximate(m: Metrics, prefixes: tuple[str, ...]) -> dict[str, str]:
 
 
 def _title(what: str, site: str, split: str, shown: list[Metrics]) -> str:
-    where = "all sites pooled" if site == "pooled" else site
+    where = "all sites pooled" if site == POOLED else site
     title = f"{what} — {where}, {_SPLITS.get(split, split)}"
     sizes = {(_fmt(m.get("n"), "d"), _fmt(m.get("events"), "d")) for m in shown}
     if len(sizes) == 1:

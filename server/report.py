@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from radfed.server.results import INTERCEPT
+from radfed.server.results import INTERCEPT, POOLED
 from radfed.shared.errors import RadfedError
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ MODEL_TITLES = {
     "nomogram": "Nomogram (Radscore + clinical)",
 }
 SPLITS = ("train", "test")
-POOLED = "pooled"
 FIGURE_KINDS = {
     "roc": "ROC curves",
     "calibration": "Calibration curves",

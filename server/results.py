@@ -13,6 +13,8 @@ from scipy import stats
 
 SCHEMA = "radfed.results/2"
 INTERCEPT = "(Intercept)"
+#: The "site" of metrics over all training sites together.
+POOLED = "pooled"
 DETAILS = (
     "settings",
     "harmonization",

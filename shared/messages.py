@@ -18,6 +18,9 @@ Payload = dict[str, Any]
 
 # The column a site derives from the Radscore definition it receives.
 RADSCORE = "Radscore"
+# Column prefix of a fitted model's linear predictor ("lp:nomogram"), which a site
+# derives from the model the request carries (calibration fits of y on logit p).
+LINEAR_PREDICTOR = "lp:"
 
 ARRAYS = "arrays"
 CONFIG = "config"
