@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from radfed.client.manifest import RowProblem, read_manifest
+from radfed.client.manifest import MISSING_TOKENS, RowProblem, read_manifest
 from radfed.shared.errors import SiteDataError
+
+log = logging.getLogger(__name__)
 
 FEATURE_FILES = ("features.parquet", "features.csv")
 MANIFEST = "manifest.csv"
@@ -64,6 +67,9 @@ class SiteTable:
     problems: list[RowProblem] = field(default_factory=list)
     settings_hash: str = UNKNOWN
     pyradiomics_version: str = UNKNOWN
+    # Features on the other masks of a case (second reader, repeat), by manifest column:
+    # the study's features of the kept patients that have that mask.
+    readers: dict[str, pd.DataFrame] = field(default_factory=dict)
 
     @property
     def y(self) -> np.ndarray:
@@ -182,8 +188,34 @@ def load_feature_site(site_dir: Path, spec: TableSpec) -> SiteTable:
         raise SiteDataError(f"{path}: missing column(s) {missing}")
     non_feature = {"line", *spec.numeric_columns, *spec.labels}
     available = [c for c in frame.columns if c not in non_feature]
-    chosen = resolve_features(list(spec.features), available)
+    text = text_columns(frame, available)
+    if text:
+        # A text column (a scanner name, a note) is no feature: one a pattern such as
+        # "*" matches is left out and said; one named as a feature is an error.
+        named = [c for c in spec.features if c in text]
+        if named:
+            raise SiteDataError(f"{path.name}: feature(s) {named} hold text, not numbers")
+        log.warning(
+            "%s: column(s) %s hold text, not numbers: not used as features", path.name, text
+        )
+    chosen = resolve_features(list(spec.features), [c for c in available if c not in text])
     return _assemble(frame, frame["line"], path.name, spec, chosen, [], _sidecar(path))
+
+
+def text_columns(frame: pd.DataFrame, columns: list[str]) -> list[str]:
+    """Columns none of whose present values is a number, even read with a decimal comma
+    (a column with no value at all is not text: its patients are reported as missing)."""
+    out = []
+    for column in columns:
+        values = frame[column]
+        if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+            continue
+        present = values.dropna().astype(str).str.strip()
+        present = present[~present.str.lower().isin(MISSING_TOKENS)]
+        numbers = pd.to_numeric(present.str.replace(",", ".", regex=False), errors="coerce")
+        if len(present) and numbers.isna().all():
+            out.append(column)
+    return out
 
 
 def _sidecar(path: Path) -> dict:
@@ -269,6 +301,10 @@ def load_image_site(
         p for p in result.problems if (p.row, p.file, p.reason) not in seen
     ]
     rows = manifest.rows.loc[manifest.rows.index.intersection(result.features.index)]
+    # Scanner labels derived from DICOM headers; a manifest column of the same name wins.
+    derived = [c for c in result.labels.columns if c not in rows.columns]
+    if derived:
+        rows = rows.join(result.labels[derived])
     missing = [c for c in spec.labels if c not in rows.columns]
     if missing:
         raise SiteDataError(f"{site_dir / MANIFEST}: missing column(s) {missing}")
@@ -278,7 +314,12 @@ def load_image_site(
         "settings_hash": result.settings_hash,
         "pyradiomics_version": result.pyradiomics_version,
     }
-    return _assemble(frame, rows["line"], MANIFEST, spec, chosen, problems, meta)
+    table = _assemble(frame, rows["line"], MANIFEST, spec, chosen, problems, meta)
+    table.readers = {
+        role: readers.loc[readers.index.intersection(table.frame.index), chosen]
+        for role, readers in result.readers.items()
+    }
+    return table
 
 
 def load_site_table(

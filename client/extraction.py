@@ -20,6 +20,7 @@ pyradiomics 3.0.1 (``numpy.float`` in ``firstorder._moment(moment=1)``) is never
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import importlib.util
@@ -48,10 +49,11 @@ import SimpleITK as sitk
 import yaml
 from tqdm import tqdm
 
-from radfed.client.manifest import RowProblem, read_manifest
+from radfed.client.case_error import CaseError
+from radfed.client.manifest import READER_COLUMNS, RowProblem, read_manifest
 from radfed.shared.errors import RadfedError, StudyConfigError
 
-PACKAGED_PARAMS = ("default", "fast")
+PACKAGED_PARAMS = ("default", "fast", "2d")
 CACHE_FORMAT = "radfed-features-cache/1"
 SIDECAR_FORMAT = "radfed-features/1"
 _HASH_CHUNK = 1 << 20
@@ -62,23 +64,6 @@ log = logging.getLogger(__name__)
 
 class ParamsError(StudyConfigError):
     """A pyradiomics parameter file is missing, not valid YAML, or rejected by pyradiomics."""
-
-
-class CaseError(RadfedError):
-    """One case cannot be extracted; ``reason`` is short and has no traceback.
-
-    Parameters
-    ----------
-    reason : str
-        Human-readable reason.
-    role : {"image", "mask"}
-        Which of the case's files the reason is about.
-    """
-
-    def __init__(self, reason: str, role: str = "image") -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.role = role
 
 
 # --------------------------------------------------------------------------- parameters
@@ -226,6 +211,7 @@ def pyradiomics_version() -> str:
         return str(radiomics.__version__).lstrip("v")
 
 
+@functools.cache  # a process's libraries do not change; metadata lookups cost ~2 ms each
 def _engine_versions() -> str:
     """Versions whose change can change feature values; part of the cache key."""
     names = ("pyradiomics", "numpy", "SimpleITK", "PyWavelets")
@@ -266,15 +252,32 @@ def _extractor(params: ExtractionParams) -> Any:
 
 
 def extract_case(
-    image_path: str | Path, mask_path: str | Path, params: ExtractionParams
+    image_path: str | Path,
+    mask_path: str | Path,
+    params: ExtractionParams,
+    *,
+    series_uid: str | None = None,
+    label: int | None = None,
+    roi: str | None = None,
+    role: str = "mask",
 ) -> dict[str, float]:
     """Extract the features of one case.
 
     Parameters
     ----------
-    image_path, mask_path : str or Path
-        Image and label mask, any format SimpleITK reads.
+    image_path : str or Path
+        Image file (any format SimpleITK reads) or a folder holding a DICOM series
+        (:mod:`radfed.client.dicom`).
+    mask_path : str or Path
+        Label map, DICOM-SEG or RTSTRUCT (:mod:`radfed.client.masks`).
     params : ExtractionParams
+    series_uid : str, optional
+        The series of an image folder holding several.
+    label, roi : optional
+        Which region of the mask (the manifest's ``label`` and ``roi`` cells); the
+        parameter file's ``label`` otherwise.
+    role : str
+        The manifest column of the mask, for messages.
 
     Returns
     -------
@@ -288,12 +291,22 @@ def extract_case(
         Unreadable file, empty mask, image/mask geometry mismatch, blank image, or a
         pyradiomics failure (short reason, no traceback).
     """
-    image = _read_image(Path(image_path), "image")
-    mask = _read_image(Path(mask_path), "mask")
-    mask = _mask_channel(mask, params)
-    _check_geometry(image, mask, params.geometry_tolerance)
-    _check_mask_label(mask, params.label)
+    from radfed.client.dicom import read_series
+    from radfed.client.masks import MaskChoice, is_dicom_file, load_mask
+
+    image_path, mask_path = Path(image_path), Path(mask_path)
+    series = None
+    if image_path.is_dir():
+        image, series = read_series(image_path, series_uid)
+    else:
+        image = _read_image(image_path, "image")
+    mask, label = load_mask(mask_path, image, series, MaskChoice(label, roi), params.label, role)
+    if not is_dicom_file(mask_path):  # DICOM masks are built on the image grid
+        mask = _mask_channel(mask, params)
+        _check_geometry(image, mask, params.geometry_tolerance, role)
+    _check_mask_label(mask, label, role)
     _check_not_blank(image)
+    _check_2d(mask, label, params, role)
 
     extractor = _extractor(params)
     try:
@@ -301,12 +314,33 @@ def extract_case(
             # Degenerate regions raise numpy RuntimeWarnings; the NaN they cause is
             # reported through `nonfinite`, so the warnings are noise here.
             warnings.simplefilter("ignore")
-            raw = extractor.execute(image, mask, label=params.label)
+            raw = extractor.execute(image, mask, label=label)
     except Exception as exc:  # pyradiomics raises bare ValueError/RuntimeError/...
         reason = _short(str(exc)) or type(exc).__name__
-        role = "mask" if "mask" in reason.lower() else "image"
-        raise CaseError(f"pyradiomics failed: {reason}", role) from exc
+        which = role if "mask" in reason.lower() else "image"
+        raise CaseError(f"pyradiomics failed: {reason}", which) from exc
     return _to_float_features(raw)
+
+
+def _check_2d(mask: sitk.Image, label: int, params: ExtractionParams, role: str) -> None:
+    """With ``force2D`` and 2D shape features, the region must lie on one slice.
+
+    pyradiomics computes texture per slice in 2D (``force2Ddimension``: 0 = axial
+    slices, the z axis) and then averages; ``shape2D`` needs a region on one slice, the
+    single-slice ROI of seed 000's protocol.
+    """
+    setting = params.settings.get("setting") or {}
+    if not setting.get("force2D") or "shape2D" not in (params.settings.get("featureClass") or {}):
+        return
+    axis = int(setting.get("force2Ddimension", 0))  # numpy (z, y, x) axis across slices
+    where = np.argwhere(sitk.GetArrayViewFromImage(mask) == label)
+    slices = np.unique(where[:, axis]).size
+    if slices != 1:
+        raise CaseError(
+            f"2D extraction (force2D with shape2D) needs the region on one slice; it covers "
+            f"{slices} slices",
+            role,
+        )
 
 
 def _read_image(path: Path, role: str) -> sitk.Image:
@@ -401,11 +435,13 @@ def _geometry(image: sitk.Image) -> dict[str, tuple]:
     }
 
 
-def _check_geometry(image: sitk.Image, mask: sitk.Image, tolerance: float) -> None:
+def _check_geometry(
+    image: sitk.Image, mask: sitk.Image, tolerance: float, role: str = "mask"
+) -> None:
     """Same test as ITK's: positions within tolerance x spacing, directions absolute."""
     a, b = _geometry(image), _geometry(mask)
     if len(a["size"]) != len(b["size"]):
-        raise CaseError(f"image is {len(a['size'])}D but mask is {len(b['size'])}D", role="mask")
+        raise CaseError(f"image is {len(a['size'])}D but mask is {len(b['size'])}D", role=role)
     position_tol = abs(tolerance * a["spacing"][0])
     differ = [
         key
@@ -425,7 +461,7 @@ def _check_geometry(image: sitk.Image, mask: sitk.Image, tolerance: float) -> No
         raise CaseError(
             f"image and mask geometry differ ({', '.join(differ)}): "
             f"image {describe(a)}; mask {describe(b)}",
-            role="mask",
+            role=role,
         )
 
 
@@ -433,13 +469,13 @@ def _fmt(values: tuple) -> str:
     return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
 
 
-def _check_mask_label(mask: sitk.Image, label: int) -> None:
+def _check_mask_label(mask: sitk.Image, label: int, role: str = "mask") -> None:
     labels = sitk.GetArrayViewFromImage(mask)
     if not np.any(labels == label):
         present = np.unique(labels)
         shown = ", ".join(f"{v:g}" for v in present[:10]) + (", ..." if present.size > 10 else "")
         raise CaseError(
-            f"mask is empty (no voxel with label {label}; values present: {shown})", role="mask"
+            f"mask is empty (no voxel with label {label}; values present: {shown})", role=role
         )
 
 
@@ -479,8 +515,17 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def cache_key(image_path: str | Path, mask_path: str | Path, params: ExtractionParams) -> str:
+def cache_key(
+    image_path: str | Path,
+    mask_path: str | Path,
+    params: ExtractionParams,
+    choice: tuple[str, ...] = (),
+    mask_role: str = "mask",
+) -> str:
     """Key of one case: image and mask content, settings and library versions.
+
+    An image folder (DICOM series) counts by the names and content of all its files;
+    ``choice`` (series UID, label, ROI name) is part of the key when given.
 
     Raises
     ------
@@ -488,12 +533,22 @@ def cache_key(image_path: str | Path, mask_path: str | Path, params: ExtractionP
         A file cannot be read.
     """
     parts = [CACHE_FORMAT]
-    for path, role in ((image_path, "image"), (mask_path, "mask")):
+    for path, role in ((Path(image_path), "image"), (Path(mask_path), mask_role)):
         try:
-            parts.append(file_sha256(path))
+            if path.is_dir():
+                from radfed.client.dicom import folder_fingerprint
+
+                folder = hashlib.sha256()
+                for name, file in folder_fingerprint(path):
+                    folder.update(f"{name}\0{file_sha256(file)}\n".encode())
+                parts.append("folder:" + folder.hexdigest())
+            else:
+                parts.append(file_sha256(path))
         except OSError as exc:
             raise CaseError(f"cannot read {role}: {exc.strerror or exc}", role) from exc
     parts += [params.settings_hash, _engine_versions()]
+    if any(choice):
+        parts.append("choice:" + "\0".join(choice))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -570,6 +625,13 @@ class ExtractionResult:
         Name of the parameter set.
     nonfinite : dict of str to list of str
         Patient id -> features pyradiomics returned as NaN/inf (kept as NaN).
+    readers : dict of str to pandas.DataFrame
+        Features on the other masks of a case, by manifest column (``mask_reader2``,
+        ``mask_repeat``): the same columns as ``features``, rows of the cases that have
+        that mask.
+    labels : pandas.DataFrame
+        Scanner label columns (:data:`radfed.client.dicom.SCANNER_COLUMNS`) of the cases
+        with a DICOM image, derived from its headers (missing values as ``None``).
     """
 
     features: pd.DataFrame
@@ -580,6 +642,8 @@ class ExtractionResult:
     pyradiomics_version: str
     params_name: str = ""
     nonfinite: dict[str, list[str]] = field(default_factory=dict)
+    readers: dict[str, pd.DataFrame] = field(default_factory=dict)
+    labels: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 @dataclass(frozen=True)
@@ -590,6 +654,50 @@ class _Case:
     mask: str
     image_path: str
     mask_path: str
+    role: str = "mask"  # the manifest column of the mask
+    series_uid: str = ""
+    label: str = ""
+    roi: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.role, self.patient_id)
+
+    @property
+    def choice(self) -> tuple[str, ...]:
+        return (self.series_uid, self.label, self.roi)
+
+    def options(self) -> dict[str, Any]:
+        """extract_case's keyword arguments (none for a plain label-map case)."""
+        options: dict[str, Any] = {}
+        if self.series_uid:
+            options["series_uid"] = self.series_uid
+        if self.label:
+            options["label"] = int(self.label)
+        if self.roi:
+            options["roi"] = self.roi
+        if self.role != "mask":
+            options["role"] = self.role
+        return options
+
+
+def _cases(rows: pd.DataFrame) -> list[_Case]:
+    """One case per row and mask column (the reader masks only where given)."""
+    cases = []
+    for pid, r in rows.iterrows():
+        common = {
+            "patient_id": str(pid),
+            "line": int(r["line"]),
+            "image": r["image"],
+            "image_path": r["image_path"],
+            "series_uid": str(r.get("series_uid", "") or ""),
+            "label": str(r.get("label", "") or ""),
+            "roi": str(r.get("roi", "") or ""),
+        }
+        for role in ("mask", *READER_COLUMNS):
+            if str(r.get(role, "") or ""):
+                cases.append(_Case(**common, mask=r[role], mask_path=r[f"{role}_path"], role=role))
+    return cases
 
 
 def extract_site(
@@ -629,14 +737,11 @@ def extract_site(
     params = params or load_params()
     manifest = read_manifest(site_dir, outcome=outcome)
     problems = list(manifest.problems)
-    cases = [
-        _Case(str(pid), int(r["line"]), r["image"], r["mask"], r["image_path"], r["mask_path"])
-        for pid, r in manifest.rows.iterrows()
-    ]
+    cases = _cases(manifest.rows)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
-    features: dict[str, dict[str, float]] = {}
-    keys: dict[str, str] = {}
+    features: dict[tuple[str, str], dict[str, float]] = {}
+    keys: dict[tuple[str, str], str] = {}
     todo = cases
     if use_cache:
         features, keys, todo = _lookup_cache(cases, params, cache, problems)
@@ -655,13 +760,20 @@ def extract_site(
             if isinstance(done, CaseError):
                 problems.append(_case_problem(case, done))
             else:
-                features[case.patient_id] = done
+                features[case.key] = done
                 if use_cache:
-                    _cache_put(cache, keys[case.patient_id], done)
+                    _cache_put(cache, keys[case.key], done)
             bar.update()
 
-    order = [c.patient_id for c in cases if c.patient_id in features]
-    table = _feature_table(features, order)
+    main = {k[1]: v for k, v in features.items() if k[0] == "mask"}
+    order = [c.patient_id for c in cases if c.role == "mask" and c.patient_id in main]
+    table = _feature_table(main, order)
+    readers = {}
+    for role in READER_COLUMNS:
+        got = {k[1]: v for k, v in features.items() if k[0] == role}
+        if got:
+            ids = [c.patient_id for c in cases if c.role == role and c.patient_id in got]
+            readers[role] = _feature_table(got, ids).reindex(columns=table.columns)
     return ExtractionResult(
         features=table,
         problems=sorted(problems, key=lambda p: p.row),
@@ -671,7 +783,23 @@ def extract_site(
         pyradiomics_version=pyradiomics_version(),
         params_name=params.name,
         nonfinite=_nonfinite(table),
+        readers=readers,
+        labels=_scanner_labels(manifest.rows.loc[order] if order else manifest.rows.iloc[:0]),
     )
+
+
+def _scanner_labels(rows: pd.DataFrame) -> pd.DataFrame:
+    """The scanner label columns of the rows with a DICOM image folder (headers only)."""
+    from radfed.client.dicom import SCANNER_COLUMNS, series_labels
+
+    found = {
+        str(pid): series_labels(Path(r["image_path"]), str(r.get("series_uid", "") or "") or None)
+        for pid, r in rows.iterrows()
+        if Path(r["image_path"]).is_dir()
+    }
+    frame = pd.DataFrame.from_dict(found, orient="index", columns=list(SCANNER_COLUMNS))
+    frame.index.name = "patient_id"
+    return frame.astype(object)
 
 
 def _lookup_cache(
@@ -683,26 +811,36 @@ def _lookup_cache(
     -------
     (features of the hits, cache key of every readable case, cases to compute)
     """
-    hits: dict[str, dict[str, float]] = {}
-    keys: dict[str, str] = {}
+    hits: dict[tuple[str, str], dict[str, float]] = {}
+    keys: dict[tuple[str, str], str] = {}
     todo: list[_Case] = []
     for case in cases:
         try:
-            keys[case.patient_id] = cache_key(case.image_path, case.mask_path, params)
+            keys[case.key] = cache_key(
+                case.image_path, case.mask_path, params, case.choice, case.role
+            )
         except CaseError as error:
             problems.append(_case_problem(case, error))
             continue
-        hit = _cache_get(cache, keys[case.patient_id])
+        hit = _cache_get(cache, keys[case.key])
         if hit is None:
             todo.append(case)
         else:
-            hits[case.patient_id] = hit
+            hits[case.key] = hit
     return hits, keys, todo
 
 
 def _case_problem(case: _Case, error: CaseError) -> RowProblem:
-    file = case.mask if error.role == "mask" else case.image
-    return RowProblem(case.line, case.patient_id, file, error.reason)
+    if error.role == "image":
+        file = case.image
+        if error.file:  # a file inside a DICOM folder
+            file = f"{case.image.rstrip('/')}/{error.file}"
+    else:
+        file = case.mask
+    reason = error.reason
+    if case.role != "mask" and not reason.startswith(case.role):
+        reason = f"{case.role}: {reason}"
+    return RowProblem(case.line, case.patient_id, file, reason)
 
 
 def _run_cases(
@@ -712,7 +850,7 @@ def _run_cases(
     workers = min(max(1, int(jobs)) if jobs else os.cpu_count() or 1, len(cases))
     if workers <= 1:
         for case in cases:
-            yield case, _run_case(case.image_path, case.mask_path, params)
+            yield case, _run_case(case.image_path, case.mask_path, params, case.options())
         return
 
     # spawn, not fork: safe when the caller has threads (tqdm, Flower, Ray) and on macOS.
@@ -724,7 +862,7 @@ def _run_cases(
     )
     try:
         futures: dict[Future, _Case] = {
-            pool.submit(_run_case, c.image_path, c.mask_path, params): c for c in cases
+            pool.submit(_run_case, c.image_path, c.mask_path, params, c.options()): c for c in cases
         }
         for future in as_completed(futures):
             try:
@@ -745,9 +883,13 @@ def _init_worker(workers: int) -> None:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, (os.cpu_count() or 1) // workers))
 
 
-def _run_case(image_path: str, mask_path: str, params: ExtractionParams) -> dict | CaseError:
+def _run_case(
+    image_path: str, mask_path: str, params: ExtractionParams, options: dict | None = None
+) -> dict | CaseError:
     """Worker entry point: returns the error instead of raising it (cheaper to pickle)."""
     try:
+        if options:
+            return extract_case(image_path, mask_path, params, **options)
         return extract_case(image_path, mask_path, params)
     except CaseError as exc:
         return exc

@@ -7,6 +7,12 @@ A site folder holds one ``manifest.csv`` with one row per patient::
     A002,images/A002.nii.gz,masks/A002.nii.gz,0,57
 
 ``image`` and ``mask`` are paths relative to the site folder (absolute paths are allowed).
+``image`` may be a folder holding a DICOM series. Optional columns: ``series_uid`` (the
+series of an image folder holding several), ``label`` (a whole number: the label of a
+label map, or the segment number of a DICOM-SEG), ``roi`` (an RTSTRUCT ROI, DICOM-SEG
+segment or Slicer segment name), and ``mask_reader2`` / ``mask_repeat`` (a second
+reader's mask and the same reader's repeat, may be empty; they use the same ``label`` /
+``roi``). See :mod:`radfed.client.masks` for the accepted masks.
 The file may be comma- or semicolon-separated (spreadsheet exports in many European locales
 use ``;``); a UTF-8 byte-order mark is ignored.
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +38,8 @@ import pandas as pd
 from radfed.shared.errors import SiteDataError
 
 MANIFEST_NAME = "manifest.csv"
+#: Optional mask columns for reproducibility: a second reader, and the first reader again.
+READER_COLUMNS = ("mask_reader2", "mask_repeat")
 
 # Cell values read as "missing" in the outcome and numeric columns.
 MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none", "?", ".", "-"})
@@ -234,9 +243,21 @@ def _check_row(
     if require_images:
         for column in ("image", "mask"):
             text = record[column]
-            reason = _file_reason(site, text) if text else f"{column} path is empty"
+            reason = (
+                _file_reason(site, text, folder_ok=column == "image")
+                if text
+                else f"{column} path is empty"
+            )
             if reason:
                 add(reason, text or MANIFEST_NAME)
+        for column in READER_COLUMNS:
+            text = record.get(column, "")
+            reason = _file_reason(site, text) if text else None
+            if reason:
+                add(f"{column}: {reason}", text)
+        label = record.get("label", "")
+        if label and not re.fullmatch(r"\d+", label):
+            add(f"label must be a whole number (a label value or segment number), got '{label}'")
     if outcome is not None:
         reason = _outcome_reason(record[outcome], outcome)
         if reason:
@@ -255,10 +276,12 @@ def resolve_path(site: Path, text: str) -> Path:
     return path if path.is_absolute() else site / path
 
 
-def _file_reason(site: Path, text: str) -> str | None:
+def _file_reason(site: Path, text: str, folder_ok: bool = False) -> str | None:
     path = resolve_path(site, text)
     if not path.exists():
         return "file not found"
+    if folder_ok and path.is_dir():
+        return None
     if not path.is_file():
         return "not a file (a folder?)"
     return None
@@ -334,4 +357,9 @@ def _to_frame(
     if require_images:
         for column in ("image", "mask"):
             frame[f"{column}_path"] = [str(resolve_path(site, t).resolve()) for t in frame[column]]
+        for column in READER_COLUMNS:
+            if column in frame.columns:
+                frame[f"{column}_path"] = [
+                    str(resolve_path(site, t).resolve()) if t else "" for t in frame[column]
+                ]
     return frame.set_index("patient_id", drop=True)

@@ -1,9 +1,13 @@
 """What a hospital computes: site statistics over its own rows, behind its privacy rules.
 
 Every request names a task and carries the study protocol plus the pipeline fitted so
-far (ComBat estimates, the Radscore): sites keep no state between requests, so any
-process may answer any request. The site answers with aggregates only (sums,
-cross-products, counts); each reply passes the site's
+far (ComBat estimates, the Radscore), so any process may answer any request. The site
+treats every field of a request as hostile: it pins the study's protocol the first time
+it answers it, draws its split and folds with a secret of its own, owns the grids of
+its evaluation counts, refuses crafted models and patient sets that differ from an
+answered one by fewer than ``min_cell`` patients, and logs every request and reply to
+its append-only audit log (:mod:`radfed.client.site_state`). The site answers with
+aggregates only (sums, cross-products, counts); each reply passes the site's
 :class:`~radfed.shared.privacy.PrivacyPolicy` before it leaves.
 """
 
@@ -12,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+import uuid
 import zlib
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,18 +28,26 @@ import numpy as np
 import pandas as pd
 
 import radfed
-from radfed.client.data import SiteTable, TableSpec, load_site_table
+from radfed.client.data import SiteTable, TableSpec
+from radfed.client.site_state import SiteState, default_state_dir, protocol_hash
+from radfed.client.table_cache import cached_site_table
+from radfed.shared import evaluation_stats as es
 from radfed.shared.errors import PrivacyRefusal, RadfedError
 from radfed.shared.logistic import design, newton_pieces
 from radfed.shared.messages import LINEAR_PREDICTOR as LP
 from radfed.shared.messages import RADSCORE, Payload
 from radfed.shared.privacy import PrivacyPolicy
+from radfed.shared.selection_stats import assign_folds
 
 log = logging.getLogger(__name__)
 
 TRAIN, TEST = "train", "test"
 SPLITS = (TRAIN, TEST)
+SUBSETS = (TRAIN, TEST, "all")
 SITE_BATCH = "site"
+#: Derived column prefix: a power of a model's logit p ("cal:nomogram:2"), for the
+#: smooth calibration curve (logistic fits only).
+CALIBRATION = "cal:"
 
 
 @dataclass(frozen=True)
@@ -47,15 +60,28 @@ class SiteSettings:
     cache_dir: Path | None = None
     jobs: int = 1
     progress: bool = False
+    #: The site's own state (secret, pinned studies, answered sets, audit log);
+    #: default :func:`~radfed.client.site_state.default_state_dir`, fixed at creation.
+    state_dir: Path | None = None
+    #: Protocol hashes the site's IT approved; when given, no other study is answered.
+    approved_studies: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.state_dir is None:
+            object.__setattr__(self, "state_dir", default_state_dir(self.name, self.data_dir))
 
 
-def stratified_split(y: np.ndarray, test_fraction: float, seed: int, site: str) -> np.ndarray:
+def stratified_split(
+    y: np.ndarray, test_fraction: float, seed: int, site: str, secret: bytes = b""
+) -> np.ndarray:
     """Boolean mask of test rows: the same fraction of each class, reproducible per site.
 
-    The generator is seeded by the study seed and the site name, so a site's split does
-    not change when other sites join or leave.
+    The generator is seeded by the study seed, the site name and the site's secret, so
+    a site's split does not change when other sites join or leave, and the coordinator,
+    who knows neither the secret nor the data, can neither predict nor steer it.
     """
-    rng = np.random.default_rng([seed, zlib.crc32(site.encode())])
+    words = np.frombuffer(hashlib.sha256(secret).digest(), dtype=np.uint32) if secret else []
+    rng = np.random.default_rng([seed, zlib.crc32(site.encode()), *map(int, words)])
     test = np.zeros(len(y), dtype=bool)
     for cls in (0, 1):
         idx = np.flatnonzero(y == cls)
@@ -90,14 +116,15 @@ def _digest(request: Payload, prefixes: tuple[str, ...]) -> str:
 
 
 class Site:
-    """A site's analysis table for one study, with its split and statistics.
+    """A site's analysis table for one study, with its split, folds and statistics.
 
     Parameters
     ----------
     settings : SiteSettings
     protocol : dict
         The study protocol sent by the coordinator (outcome, variables, split, seed,
-        extraction parameters, batch and covariates).
+        extraction parameters, batch and covariates). Pinned at the site the first time
+        the study is answered; a later change is refused.
     """
 
     PIPELINE = ("combat_", "radscore_", "levels")
@@ -105,7 +132,10 @@ class Site:
     def __init__(self, settings: SiteSettings, protocol: dict[str, Any]) -> None:
         self.settings = settings
         self.protocol = protocol
-        self.table: SiteTable = load_site_table(
+        self.study = str(protocol.get("study", ""))
+        self.state = SiteState(settings.state_dir)
+        self.protocol_hash = self.state.pin(protocol, settings.approved_studies)
+        self.table: SiteTable = cached_site_table(  # reused across messages
             settings.data_dir,
             table_spec(protocol),
             params=protocol.get("extraction_params", "default"),
@@ -113,10 +143,26 @@ class Site:
             jobs=settings.jobs,
             progress=settings.progress,
         )
+        secret = self.state.secret()
         y = self.table.y
         self.test_mask = stratified_split(
-            y, protocol["test_fraction"], protocol["seed"], settings.name
+            y, protocol["test_fraction"], protocol["seed"], settings.name, secret
         )
+        # Folds of the training rows, drawn here with the site's secret and the pinned
+        # number of folds: a request's seed or fold count is never used.
+        self.n_folds = int(protocol.get("folds", 10))
+        self.folds = assign_folds(
+            y[~self.test_mask], self.n_folds, int(protocol["seed"]), settings.name, secret
+        )
+        fold_of_row = np.full(len(y), -1)
+        fold_of_row[~self.test_mask] = self.folds
+        self.ids = self.table.frame.index.to_numpy(dtype=str)
+        self.state.write_assignment(
+            self.study, self.ids, np.where(self.test_mask, TEST, TRAIN), fold_of_row
+        )
+        self.sent_counts: dict[str, float] = {}
+        self.sets_used: list[str] = []
+        self.pending_sets: dict[str, np.ndarray] = {}
         self._views: dict[tuple[str, str], pd.DataFrame] = {}
         self.handlers: dict[str, Callable[[Payload], Payload]] = {
             "describe": self.describe,
@@ -128,6 +174,7 @@ class Site:
             "combat_residuals": self.combat_residuals,
             "combat_batches": self.combat_batches,
             "select": self.select,
+            "reproducibility": self.reproducibility,
         }
 
     @property
@@ -141,11 +188,24 @@ class Site:
             return self.test_mask
         if subset == "all":
             return np.ones_like(self.test_mask)
-        raise ValueError(f"unknown subset {subset!r}")
+        raise RadfedError(f"unknown subset {str(subset)[:40]!r}; a site answers over {SUBSETS}")
 
     def _counts(self, subset: str) -> dict[str, int]:
         y = self.table.y[self.rows(subset)]
         return {"n": len(y), "events": int(y.sum()), "non_events": int(len(y) - y.sum())}
+
+    def _answer_over(self, subsets: list[str]) -> None:
+        """Apply the differencing rule to the patient sets of ``subsets``."""
+        self._check_sets({s: self.rows(s) for s in subsets})
+
+    def _check_sets(self, sets: dict[str, np.ndarray]) -> None:
+        # Checked now, remembered only once the reply passed every rule (handle).
+        self.state.check_sets(sets, self.ids, self.table.y, self.study, self.policy, record=False)
+        self.pending_sets.update(sets)
+        self.sets_used += [s for s in sets if s not in self.sets_used]
+
+    def _sent(self, name: str, value: float) -> None:
+        self.sent_counts[name] = value
 
     # -- the pipeline as the coordinator has fitted it so far ---------------------------
 
@@ -170,7 +230,8 @@ class Site:
 
     def view(self, request: Payload, subset: str) -> pd.DataFrame:
         """The rows of ``subset`` after the pipeline in ``request``: ComBat-harmonised
-        features and, when the request defines it, the Radscore column."""
+        features and, when the request defines it, the Radscore column (a linear
+        predictor, checked like any model's)."""
         key = (subset, _digest(request, self.PIPELINE))
         if key not in self._views:
             frame = self.table.frame.loc[self.rows(subset)].copy()
@@ -180,11 +241,12 @@ class Site:
                 est = self._with_own_batches(ComBatEstimates.from_payload(request), request)
                 names = list(est.feature_names)
                 cov = self.covariates(subset, request.get("levels", {}))
-                frame[names] = apply_combat(est, frame[names].to_numpy(), self.batches(subset), cov)
+                # .loc keeps the frame in one block (no fragmentation warnings).
+                frame.loc[:, names] = apply_combat(
+                    est, frame[names].to_numpy(), self.batches(subset), cov
+                )
             if "radscore_columns" in request:
-                x = frame[list(request["radscore_columns"])].to_numpy(dtype=float)
-                X = design(x, request["radscore_center"], request["radscore_scale"])
-                frame[RADSCORE] = X @ request["radscore_beta"]
+                frame[RADSCORE] = self._guarded_lp(request, "radscore", frame, "Radscore")
             self._views = {k: v for k, v in self._views.items() if k[1] == key[1]}
             self._views[key] = frame
         return self._views[key]
@@ -206,42 +268,104 @@ class Site:
             self.covariates("all", request.get("levels", {})),
         )
 
+    def _columns(self, frame: pd.DataFrame, columns: list[str]) -> np.ndarray:
+        columns = _names(columns, "columns")
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise RadfedError(f"the site has no column(s) {missing}")
+        if not columns:
+            return np.empty((len(frame), 0))
+        return frame[columns].to_numpy(dtype=float)
+
+    def _standardised(
+        self,
+        request: Payload,
+        model: str,
+        frame: pd.DataFrame,
+        context: str,
+        calibration: bool = False,
+    ) -> np.ndarray:
+        """The design matrix of ``model`` on ``frame``, after the standardisation rule."""
+        columns = _names(request[f"{model}_columns"], f"{model}_columns")
+        derived = [c.startswith((LP, CALIBRATION)) for c in columns]
+        x = self._derived(request, columns, frame, calibration)
+        center = _vector(request[f"{model}_center"], len(columns), f"{model}_center")
+        scale = _vector(request[f"{model}_scale"], len(columns), f"{model}_scale")
+        raw = ~np.asarray(derived, dtype=bool)
+        # Derived columns (another model's logit p, its spline basis) are checked as
+        # linear predictors when they are made; raw columns against the site's data.
+        self.policy.check_standardisation(x[:, raw], center[raw], scale[raw], context)
+        return design(x, center, scale)
+
+    def _guarded_lp(
+        self, request: Payload, model: str, frame: pd.DataFrame, context: str
+    ) -> np.ndarray:
+        """A model's linear predictor on ``frame``, refused when crafted (saturated,
+        or standardised unlike the site's data)."""
+        X = self._standardised(request, model, frame, context)
+        beta = _vector(request[f"{model}_beta"], X.shape[1], f"{model}_beta")
+        eta = X @ beta
+        self.policy.check_linear_predictor(eta, context)
+        return eta
+
+    def _derived(
+        self,
+        request: Payload,
+        columns: list[str],
+        frame: pd.DataFrame,
+        calibration: bool = False,
+    ) -> np.ndarray:
+        """Columns of ``frame``, where "lp:{model}" is the linear predictor of a model
+        the request carries and, in calibration fits only (``calibration``),
+        "cal:{model}:{k}" its k-th power (k = 2 or 3).
+
+        Powers, not spline terms: a hinge (x - t)+ is zero below its knot, so moving a
+        crafted model's intercept would select patients one at a time; a power of the
+        linear predictor sums over every patient of the set.
+        """
+        out = []
+        for c in columns:
+            if c.startswith(LP):
+                out.append(self._guarded_lp(request, c[len(LP) :], frame, f"model {c}"))
+            elif c.startswith(CALIBRATION):
+                model, _, k = c[len(CALIBRATION) :].rpartition(":")
+                if not calibration or k not in ("2", "3"):
+                    raise RadfedError(f"column {c!r} is only a calibration fit's (k = 2, 3)")
+                lp = self._guarded_lp(request, model, frame, f"model {model}")
+                out.append(lp ** int(k))
+            else:
+                out.append(self._columns(frame, [c])[:, 0])
+        return np.column_stack(out) if out else np.empty((len(frame), 0))
+
+    def _outcome(self, frame: pd.DataFrame) -> np.ndarray:
+        return frame[self.table.outcome].to_numpy(dtype=float)
+
     def _data(
         self, request: Payload, columns: list[str], subset: str
     ) -> tuple[np.ndarray, np.ndarray]:
         frame = self.view(request, subset)
-        # "lp:{model}" is the linear predictor of a fitted model the request carries
-        # (for calibration fits of y on logit p).
-        extra = {c: self._linear_predictor(request, c[3:], frame) for c in columns if c[:3] == LP}
-        missing = [c for c in columns if c not in frame.columns and c not in extra]
-        if missing:
-            raise RadfedError(f"the site has no column(s) {missing}")
-        x = (
-            np.column_stack(
-                [extra[c] if c in extra else frame[c].to_numpy(dtype=float) for c in columns]
-            )
-            if columns
-            else np.empty((len(frame), 0))
-        )
-        return x, frame[self.table.outcome].to_numpy(dtype=float)
-
-    @staticmethod
-    def _linear_predictor(request: Payload, model: str, frame: pd.DataFrame) -> np.ndarray:
-        x = frame[list(request[f"{model}_columns"])].to_numpy(dtype=float)
-        X = design(x, request[f"{model}_center"], request[f"{model}_scale"])
-        return X @ request[f"{model}_beta"]
+        return self._derived(request, _names(columns, "columns"), frame), self._outcome(frame)
 
     # -- tasks -------------------------------------------------------------------------
 
     def describe(self, request: Payload) -> Payload:
-        """What the coordinator checks for consistency; counts and names, no values."""
+        """What the coordinator checks for consistency; counts and names, no values.
+
+        Exclusions are sent as a count only when it passes ``min_cell`` (zero included);
+        their reasons stay at the site (``radfed validate``)."""
+        self._answer_over(["all"])
         counts = self._counts("all")
         self.policy.check_counts(counts, "describe")
         categorical = list(self.protocol.get("categorical", []))
+        excluded = self.excluded()
+        shown = excluded if not self.policy.small(excluded) else -1
+        for k, v in counts.items():
+            self._sent(f"all {k}", v)
+        self._sent("excluded", shown)
         return {
             "site": self.settings.name,
             **counts,
-            "n_excluded": len(self.table.problems),
+            "n_excluded": shown,
             "clinical": self.table.clinical,
             "features": self.table.features,
             "settings_hash": self.table.settings_hash,
@@ -249,7 +373,15 @@ class Site:
             "radfed_version": radfed.__version__,
             "batch_levels": sorted(set(self.batches("all"))),
             "levels": {c: sorted(set(self.table.labels[c])) for c in categorical},
+            # Which reproducibility masks the site has (names only; see reproducibility).
+            "reader_masks": sorted(
+                r for r, t in getattr(self.table, "readers", {}).items() if len(t)
+            ),
         }
+
+    def excluded(self) -> int:
+        """Patients kept out (one per patient, whatever its number of problems)."""
+        return len({(p.row, p.patient_id) for p in self.table.problems})
 
     def split_counts(self, request: Payload) -> Payload:
         """Patients and events in each split."""
@@ -258,30 +390,51 @@ class Site:
             counts = self._counts(subset)
             self.policy.check_counts(counts, f"{subset} split")
             reply.update({f"{k}_{subset}": v for k, v in counts.items()})
+            for k, v in counts.items():
+                self._sent(f"{subset} {k}", v)
+        self._answer_over(list(SPLITS))
         return reply
 
     def moments(self, request: Payload) -> Payload:
-        """n, sum and sum of squares of each column (for pooled mean and SD)."""
-        x, _ = self._data(request, request["columns"], request.get("subset", TRAIN))
+        """n, mean and sum of squared deviations from the mean (``m2``) of each column.
+
+        The coordinator combines them exactly by Chan's parallel formula; raw Σx² would
+        lose the SD of a feature whose mean dwarfs it (mean 1e9, SD 30) to cancellation.
+        """
+        subset = _subset(request.get("subset", TRAIN))
+        self._answer_over([subset])
+        x, _ = self._data(request, request["columns"], subset)
         self.policy.check_counts({"n": len(x)}, "moments")
-        return {"n": len(x), "sum": x.sum(axis=0), "sumsq": (x**2).sum(axis=0)}
+        self._sent(f"{subset} n", len(x))
+        mean = x.mean(axis=0)
+        return {"n": len(x), "mean": mean, "m2": ((x - mean) ** 2).sum(axis=0)}
 
     def logistic(self, request: Payload) -> Payload:
         """For each model: Hessian, score and deviance of the log-likelihood at its beta.
 
         ``models`` names the models; each has ``{model}_columns``, ``_center``, ``_scale``
-        and ``_beta`` (several models are fitted in the same rounds).
+        and ``_beta`` (several models are fitted in the same rounds). The parameters of
+        all the request's models together count against the site's parameter limit;
+        each model's linear predictor must be neither saturated nor concentrated on
+        fewer than ``min_cell`` patients.
         """
-        subset = request.get("subset", TRAIN)
+        subset = _subset(request.get("subset", TRAIN))
+        self._answer_over([subset])
         counts = self._counts(subset)
         self.policy.check_counts(counts, "logistic")
+        models = _names(request["models"], "models")
+        n_params = sum(len(_names(request[f"{m}_columns"], "columns")) + 1 for m in models)
+        self.policy.check_parameters(n_params, counts["n"], "logistic")
+        frame = self.view(request, subset)
+        y = self._outcome(frame)
         reply: Payload = {}
-        for model in request["models"]:
-            columns = request[f"{model}_columns"]
-            self.policy.check_parameters(len(columns) + 1, counts["n"], f"logistic ({model})")
-            x, y = self._data(request, columns, subset)
-            X = design(x, request[f"{model}_center"], request[f"{model}_scale"])
-            pieces = newton_pieces(X, y, request[f"{model}_beta"])
+        for model in models:
+            X = self._standardised(request, model, frame, f"logistic ({model})", True)
+            beta = _vector(request[f"{model}_beta"], X.shape[1], f"{model}_beta")
+            eta = X @ beta
+            mu = 1.0 / (1.0 + np.exp(-eta))
+            self.policy.check_linear_predictor(eta, f"logistic ({model})", mu * (1 - mu))
+            pieces = newton_pieces(X, y, beta)
             reply.update(
                 {
                     f"{model}_hessian": pieces.hessian,
@@ -290,40 +443,54 @@ class Site:
                     f"{model}_n": pieces.n,
                 }
             )
+        self._sent(f"{subset} n", counts["n"])
         return reply
 
     def evaluate(self, request: Payload) -> Payload:
         """Per subset and model: discrimination, calibration and decision-curve sums.
 
         ``models`` names the models (each with ``{model}_columns``, ``_center``,
-        ``_scale``, ``_beta``); ``subsets`` the rows (default train and test);
-        ``thresholds`` the probability grid of the threshold counts; ``bin_edges`` the
-        risk bins. Every array is sized by the request (models x thresholds or bins).
-        A subset with one class only is reported as undefined, and one whose counts are
-        below the site's minimum cell as refused, each with its reason.
+        ``_scale``, ``_beta``); ``subsets`` the rows (default train and test). The grids
+        are the site's own (:data:`~radfed.shared.evaluation_stats.THRESHOLDS`,
+        :data:`~radfed.shared.evaluation_stats.BIN_EDGES`, decile Hosmer-Lemeshow
+        groups), whatever the request says; threshold cells and risk bins are merged
+        until every count sent, and every difference of counts sent, is 0 or at least
+        ``min_cell`` (``{subset}_tp_exact`` marks the thresholds whose counts are
+        exact). A subset with one class only is reported as undefined, and one whose
+        counts are below the site's minimum cell as refused, each with its reason.
         """
-        from radfed.shared import evaluation_stats as es
-
-        models = list(request["models"])
-        thresholds = np.asarray(request["thresholds"], dtype=float)
-        edges = np.asarray(request["bin_edges"], dtype=float)
+        models = _names(request["models"], "models")
+        subsets = [_subset(s) for s in _names(request.get("subsets", list(SPLITS)), "subsets")]
+        m = self.policy.min_cell
         reply: Payload = {}
-        for subset in request.get("subsets", list(SPLITS)):
+        for subset in subsets:
             counts = self._counts(subset)
             status, reason = self._evaluable(counts)
+            if status == "ok":
+                try:  # each model's calibration intercept and slope is a fit here
+                    self.policy.check_parameters(2 * len(models), counts["n"], "evaluate")
+                except PrivacyRefusal as exc:
+                    status, reason = "refused", str(exc)
             reply.update({f"{subset}_status": status, f"{subset}_reason": reason})
             if status == "refused":
                 continue
+            self._answer_over([subset])
             reply.update({f"{subset}_n": counts["n"], f"{subset}_events": counts["events"]})
+            self._sent(f"{subset} n", counts["n"])
+            self._sent(f"{subset} events", counts["events"])
             if status != "ok":
                 continue
-            x, y = self._data(request, [f"{LP}{m}" for m in models], subset)
+            x, y = self._data(request, [f"{LP}{name}" for name in models], subset)
             P = 1 / (1 + np.exp(-x))
             roc = es.delong(y, x)
-            tp, fp = es.threshold_counts(y, P, thresholds)
-            bin_n, observed, expected = es.calibration_bins(y, P, edges)
+            tp, fp = es.threshold_counts(y, P, es.THRESHOLDS)
+            tp, fp, exact = es.coarsen_threshold_counts(
+                tp, fp, counts["events"], counts["non_events"], m
+            )
+            bin_n, observed, expected = es.coarsen_bins(*es.calibration_bins(y, P, es.BIN_EDGES), m)
+            # HL on g - 2 df where the model was fitted (train), g df on other patients.
             hl = [
-                es.hosmer_lemeshow(y, P[:, j], int(request.get("hl_groups", 10)))
+                es.hosmer_lemeshow(y, P[:, j], es.HL_GROUPS, validation=subset != TRAIN)
                 for j in range(len(models))
             ]
             fits = np.array([es.calibration_fit(y, P[:, j]) for j in range(len(models))])
@@ -333,6 +500,7 @@ class Site:
                     f"{subset}_auc_cov": roc.cov,
                     f"{subset}_tp": tp,
                     f"{subset}_fp": fp,
+                    f"{subset}_tp_exact": exact.astype(float),
                     f"{subset}_bin_n": bin_n,
                     f"{subset}_bin_observed": observed,
                     f"{subset}_bin_expected": expected,
@@ -344,16 +512,15 @@ class Site:
                     f"{subset}_hl_p": np.array([h.pvalue for h in hl]),
                 }
             )
+            self._sent(f"{subset} smallest count at a threshold or bin", _smallest(tp, fp, bin_n))
         return reply
 
     def _evaluable(self, counts: dict[str, int]) -> tuple[str, str]:
         """("ok", ""), ("undefined", why) for one class only, or ("refused", why)."""
         if counts["n"] == 0:
-            # The commonest reason only: no patient identifier leaves the site.
-            reasons = Counter(p.reason for p in self.table.problems).most_common(1)
-            why = f" ({reasons[0][1]} for {reasons[0][0]})" if reasons else ""
-            excluded = len(self.table.problems)
-            return "undefined", f"no patient with complete data: {excluded} excluded{why}"
+            excluded = self.excluded()
+            shown = f"{excluded}" if not self.policy.small(excluded) else "some"
+            return "undefined", f"no patient with complete data ({shown} excluded)"
         try:
             self.policy.check_counts({"n": counts["n"]}, "evaluate")
         except PrivacyRefusal as exc:
@@ -370,6 +537,7 @@ class Site:
         return "ok", ""
 
     def _combat_inputs(self, request: Payload) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self._answer_over([TRAIN])
         x, _ = self._data(request, request["combat_features"], TRAIN)
         cov = self.covariates(TRAIN, request.get("levels", {}))
         self.policy.check_counts(self._held_batches(), "ComBat")
@@ -407,26 +575,124 @@ class Site:
         )
 
     def select(self, request: Payload) -> Payload:
-        """mRMR and LASSO statistics over the training rows (see shared.selection_stats)."""
+        """mRMR and LASSO statistics over the training rows (see shared.selection_stats).
+
+        The LASSO's folds are the site's own (drawn with its secret, the pinned number
+        of folds); every fold's training and held-out rows pass the differencing rule.
+        """
         from radfed.shared.selection_stats import answer
 
+        self._answer_over([TRAIN])
+        if request.get("step") == "lasso_irls":
+            sets = {}
+            for k in range(self.n_folds):
+                in_fold = np.zeros(len(self.ids), dtype=bool)
+                in_fold[np.flatnonzero(~self.test_mask)[self.folds == k]] = True
+                sets[f"fold {k}"] = in_fold
+                sets[f"train without fold {k}"] = ~self.test_mask & ~in_fold
+            self._check_sets(sets)
         x, y = self._data(request, request["select_columns"], TRAIN)
-        return answer(request, x, y, self.settings.name, self.policy)
+        return answer(request, x, y, self.folds, self.n_folds, self.policy)
+
+    def reproducibility(self, request: Payload) -> Payload:
+        """Per comparison of readers, the sums of the federated ICC (see
+        shared.reproducibility_stats) over the training patients rated on every mask.
+
+        The features are the extracted ones, before harmonisation. A comparison this
+        site has no such patient for is sent with ``n = 0``; one whose patients are
+        fewer than the minimum cell, or differ from an answered set by fewer, is
+        refused for this site only (``{name}_status``) and sent with ``n = 0``.
+        """
+        from radfed.shared.reproducibility_stats import (
+            COMPARISONS,
+            complete_ratings,
+            site_icc_sums,
+        )
+
+        features = _names(request["icc_features"], "icc_features")
+        missing = [f for f in features if f not in self.table.frame.columns]
+        if missing:
+            raise RadfedError(f"the site has no feature(s) {missing[:5]}")
+        reply: Payload = {}
+        train = self.rows(TRAIN)
+        for name in _names(request["comparisons"], "comparisons"):
+            if name not in COMPARISONS:
+                raise RadfedError(f"unknown comparison {name!r}; known: {sorted(COMPARISONS)}")
+            columns = COMPARISONS[name]
+            tables = [self.table.frame[features]] + [
+                getattr(self.table, "readers", {})
+                .get(c, pd.DataFrame(columns=features))
+                .reindex(index=self.table.frame.index, columns=features)
+                for c in columns[1:]
+            ]
+            rated = np.isfinite(np.stack([t.to_numpy(dtype=float) for t in tables], axis=1)).all(
+                axis=(1, 2)
+            )
+            chosen = train & rated
+            status = "ok" if chosen.any() else "none"
+            if chosen.any():
+                try:
+                    self.policy.check_counts({"n": int(chosen.sum())}, f"reproducibility {name}")
+                    self._check_sets({f"reproducibility {name}": chosen})
+                except PrivacyRefusal as exc:
+                    status, chosen = f"refused: {exc}", np.zeros_like(chosen)
+            self._sent(f"reproducibility {name} n", int(chosen.sum()))
+            ratings = complete_ratings([t.to_numpy(dtype=float)[chosen] for t in tables])
+            sums = site_icc_sums(ratings)
+            reply.update({f"{name}_{k}": v for k, v in sums.items()})
+            reply[f"{name}_status"] = status
+        return reply
 
     def handle(self, task: str, request: Payload) -> Payload:
         """Answer one request; the reply is checked against the privacy rules."""
         handler = self.handlers.get(task)
         if handler is None:
-            raise RadfedError(f"unknown task {task!r}; this site knows {sorted(self.handlers)}")
+            raise RadfedError(
+                f"unknown task {str(task)[:40]!r}; a site knows {sorted(self.handlers)}"
+            )
+        self.sent_counts, self.sets_used, self.pending_sets = {}, [], {}
         reply = handler(request)
         PrivacyPolicy.check_shapes(reply, request_sizes(request), task)
+        self.state.check_sets(self.pending_sets, self.ids, self.table.y, self.study, self.policy)
         return reply
+
+
+def _names(value: Any, what: str) -> list[str]:
+    """A request's list of names, checked (hostile input)."""
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise RadfedError(f"request field {what!r} must be a list of names")
+    if not all(isinstance(v, str) for v in value):
+        raise RadfedError(f"request field {what!r} must hold names only")
+    return list(value)
+
+
+def _vector(value: Any, length: int, what: str) -> np.ndarray:
+    """A request's numeric vector of the given length, checked (hostile input)."""
+    v = np.asarray(value, dtype=float)
+    if v.shape != (length,):
+        raise RadfedError(f"request field {what!r} must have {length} numbers")
+    if not np.all(np.isfinite(v)):
+        raise RadfedError(f"request field {what!r} must be finite")
+    return v
+
+
+def _subset(value: Any) -> str:
+    if value not in SUBSETS:
+        raise RadfedError(f"unknown subset; a site answers over {SUBSETS}")
+    return str(value)
+
+
+def _smallest(*arrays: np.ndarray) -> float:
+    values = np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays])
+    values = values[values > 0]
+    return float(values.min()) if len(values) else 0.0
 
 
 def request_sizes(request: Payload) -> set[int]:
     """Every size the request fixes (its lists and array dimensions, plus one for an
-    intercept): a reply array may have these dimensions and no other."""
-    sizes = {1}
+    intercept) and the sizes of the site's own grids: a reply array may have these
+    dimensions and no other."""
+    sizes = {1, len(es.THRESHOLDS), len(es.BIN_EDGES) - 1}
     for value in request.values():
         if isinstance(value, np.ndarray):
             sizes.update(value.shape)
@@ -451,35 +717,140 @@ class SiteWorker:
     """A site's request handler: loads its data once per study and answers requests.
 
     Errors never crash the site: a refusal or a data problem becomes an ``error`` reply
-    that names the site and the reason, and is logged at the site.
+    that names the site, the rule or the reason, and never a patient id, a local path
+    or a small count (the full message stays in the site's log). Every request and
+    reply is appended to the site's audit log.
     """
 
     _cache: ClassVar[dict[tuple[SiteSettings, str], Site]] = {}
 
     def __init__(self, settings: SiteSettings) -> None:
         self.settings = settings
+        self.state = SiteState(settings.state_dir)
 
     def site(self, protocol: dict[str, Any]) -> Site:
         # One Site per (site settings, study protocol) in this process: later requests of
         # the same study reuse the loaded table and split.
-        key = (self.settings, json.dumps(protocol, sort_keys=True))
+        if not isinstance(protocol, dict):
+            raise RadfedError("the request carries no study protocol")
+        key = (self.settings, json.dumps(protocol, sort_keys=True, default=str))
         if key not in self._cache:
-            log.info("site %s: loading %s", self.settings.name, self.settings.data_dir)
+            log.info(
+                "site %s: loading its data for study %r", self.settings.name, protocol.get("study")
+            )
             self._cache[key] = Site(self.settings, protocol)
         return self._cache[key]
 
     def handle(self, request: Payload) -> Payload:
         task = request.get("task", "")
+        protocol = request.get("protocol") if isinstance(request.get("protocol"), dict) else {}
+        entry: dict[str, Any] = {
+            "site": self.settings.name,
+            "task": str(task)[:40],
+            "step": str(request.get("step", ""))[:40],
+            "study": str(protocol.get("study", ""))[:200],
+            "protocol_hash": protocol_hash(protocol) if protocol else "",
+            "request": _shapes({k: v for k, v in request.items() if k != "protocol"}),
+        }
+        site: Site | None = None
         try:
             if task == "hello":
-                return {"site": self.settings.name}
-            return self.site(request["protocol"]).handle(task, request)
+                reply: Payload = {"site": self.settings.name}
+            else:
+                site = self.site(request.get("protocol"))
+                reply = site.handle(task, request)
+            entry.update(outcome="answered", rule="passed every rule", reply=_shapes(reply))
         except PrivacyRefusal as exc:
             log.warning("site %s refused %s: %s", self.settings.name, task, exc)
-            return {"error": str(exc), "error_kind": "privacy"}
-        except (RadfedError, ValueError) as exc:
+            message = self._public(str(exc), site)
+            entry.update(outcome="refused", rule=exc.rule, message=message)
+            reply = {"error": message, "error_kind": "privacy"}
+        except (RadfedError, ValueError, KeyError, TypeError) as exc:
             log.error("site %s cannot answer %s: %s", self.settings.name, task, exc)
-            return {"error": str(exc), "error_kind": "data"}
-        except Exception as exc:  # report, do not crash the site's process
-            log.exception("site %s failed on %s", self.settings.name, task)
-            return {"error": f"{type(exc).__name__}: {exc}", "error_kind": "internal"}
+            detail = f"missing request field {exc}" if isinstance(exc, KeyError) else str(exc)
+            message = self._public(detail, site)
+            entry.update(outcome="error", rule="", message=message)
+            reply = {"error": message, "error_kind": "data"}
+        except Exception:  # report, do not crash the site's process
+            ref = uuid.uuid4().hex[:8]
+            log.exception("site %s failed on %s (reference %s)", self.settings.name, task, ref)
+            entry.update(outcome="error", rule="", message=f"internal error {ref}")
+            reply = {
+                "error": f"internal error at the site (reference {ref} in its log)",
+                "error_kind": "internal",
+            }
+        if site is not None:
+            # What left the site: nothing when the request was refused.
+            answered = entry["outcome"] == "answered"
+            entry.update(subsets=site.sets_used, counts_sent=site.sent_counts if answered else {})
+        try:
+            self.state.audit(entry)
+        except OSError as exc:  # an unwritable audit log stops the site from answering
+            log.error("site %s cannot write its audit log: %s", self.settings.name, exc)
+            return {"error": "the site cannot write its audit log", "error_kind": "internal"}
+        return reply
+
+    def _public(self, message: str, site: Site | None) -> str:
+        """``message`` without local paths or patient ids (they stay in the site's log)."""
+        for folder in (self.settings.data_dir, self.settings.cache_dir, self.settings.state_dir):
+            if folder is not None:
+                message = message.replace(str(Path(folder).resolve()), "<site folder>")
+                message = message.replace(str(folder), "<site folder>")
+        message = _PATH.sub("<site path>", message)
+        message = _PATIENT.sub("(patient <id>)", message)
+        message = _ID_LIST.sub("patient_id(s) [<ids>]", message)
+        if site is not None:
+            ids = {p.patient_id for p in site.table.problems if p.patient_id} | set(site.ids)
+        else:  # the data did not load: read the ids the folder holds, to scrub them
+            ids = _folder_ids(self.settings.data_dir)
+        if ids:
+            for pid in sorted(ids, key=len, reverse=True):
+                quoted = re.escape(pid)
+                # Short ids ("12") only where quoted, longer ones wherever they stand.
+                pattern = rf"(?<![\w.-]){quoted}(?![\w.-])" if len(pid) >= 3 else rf"'{quoted}'"
+                message = re.sub(pattern, "<id>", message)
+        return message[:500]
+
+
+#: Absolute paths (and ~ paths) in messages.
+_PATH = re.compile(r"(?<![\w<])(?:~|/)[\w.@%+-]+(?:/[\w.@%+ -]*[\w.@%+-])*/?")
+#: "(patient P001)" as manifest problems write it, and "patient_id=P001".
+_PATIENT = re.compile(r"\(patient [^)]*\)|patient_id[ =:]+['\"]?[^\s,)'\"]+['\"]?", re.I)
+
+
+#: "patient_id(s) ['A', 'B']" as the table readers list duplicates.
+_ID_LIST = re.compile(r"patient_id\(s\) \[[^\]]*\]")
+
+
+def _folder_ids(folder: Path) -> set[str]:
+    """Every patient id in a site folder's tables (best effort, for scrubbing)."""
+    ids: set[str] = set()
+    for name in ("manifest.csv", "features.csv", "features.parquet"):
+        path = Path(folder) / name
+        try:
+            if name.endswith(".parquet"):
+                frame = pd.read_parquet(path)
+                column = frame.index if "patient_id" not in frame else frame["patient_id"]
+            else:
+                column = pd.read_csv(path, usecols=["patient_id"], dtype=str)["patient_id"]
+            ids |= {str(v) for v in column.dropna()}
+        except Exception:  # unreadable tables hold nothing to scrub
+            continue
+    return ids
+
+
+def _shapes(payload: Payload) -> dict[str, Any]:
+    """A payload as the audit log keeps it: shapes, names and numbers, no arrays."""
+    out: dict[str, Any] = {}
+    for key, value in payload.items():
+        if isinstance(value, np.ndarray):
+            out[key] = f"array{list(value.shape)}"
+        elif isinstance(value, (list, tuple)):
+            out[key] = f"list[{len(value)}]"
+        elif isinstance(value, dict):
+            out[key] = f"dict[{len(value)}]"
+        elif isinstance(value, str):
+            out[key] = value[:200]
+        else:
+            out[key] = value
+    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,14 @@ VARIABLES: tuple[Variable, ...] = (
              "smallest count this site sends (not below 3)"),
     Variable("RADFED_MAX_PARAM_FRACTION", (SITE,), repr(PrivacyPolicy.max_param_fraction),
              "most model parameters per patient this site fits (not above 1/3)"),
+    Variable("RADFED_SITE_STATE_DIR", (SITE,), "/state",
+             "writable, persistent, private to the site: its secret, pinned studies, "
+             "answered patient sets, split assignments and audit log (`radfed audit`; "
+             "docs/privacy.md). A new folder forgets every pin"),
+    Variable("RADFED_APPROVED_STUDIES", (SITE,), "(none: any study, pinned when first "
+             "answered)",
+             "comma-separated protocol hashes (`radfed study-hash STUDY.toml`) this site "
+             "answers; no other study is answered"),
     Variable("RADFED_JOBS", (SITE,), "1", "parallel pyradiomics extractions"),
     Variable("RADFED_CONNECT_TIMEOUT", (SITE,), "10",
              "seconds the start-up check waits for the coordinator"),
@@ -158,6 +167,8 @@ class SiteSettings:
     jobs: int
     connect_timeout: float
     runtime_port: int
+    state_dir: Path = Path("/state")
+    approved_studies: tuple[str, ...] = ()
 
     @property
     def superlink_host_port(self) -> tuple[str, int]:
@@ -203,9 +214,23 @@ def site_settings(env: Mapping[str, str] | None = None) -> SiteSettings:
         jobs=max(1, int(_number(env, "RADFED_JOBS", int))),
         connect_timeout=float(_number(env, "RADFED_CONNECT_TIMEOUT", float)),
         runtime_port=int(_number(env, "RADFED_RUNTIME_PORT", int)),
+        state_dir=Path(_get(env, "RADFED_SITE_STATE_DIR")),
+        approved_studies=approved_studies(env.get("RADFED_APPROVED_STUDIES", "")),
     )
     settings.superlink_host_port  # noqa: B018 - validates the address now
     return settings
+
+
+def approved_studies(text: str) -> tuple[str, ...]:
+    """``RADFED_APPROVED_STUDIES``: comma-separated SHA-256 protocol hashes."""
+    hashes = tuple(h.strip().lower() for h in text.split(",") if h.strip())
+    for h in hashes:
+        if not re.fullmatch(r"[0-9a-f]{64}", h):
+            raise ConfigError(
+                f"RADFED_APPROVED_STUDIES: {h[:70]!r} is not a study's protocol hash "
+                "(64 hex digits, from `radfed study-hash STUDY.toml`)"
+            )
+    return hashes
 
 
 # --------------------------------------------------------------------------- coordinator

@@ -5,7 +5,8 @@ then *replaces itself* with ``flower-supernode``: TLS to the coordinator verifie
 the study CA, authenticated with this hospital's key, running only app bundles signed
 by the study's key, and with this site's own data folder and privacy limits in its
 ``--node-config`` (the ClientApp reads them there; nothing the coordinator sends can
-change them).
+change them), with its state folder (``RADFED_SITE_STATE_DIR``: secret, pinned studies,
+audit log) and the study hashes it approved (``RADFED_APPROVED_STUDIES``).
 
 ``check`` runs the same checks, including a TLS handshake with the coordinator, prints
 what it found and exits. ``public-key`` prints the public key the coordinator registers.
@@ -30,7 +31,8 @@ LOOPBACK = "127.0.0.1"
 
 
 def site_node(settings: SiteSettings) -> SiteNode:
-    """The SuperNode's ``--node-config``: this site's data, cache and own limits."""
+    """The SuperNode's ``--node-config``: this site's data, cache, state folder, approved
+    studies and own limits."""
     return SiteNode(
         name=settings.name,
         data_dir=settings.data_dir,
@@ -38,6 +40,8 @@ def site_node(settings: SiteSettings) -> SiteNode:
         max_param_fraction=settings.privacy.max_param_fraction,
         cache_dir=settings.feature_cache,
         jobs=settings.jobs,
+        state_dir=settings.state_dir,
+        approved_studies=settings.approved_studies,
     )
 
 
@@ -72,6 +76,11 @@ def preflight(settings: SiteSettings, report: bool = False) -> None:
         f"max_param_fraction={settings.privacy.max_param_fraction:.4g}"
     )
     checks.require_writable_dir(settings.cache_dir, "cache folder", "RADFED_CACHE_DIR")
+    checks.require_writable_dir(settings.state_dir, "state folder", "RADFED_SITE_STATE_DIR")
+    approved = (
+        ", ".join(h[:12] for h in settings.approved_studies) or "any, pinned when first answered"
+    )
+    say(f"{PROG}: state and audit log in {settings.state_dir}; studies answered: {approved}")
     checks.require_ca(settings.ca_cert, "RADFED_CA_CERT")
     checks.check_node_key(settings.auth_key)
     checks.require_file(

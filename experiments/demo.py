@@ -36,7 +36,10 @@ covariates = ["age", "sex"]     # biology ComBat must preserve (age changes musc
 # has about {fold_rows} training rows, and sites refuse fits with more parameters than a
 # third of their rows.
 mrmr_k = {mrmr_k}
-folds = 10
+# 5-fold CV (seed 000 used 10): a site sends each fold's events and non-events (they
+# follow from its fit pieces), and with {patients} patients 10 folds would hold fewer than
+# min_cell events, which the sites refuse.
+folds = 5
 # glmnet's ratio for N < p: the deep end of a 1e-4 path is nearly separable on cohorts
 # this small, slow to fit and never chosen by CV.
 lambda_min_ratio = 0.01
@@ -51,7 +54,7 @@ experiment = "radfed-demo"
 {sites}"""
 
 
-def mrmr_k_for(patients: int, test_fraction: float = 0.3, folds: int = 10) -> int:
+def mrmr_k_for(patients: int, test_fraction: float = 0.3, folds: int = 5) -> int:
     """The most features a LASSO fold fit at a site of ``patients`` may use under the
     default privacy rule (parameters <= rows / 3), capped at 15."""
     fold_rows = int(patients * (1 - test_fraction) * (1 - 1 / folds))
@@ -70,7 +73,7 @@ def write_study(out: Path, site_dirs: list[Path], params: str, seed: int, patien
         params=params,
         sites=sites,
         patients=patients,
-        fold_rows=int(patients * 0.7 * 0.9),
+        fold_rows=int(patients * 0.7 * 0.8),
         mrmr_k=mrmr_k_for(patients),
     )
     path = out / "study.toml"

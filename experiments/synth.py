@@ -116,6 +116,13 @@ MANIFEST_COLUMNS = (
     "fat_thickness",
     "scanner",
 )
+#: Extra manifest columns of a cohort written with ``second_reader=True``.
+READER_COLUMNS = ("mask_reader2", "mask_repeat")
+#: Boundary disagreement of the second reader and of the first reader's repeat: SD (mm)
+#: of a smooth random displacement of the ROI boundary, SD (mm) of a per-case
+#: systematic offset (drawing wider or tighter), and the smoothness (mm) of the field.
+READER2_JITTER = (1.5, 0.5, 5.0)
+REPEAT_JITTER = (0.75, 0.25, 5.0)
 SYNTH_VERSION = 1
 MARKER = ".radfed_synth.json"  # marks a folder as ours, so a rerun may overwrite it
 
@@ -627,6 +634,53 @@ def simulate_case(
 # --------------------------------------------------------------------------- cohort
 
 
+def reader_mask(
+    mask: sitk.Image,
+    rng: np.random.Generator,
+    jitter_mm: float,
+    offset_mm: float,
+    smooth_mm: float = 4.0,
+) -> sitk.Image:
+    """Another reading of a ROI: its boundary moved by a smooth random displacement.
+
+    The signed distance to the boundary (mm, positive inside) plus a smooth Gaussian
+    random field of SD ``jitter_mm`` (correlation length ``smooth_mm``) plus one
+    per-case offset of SD ``offset_mm`` is thresholded at zero: the ROI grows where the
+    field is positive and shrinks where it is negative, as two radiologists' outlines
+    differ. The result is on exactly the mask's grid; voxels deep inside or far outside
+    the ROI never change.
+    """
+    inside = sitk.GetArrayFromImage(mask).astype(bool)
+    sampling = mask.GetSpacing()[::-1]
+    depth = ndimage.distance_transform_edt(inside, sampling=sampling)
+    distance = ndimage.distance_transform_edt(~inside, sampling=sampling)
+    # Half a voxel step puts the boundary between the last inside and first outside voxel.
+    half = 0.5 * min(sampling)
+    signed = np.where(inside, depth - half, -(distance - half))
+    field = ndimage.gaussian_filter(
+        rng.standard_normal(inside.shape), [smooth_mm / s for s in sampling], mode="wrap"
+    )
+    field *= jitter_mm / max(float(field.std()), 1e-12)
+    moved = signed + field + rng.normal(0.0, offset_mm) > 0
+    out = sitk.GetImageFromArray(moved.astype(np.uint8))
+    out.CopyInformation(mask)
+    return out
+
+
+def _series_info(profile: ScannerProfile, pid: str):
+    """DICOM headers of a synthetic site's scanner, from the profile name MAKER_MODEL_FIELD."""
+    from radfed.client.dicom_export import SeriesInfo
+
+    maker, model, field = profile.name.split("_")
+    return SeriesInfo(
+        patient_id=pid,
+        manufacturer=maker,
+        model=model,
+        field_strength=float(field.rstrip("T")),
+        slice_thickness=profile.spacing[2],
+    )
+
+
 def site_name(index: int) -> str:
     """Letters of site ``index``: 0 -> 'a', 25 -> 'z', 26 -> 'aa' (spreadsheet style)."""
     letters = ""
@@ -691,7 +745,15 @@ def _class_labels(rng: np.random.Generator, patients: int, prevalence: float) ->
     return rng.permutation(labels)
 
 
-def _write_site(folder: Path, index: int, patients: int, seed: int, bar: tqdm) -> None:
+def _write_site(
+    folder: Path,
+    index: int,
+    patients: int,
+    seed: int,
+    bar: tqdm,
+    second_reader: bool = False,
+    dicom: bool = False,
+) -> None:
     profile = SITE_PROFILES[index % len(SITE_PROFILES)]
     # The marker goes first, so that an interrupted run can still be overwritten.
     marker = {
@@ -714,8 +776,24 @@ def _write_site(folder: Path, index: int, patients: int, seed: int, bar: tqdm) -
             profile, int(fasciitis), clin["age"], clin["fat_thickness"], rng
         )
         rel_img, rel_mask = f"images/{pid}.nii.gz", f"masks/{pid}.nii.gz"
-        sitk.WriteImage(image, str(folder / rel_img), True)
+        if dicom:
+            from radfed.client.dicom_export import write_series
+
+            rel_img = f"images/{pid}"
+            write_series(image, folder / rel_img, _series_info(profile, pid))
+        else:
+            sitk.WriteImage(image, str(folder / rel_img), True)
         sitk.WriteImage(mask, str(folder / rel_mask), True)
+        extra = []
+        if second_reader:
+            readers = np.random.default_rng([seed, index, 2, k])  # its own stream
+            for column, (jitter, offset, smooth) in zip(
+                READER_COLUMNS, (READER2_JITTER, REPEAT_JITTER), strict=True
+            ):
+                rel = f"masks/{pid}_{column.removeprefix('mask_')}.nii.gz"
+                other = reader_mask(mask, readers, jitter, offset, smooth)
+                sitk.WriteImage(other, str(folder / rel), True)
+                extra.append(rel)
         rows.append(
             [
                 pid,
@@ -727,17 +805,25 @@ def _write_site(folder: Path, index: int, patients: int, seed: int, bar: tqdm) -
                 f"{clin['cobb_angle']:.1f}",
                 f"{clin['fat_thickness']:.2f}",
                 profile.name,
+                *extra,
             ]
         )
         bar.update(1)
     with open(folder / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(MANIFEST_COLUMNS)
+        writer.writerow(MANIFEST_COLUMNS + (READER_COLUMNS if second_reader else ()))
         writer.writerows(rows)
 
 
 def write_cohort(
-    out: str | Path, sites: int = 3, patients: int = 60, seed: int = 0, progress: bool = True
+    out: str | Path,
+    sites: int = 3,
+    patients: int = 60,
+    seed: int = 0,
+    progress: bool = True,
+    *,
+    second_reader: bool = False,
+    dicom: bool = False,
 ) -> list[Path]:
     """Write one folder per hospital (out/hospital_a, out/hospital_b, ...) and return them.
 
@@ -753,6 +839,14 @@ def write_cohort(
         Non-negative seed; the same seed gives byte-identical files.
     progress : bool
         Show a progress bar on stderr.
+    second_reader : bool
+        Also write a second reader's mask and the first reader's repeat per patient
+        (:func:`reader_mask`; columns ``mask_reader2`` and ``mask_repeat``), for the
+        study's reproducibility (ICC) filter. Images and first masks do not change.
+    dicom : bool
+        Write each image as a DICOM series folder (``images/<patient>/``, one file per
+        slice, the scanner's manufacturer, model and field strength in the headers)
+        instead of NIfTI; the voxels and the grid are the same.
 
     Returns
     -------
@@ -789,5 +883,5 @@ def write_cohort(
     ) as bar:
         for i, folder in enumerate(folders):
             _prepare_site_dir(folder)
-            _write_site(folder, i, patients, seed, bar)
+            _write_site(folder, i, patients, seed, bar, second_reader, dicom)
     return folders

@@ -1,11 +1,14 @@
-"""The ``radfed`` command line: synth, extract, run, demo, report, compare and deploy."""
+"""The ``radfed`` command line: synth, extract, validate, audit, run, demo, report, compare
+and deploy."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from radfed.shared.errors import RadfedError
 
@@ -20,13 +23,23 @@ def _setup_logging(verbosity: int) -> None:
     # Third-party libraries stay quiet unless asked.
     for noisy in ("radiomics", "alembic", "mlflow", "flwr", "urllib3", "git", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING if verbosity <= 0 else logging.INFO)
+    if verbosity <= 0:
+        # MLflow's artifact download bars (radfed report, model registration) say nothing
+        # a user acts on; radfed's own bars (synth, extract) follow -q.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from radfed.experiments.synth import write_cohort
 
     folders = write_cohort(
-        args.out, sites=args.sites, patients=args.patients, seed=args.seed, progress=not args.quiet
+        args.out,
+        sites=args.sites,
+        patients=args.patients,
+        seed=args.seed,
+        progress=not args.quiet,
+        second_reader=args.second_reader,
+        dicom=args.dicom,
     )
     for folder in folders:
         print(folder)
@@ -35,14 +48,19 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from radfed.client.extraction import extract_site, load_params, write_features
+    from radfed.server.outputs import OutputError, check_writable
 
     params = load_params(args.params)
     site = Path(args.site_dir)
+    out = _extract_out(site, args.out)  # checked before hours of extraction, not after
     result = extract_site(
         site, params, jobs=args.jobs, cache_dir=args.cache, progress=not args.quiet
     )
-    out = Path(args.out) if args.out else site / "features.parquet"
-    path = write_features(result, out)
+    try:
+        check_writable(out.parent)
+        path = write_features(result, out)
+    except OSError as exc:
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
     print(
         f"{len(result.features)} cases, {result.features.shape[1]} features "
         f"({result.n_extracted} extracted, {result.n_cached} from the cache) -> {path}"
@@ -52,6 +70,35 @@ def cmd_extract(args: argparse.Namespace) -> int:
         for problem in result.problems:
             print(f"  {problem}")
     return 0
+
+
+def _extract_out(site: Path, out: str | None) -> Path:
+    """The feature table's path: ``--out``, else ``SITE_DIR/features.parquet``, else
+    (a read-only site folder) ``./features-SITE.parquet``, said on stderr."""
+    from radfed.server.outputs import OutputError, check_writable
+
+    if out:
+        path = Path(out).expanduser()
+        check_writable(path.parent)
+        if path.is_dir():
+            raise OutputError(f"--out {path} is a folder: give a .parquet or .csv file name")
+        if path.exists() and not path.is_file():  # a device such as /dev/full, a pipe
+            raise OutputError(f"--out {path} is not a regular file: give a .parquet or .csv file")
+        return path
+    if not site.is_dir():
+        return site / "features.parquet"  # extract_site says the folder is missing
+    try:
+        check_writable(site, "site folder")
+        return site / "features.parquet"
+    except OutputError:
+        path = Path.cwd() / f"features-{site.resolve().name}.parquet"
+        check_writable(path.parent, "current folder (the site folder is read-only)")
+        print(
+            f"radfed: the site folder {site} is read-only: the feature table goes to {path} "
+            "(the feature cache still serves `radfed run`)",
+            file=sys.stderr,
+        )
+        return path
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -67,12 +114,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         track=not args.no_track,
         jobs=args.jobs,
         pooled=args.pooled,
+        timeout=args.timeout,
     )
     print(result.summary())
-    print(f"\nresults.json: {out / 'results.json'}")
-    print(f"report:       {out / 'report.html'}")
-    _print_mlflow(result.federation)
-    return 0
+    return _print_outputs(result.federation)
+
+
+def _print_outputs(federation: dict) -> int:
+    """Print where the run's results are; 2 when part of them could not be recorded."""
+    folder = Path(federation.get("output_dir", "."))
+    print(f"\nresults.json: {folder / 'results.json'}")
+    if (folder / "report.html").is_file():
+        print(f"report:       {folder / 'report.html'}")
+    _print_mlflow(federation)
+    errors = federation.get("errors") or []
+    for error in errors:
+        print(f"radfed: error: not recorded: {error} (the rest is in {folder})", file=sys.stderr)
+    return 2 if errors else 0
 
 
 def _print_mlflow(federation: dict) -> None:
@@ -101,10 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(result.external_table())
     print(f"\nstudy file:   {out / 'study.toml'}")
-    print(f"results.json: {out / 'results' / 'results.json'}")
-    print(f"report:       {out / 'results' / 'report.html'}")
-    _print_mlflow(result.federation)
-    return 0
+    return _print_outputs(result.federation)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -155,6 +210,33 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return int(module.main(args.rest) or 0)
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from radfed.client.validate import validate_site
+
+    config = None
+    if args.study:
+        from radfed.shared.config import load_study
+
+        config = load_study(args.study)
+    found = validate_site(args.site_dir, config)
+    print(found.report())
+    return 0 if found.ok else 1
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from radfed.client.audit_report import audit_report
+
+    print(audit_report(args.site_dir, args.site, args.study, args.refused, args.json))
+    return 0
+
+
+def cmd_study_hash(args: argparse.Namespace) -> int:
+    from radfed.client.audit_report import study_hash
+
+    print(study_hash(args.study))
+    return 0
+
+
 def cmd_heart_disease(args: argparse.Namespace) -> int:
     from radfed.experiments.heart_disease import write_study
 
@@ -164,8 +246,28 @@ def cmd_heart_disease(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes as one ``radfed: error: ...`` line with exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"radfed: error: {message} (see: {self.prog} --help)\n")
+
+
+def jobs_count(text: str) -> int:
+    """``--jobs``: a whole number of worker processes, 0 for one per CPU core."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number >= 0 (0: one per CPU core), got {text!r}"
+        )
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="radfed", description=__doc__)
+    parser = _Parser(prog="radfed", description=__doc__)
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument(
         "-q", "--quiet", action="store_true", help="no progress bars, warnings only"
@@ -177,28 +279,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--patients", type=int, default=60, help="patients per site")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--second-reader",
+        action="store_true",
+        help="also write a second reader's mask and a repeat per patient (ICC filter)",
+    )
+    p.add_argument("--dicom", action="store_true", help="write the images as DICOM series folders")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("extract", help="extract radiomics features of one site with pyradiomics")
     p.add_argument("site_dir", help="site folder with manifest.csv")
     p.add_argument(
-        "--params", default="default", help="'default', 'fast' or a pyradiomics parameter file"
+        "--params",
+        default="default",
+        help="'default', 'fast', '2d' or a pyradiomics parameter file",
     )
-    p.add_argument("--jobs", type=int, default=1, help="cases in parallel (0: all cores)")
+    p.add_argument("--jobs", type=jobs_count, default=1, help="cases in parallel (0: all cores)")
     p.add_argument(
-        "--out", help="output table (.parquet, or .csv); default SITE_DIR/features.parquet"
+        "--out",
+        help="output table (.parquet, or .csv); default SITE_DIR/features.parquet, or "
+        "./features-SITE.parquet when the site folder is read-only",
     )
     p.add_argument(
         "--cache", help="feature cache folder (default $RADFED_CACHE or ~/.cache/radfed/features)"
     )
     p.set_defaults(func=cmd_extract)
 
+    p = sub.add_parser(
+        "validate",
+        help="list every problem of a site's data: file, line and all reasons per patient; "
+        "exit status 1 when a patient or column is kept out",
+    )
+    p.add_argument("site_dir", help="site folder (manifest.csv, or features.csv/.parquet)")
+    p.add_argument("--study", help="also check the study's outcome, variables and features")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "audit",
+        help="print a site's audit log: every request it answered or refused, the rule, "
+        "the counts it sent (docs/privacy.md)",
+    )
+    p.add_argument(
+        "site_dir", metavar="SITE", help="the site's data folder, or its state folder (audit.jsonl)"
+    )
+    p.add_argument(
+        "--site",
+        metavar="NAME",
+        help="the site's name, as in the study file (default: the "
+        "one site that used this data folder)",
+    )
+    p.add_argument("--study", help="only this study (its name, or its protocol hash's start)")
+    p.add_argument("--refused", action="store_true", help="only refused requests")
+    p.add_argument("--json", action="store_true", help="the summary and entries as JSON")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser(
+        "study-hash",
+        help="print a study file's protocol hash, which a site may approve in advance "
+        "(RADFED_APPROVED_STUDIES)",
+    )
+    p.add_argument("study", help="study file (TOML)")
+    p.set_defaults(func=cmd_study_hash)
+
     p = sub.add_parser("run", help="run a federated study")
     p.add_argument("study", help="study file (TOML)")
     p.add_argument(
         "--transport", default="inprocess", choices=["inprocess", "simulation", "deployment"]
     )
-    p.add_argument("--out", help="output folder (default: radfed-out/STUDY beside the study file)")
+    p.add_argument(
+        "--out",
+        help="output root (default: radfed-out/STUDY beside the study file); each run "
+        "writes into a new folder TIME-ID there, and DIR/latest points at the newest",
+    )
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     p.add_argument(
         "--pooled",
@@ -206,7 +358,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="also fit the study on the pooled data with neuroCombat, scikit-learn and "
         "statsmodels, and report the federated-versus-pooled equivalence",
     )
-    p.add_argument("--jobs", type=int, default=1, help="extraction cases in parallel at each site")
+    p.add_argument(
+        "--jobs",
+        type=jobs_count,
+        default=1,
+        help="extraction cases in parallel at each site (0: all cores)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="limit of a whole Flower Deployment Engine run (0: none; default: the study's "
+        "[federation] timeout, else 300 s plus 60 s per expected round)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
@@ -225,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--transport", default="inprocess", choices=["inprocess", "simulation", "deployment"]
     )
     p.add_argument(
-        "--jobs", type=int, default=0, help="extraction cases in parallel (0: all cores)"
+        "--jobs", type=jobs_count, default=0, help="extraction cases in parallel (0: all cores)"
     )
     p.set_defaults(func=cmd_demo)
 
@@ -274,6 +438,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("radfed: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not a user's mistake: one line; -v shows where
+        if args.verbose:
+            raise
+        first = (str(exc).splitlines() or [""])[0]
+        print(
+            f"radfed: internal error: {type(exc).__name__}: {first} "
+            "(rerun with -v for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -24,9 +24,15 @@ def serve_study(
 ) -> StudyResult:
     """Run a study over a Flower Grid."""
     transport = GridTransport(
-        grid, config.site_names, connect_timeout=connect_timeout, engine=engine
+        grid,
+        config.site_names,
+        connect_timeout=connect_timeout,
+        reply_timeout=config.round_timeout,
+        engine=engine,
     )
-    return FederatedStudy(config, transport).run()
+    result = FederatedStudy(config, transport).run()
+    transport.finish()
+    return result
 
 
 def make_server_app(run: Callable[[Grid, Context], None]) -> ServerApp:

@@ -103,6 +103,12 @@ class SiteNode:
     cache_dir: Path | None = None
     jobs: int | None = None
     extra_args: tuple[str, ...] = ()
+    #: The site's state folder (secret, pinned studies, audit log); default: the
+    #: ClientApp's own (radfed.client.site_state.default_state_dir).
+    state_dir: Path | None = None
+    #: Protocol hashes the site approved in advance; empty: any study, pinned when first
+    #: answered.
+    approved_studies: tuple[str, ...] = ()
 
     def node_config(self) -> dict[str, str | int | float]:
         values: dict[str, str | int | float] = {
@@ -117,6 +123,10 @@ class SiteNode:
             values["cache-dir"] = str(Path(self.cache_dir).resolve())
         if self.jobs is not None:
             values["jobs"] = int(self.jobs)
+        if self.state_dir is not None:
+            values["state-dir"] = str(Path(self.state_dir).resolve())
+        if self.approved_studies:
+            values["approved-studies"] = ",".join(self.approved_studies)
         return values
 
 
@@ -590,10 +600,31 @@ def stop_run(connection: Connection, run_id: int) -> None:
         log.warning("%s", exc)
 
 
+#: The marker of the ServerApp's progress lines (phase, rounds done), relayed to the
+#: coordinator's log while a run goes on (written by radfed.server.flower_transport).
+PROGRESS = "progress: "
+
+
+def _relay_progress(log_path: Path, offset: int) -> int:
+    """Log the progress lines the ServerApp wrote to ``log_path`` after ``offset``;
+    return the new offset (only whole lines are read)."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+    except OSError:
+        return offset
+    end = chunk.rfind(b"\n") + 1
+    for line in chunk[:end].decode(errors="replace").splitlines():
+        if PROGRESS in line:
+            log.info("%s", line[line.index(PROGRESS) + len(PROGRESS) :].strip())
+    return offset + end
+
+
 def wait_for_run(
     connection: Connection,
     run_id: int,
-    timeout: float,
+    timeout: float | None,
     log_path: Path,
     check_alive: Callable[[], None] | None = None,
     poll_interval: float = 15.0,
@@ -603,7 +634,9 @@ def wait_for_run(
     ``flwr log RUN --stream`` ends when the run finishes; ``flwr ls`` is also asked every
     ``poll_interval`` seconds. ``check_alive`` is called while waiting and may raise
     (e.g. when a process of the federation died). On timeout the run is stopped and a
-    :class:`FederationError` is raised.
+    :class:`FederationError` is raised; ``timeout`` None (or 0) waits without a limit
+    (each round has its own limit in the ServerApp: the study's ``round_timeout``).
+    The ServerApp's progress lines (phase, rounds done) are logged as they arrive.
     """
     env = connection.env()
     stream = ManagedProcess.start(
@@ -613,13 +646,15 @@ def wait_for_run(
         env,
         Path(connection.flwr_home),
     )
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout if timeout else float("inf")
     next_poll = time.monotonic() + poll_interval
     stream_ended = False
+    relayed = 0
     try:
         while True:
             if check_alive is not None:
                 check_alive()
+            relayed = _relay_progress(Path(log_path), relayed)
             now = time.monotonic()
             ended = not stream.running()
             if (ended and not stream_ended) or now >= next_poll:
@@ -640,6 +675,7 @@ def wait_for_run(
             stream.popen.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+        _relay_progress(Path(log_path), relayed)
         return status
     finally:
         stop_processes([stream], grace=3.0)
@@ -650,7 +686,7 @@ def submit_run(
     run_config: Mapping[str, Any],
     *,
     log_path: Path,
-    timeout: float = 600.0,
+    timeout: float | None = 600.0,
     app: Path | str | None = None,
     check_alive: Callable[[], None] | None = None,
     diagnostics: Callable[[], str] | None = None,
@@ -658,7 +694,8 @@ def submit_run(
     """Submit the radfed app with ``run_config`` and wait until it has finished.
 
     Raises :class:`FederationError` (with ``diagnostics()``, e.g. log tails, appended)
-    when the run fails, is stopped or does not finish within ``timeout`` seconds.
+    when the run fails, is stopped or does not finish within ``timeout`` seconds
+    (None or 0: no limit).
     """
 
     def fail(message: str) -> FederationError:
@@ -893,7 +930,7 @@ def run_in_local_deployment(
     config: StudyConfig,
     out_dir: Path,
     track: bool = True,
-    timeout: float = 600.0,
+    timeout: float | None = None,
     connect_timeout: float | None = None,
     sites: Sequence[SiteNode] | None = None,
     work_dir: Path | None = None,
@@ -908,6 +945,10 @@ def run_in_local_deployment(
 
     Parameters
     ----------
+    timeout : float, optional
+        Seconds for the whole run; None: the study's (``[federation] timeout``, else
+        derived from its expected rounds: :func:`radfed.server.runner.run_timeout`);
+        0: no overall limit (every round is still limited by ``round_timeout``).
     connect_timeout : float, optional
         Seconds the ServerApp waits for every study site to connect (run config
         ``connect-timeout``; default: the app's, 120 s).
@@ -923,6 +964,10 @@ def run_in_local_deployment(
         The run failed or timed out, or a process died; the message ends with the tails
         of the ServerApp, SuperLink and SuperNode logs.
     """
+    if timeout is None:
+        from radfed.server.runner import run_timeout
+
+        timeout = run_timeout(config)
     out_dir = Path(out_dir).resolve()
     run_config = run_config_for(config, out_dir, track, connect_timeout)
     log_dir = out_dir / LOG_DIR

@@ -7,7 +7,8 @@ calibration intercept and slope and Hosmer-Lemeshow test (all computed at the si
 shapes fixed by the request). The coordinator turns them into the metrics of every
 site (:func:`site_metrics`) and of all sites together (:func:`pooled_metrics`); pooled
 calibration intercept and slope are a federated logistic fit of y on logit(p)
-(:func:`pooled_calibration`), exact like every other federated fit.
+(:func:`pooled_calibration`, with the smooth calibration curve), exact like every
+other federated fit.
 
 The cut-off of each model is Youden's (sensitivity + specificity - 1 largest) on the
 pooled training data, searched on the threshold grid; sensitivity, specificity and
@@ -27,22 +28,23 @@ import numpy as np
 from radfed.server import inference
 from radfed.server.protocol import Transport
 from radfed.server.results import POOLED, LogisticFit
-from radfed.server.solvers import LogisticSpec, fit_logistic_many
+from radfed.server.solvers import LogisticSpec, fit_logistic_many, spread
 from radfed.shared.errors import FederationError
+from radfed.shared.evaluation_stats import BIN_EDGES, THRESHOLDS
 from radfed.shared.messages import LINEAR_PREDICTOR as LP
 from radfed.shared.messages import Payload
 
 log = logging.getLogger(__name__)
 
-#: Probability thresholds of the counts sent by sites: decision curves' 0.01-0.99 grid.
-THRESHOLDS = np.round(np.arange(1, 100) / 100, 2)
-#: Risk bins of the calibration curve (and of the pooled Hosmer-Lemeshow test).
-BIN_EDGES = np.round(np.linspace(0.0, 1.0, 11), 2)
-HL_GROUPS = 10
+# The grids (THRESHOLDS, BIN_EDGES, HL_GROUPS) are the sites' own: shared.evaluation_stats.
 CUTOFF_RULE = (
-    "Youden (max sensitivity + specificity - 1) on the pooled training data, "
-    "searched on the 0.01 threshold grid"
+    "Youden (max sensitivity + specificity - 1) on the pooled training data, searched on "
+    "the 0.01 grid of the sites' threshold counts (each site merges thresholds until "
+    "every count passes its minimum cell size)"
 )
+#: Degree of the calibration curve's polynomial in logit p.
+CURVE_DEGREE = 3
+CURVE_POINTS = 60
 NAN = float("nan")
 
 
@@ -62,15 +64,35 @@ def model_payload(models: Mapping[str, LogisticFit]) -> Payload:
 
 
 def evaluation_request(models: list[str], subsets: list[str]) -> Payload:
-    """An ``evaluate`` request; the models' coefficients travel in the context."""
-    return {
-        "models": list(models),
-        "subsets": list(subsets),
-        "thresholds": THRESHOLDS.copy(),
-        "bin_edges": BIN_EDGES.copy(),
-        "n_bins": len(BIN_EDGES) - 1,
-        "hl_groups": HL_GROUPS,
-    }
+    """An ``evaluate`` request; the models' coefficients travel in the context. The
+    grids of thresholds, bins and Hosmer-Lemeshow groups are the sites' own."""
+    return {"models": list(models), "subsets": list(subsets)}
+
+
+def counts_at_thresholds(reply: Payload, subset: str, j: int, key: str) -> np.ndarray:
+    """A site's events (``key="tp"``) or non-events (``"fp"``) at or above each
+    threshold for model ``j``, interpolated linearly between the thresholds whose
+    counts the site sent exactly (where it merged cells it sent the count of the
+    merged cell's lower boundary). Used for pooled estimates, which are approximate
+    where a site merged."""
+    counts = np.asarray(reply[f"{subset}_{key}"][j], dtype=float)
+    exact = _exact(reply, subset, j)
+    total = float(reply[f"{subset}_events"])
+    if key == "fp":
+        total = float(reply[f"{subset}_n"]) - total
+    x = np.concatenate([[0.0], THRESHOLDS[exact], [1.0]])
+    y = np.concatenate([[total], counts[exact], [0.0]])
+    # Above the last exact threshold the merged cell reaches p = 1, where nobody is
+    # "at or above 1" only in the limit: interpolate to 0 there.
+    return np.interp(THRESHOLDS, x, y)
+
+
+def _exact(reply: Payload, subset: str, j: int) -> np.ndarray:
+    """Where a site's threshold counts for model ``j`` are exact (not merged)."""
+    key = f"{subset}_tp_exact"
+    if key not in reply:
+        return np.ones(len(THRESHOLDS), dtype=bool)
+    return np.asarray(reply[key][j], dtype=float) > 0.5
 
 
 def youden_cutoffs(
@@ -80,8 +102,8 @@ def youden_cutoffs(
     ok = [r for r in replies.values() if r.get(f"{subset}_status") == "ok"]
     if not ok:
         return {}
-    tp = sum(np.asarray(r[f"{subset}_tp"], dtype=float) for r in ok)
-    fp = sum(np.asarray(r[f"{subset}_fp"], dtype=float) for r in ok)
+    tp = [sum(counts_at_thresholds(r, subset, j, "tp") for r in ok) for j in range(len(models))]
+    fp = [sum(counts_at_thresholds(r, subset, j, "fp") for r in ok) for j in range(len(models))]
     events = sum(int(r[f"{subset}_events"]) for r in ok)
     nonevents = sum(int(r[f"{subset}_n"]) - int(r[f"{subset}_events"]) for r in ok)
     cutoffs = {
@@ -131,6 +153,21 @@ def site_metrics(reply: Payload, subset: str, j: int, cutoff: int | None) -> dic
     auc = float(reply[f"{subset}_auc"][j])
     var = float(reply[f"{subset}_auc_cov"][j, j])
     tp, fp = reply[f"{subset}_tp"][j], reply[f"{subset}_fp"][j]
+    exact = _exact(reply, subset, j)
+    # At a cut-off inside a cell the site merged, the counts there are interpolated.
+    at_cutoff = _at_cutoff(
+        counts_at_thresholds(reply, subset, j, "tp"),
+        counts_at_thresholds(reply, subset, j, "fp"),
+        n,
+        events,
+        cutoff,
+    )
+    approximate = {}
+    if cutoff is not None and not exact[cutoff]:
+        approximate["sensitivity"] = (
+            "the site merged threshold cells around the cut-off (minimum cell size): "
+            "sensitivity, specificity and accuracy interpolate its counts"
+        )
     return {
         "n": n,
         "events": events,
@@ -140,7 +177,7 @@ def site_metrics(reply: Payload, subset: str, j: int, cutoff: int | None) -> dic
         "auc_se": math.sqrt(var),
         "auc_ci": list(inference.auc_ci(auc, var)),
         "brier": float(reply[f"{subset}_brier"][j]),
-        **_at_cutoff(tp, fp, n, events, cutoff),
+        **at_cutoff,
         "calibration": {
             "intercept": float(reply[f"{subset}_cal_intercept"][j]),
             "slope": float(reply[f"{subset}_cal_slope"][j]),
@@ -150,6 +187,8 @@ def site_metrics(reply: Payload, subset: str, j: int, cutoff: int | None) -> dic
             "bins": _bins(reply, subset, j),
         },
         **_curves(tp, fp, n, events),
+        "thresholds_exact": exact.tolist(),
+        **({"approximate": approximate} if approximate else {}),
     }
 
 
@@ -164,13 +203,14 @@ def _bins(reply: Payload, subset: str, j: int) -> dict[str, list[float]]:
 
 def pooled_auc(replies: list[Payload], subset: str, j: int) -> float:
     """AUC over all sites' patients: pairs within a site from the sites' exact AUCs,
-    pairs across sites compared on the threshold grid (ties within a step count 1/2)."""
+    pairs across sites compared on the threshold grid (ties within a step count 1/2),
+    from counts interpolated where a site merged threshold cells."""
     counts = [
         (
             int(r[f"{subset}_events"]),
             int(r[f"{subset}_n"]) - int(r[f"{subset}_events"]),
-            np.asarray(r[f"{subset}_tp"][j]),
-            np.asarray(r[f"{subset}_fp"][j]),
+            counts_at_thresholds(r, subset, j, "tp"),
+            counts_at_thresholds(r, subset, j, "fp"),
         )
         for r in replies
     ]
@@ -205,13 +245,15 @@ def pooled_metrics(
     rows = list(ok.values())
     n = sum(int(r[f"{subset}_n"]) for r in rows)
     events = sum(int(r[f"{subset}_events"]) for r in rows)
-    tp = sum(np.asarray(r[f"{subset}_tp"][j], dtype=float) for r in rows)
-    fp = sum(np.asarray(r[f"{subset}_fp"][j], dtype=float) for r in rows)
+    tp = sum(counts_at_thresholds(r, subset, j, "tp") for r in rows)
+    fp = sum(counts_at_thresholds(r, subset, j, "fp") for r in rows)
     bins = {
         key: sum(np.asarray(r[f"{subset}_bin_{key}"][j], dtype=float) for r in rows)
         for key in ("n", "observed", "expected")
     }
-    hl = inference.hosmer_lemeshow_from_bins(bins["n"], bins["observed"], bins["expected"])
+    hl = inference.hosmer_lemeshow_from_bins(
+        bins["n"], bins["observed"], bins["expected"], validation=subset != "train"
+    )
     auc = pooled_auc(rows, subset, j)
     se = inference.hanley_mcneil_se(auc, events, n - events)
     intercept, slope = calibration if calibration else (NAN, NAN)
@@ -235,10 +277,12 @@ def pooled_metrics(
         },
         **_curves(tp, fp, n, events),
         "approximate": {
-            "auc": "pairs within a site exact; pairs across sites compared on the 0.01 "
-            "probability grid (ties within a step count 1/2)",
+            "auc": "pairs within a site exact; pairs across sites compared on the sites' "
+            "threshold counts (0.01 grid, merged to each site's minimum cell size)",
+            "net_benefit": "summed threshold counts, interpolated where a site merged cells",
             "auc_ci": "Hanley-McNeil standard error of the pooled AUC",
-            "hl": "10 fixed-width risk bins (0-0.1, ..., 0.9-1), not deciles of risk",
+            "hl": "the sites' risk bins (0.1 wide, merged to each site's minimum cell size), "
+            "not deciles of risk",
         },
     }
 
@@ -255,22 +299,97 @@ def comparisons(reply: Payload, subset: str, models: list[str]) -> list[dict[str
     return out
 
 
+def _budget(replies: list[Payload], subset: str) -> float:
+    """Parameters one request may fit at every site (the default third of the patients)."""
+    return min(int(r[f"{subset}_n"]) for r in replies) / 3
+
+
 def pooled_calibration(
-    transport: Transport, models: list[str], subset: str, outcome: str
-) -> dict[str, tuple[float, float]]:
-    """Calibration intercept and slope of each model on all sites' ``subset``: the
-    federated logistic fit of y on the model's linear predictor (logit p)."""
-    specs = {
-        f"calibration_{m}": LogisticSpec([f"{LP}{m}"], np.zeros(1), np.ones(1)) for m in models
-    }
-    try:
-        fits = fit_logistic_many(transport, specs, subset=subset, outcome=outcome)
-    except FederationError as exc:
-        log.warning("pooled calibration on %s not fitted: %s", subset, exc)
+    transport: Transport,
+    replies: Mapping[str, Payload],
+    models: list[str],
+    subset: str,
+    outcome: str,
+    slopes: bool = True,
+    curves: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Calibration of each model on the sites' ``subset`` together, by federated fits.
+
+    ``slopes``: calibration intercept and slope, the logistic fit of y on the model's
+    logit p (rms ``val.prob``). ``curves``: the smooth calibration curve, a logistic
+    recalibration of y on a cubic polynomial of logit p (a flexible calibration curve
+    in the sense of Van Calster et al., J Clin Epidemiol 2016), with its pointwise 95%
+    band from the fit's covariance. (Not a restricted cubic spline: its hinge terms
+    would let a crafted model select patients one at a time.) All fits share Newton
+    rounds as far as every site's parameter limit allows; only sites whose subset could
+    be evaluated take part.
+
+    Returns ``{model: {"intercept", "slope", "curve"}}`` (entries present when fitted;
+    a failed curve carries its reason).
+    """
+    ok = {s: r for s, r in replies.items() if r.get(f"{subset}_status") == "ok"}
+    if not ok:
         return {}
+    rows = list(ok.values())
+    powers = [f"cal:{{m}}:{k}" for k in range(2, CURVE_DEGREE + 1)]
+    specs: dict[str, LogisticSpec] = {}
+    for m in models:
+        if slopes:
+            specs[f"calibration_{m}"] = LogisticSpec([f"{LP}{m}"], np.zeros(1), np.ones(1))
+        if curves:
+            columns = [f"{LP}{m}", *(p.format(m=m) for p in powers)]
+            specs[f"calcurve_{m}"] = LogisticSpec(
+                columns, np.zeros(len(columns)), np.ones(len(columns))
+            )
+    out: dict[str, dict[str, Any]] = {m: {} for m in models}
+    for chunk in spread(specs, _budget(rows, subset)):
+        try:
+            fits = fit_logistic_many(
+                transport, chunk, subset=subset, outcome=outcome, sites=list(ok)
+            )
+        except FederationError as exc:
+            log.warning("calibration fits on %s not fitted: %s", subset, exc)
+            for name in chunk:
+                kind, _, m = name.partition("_")
+                if kind == "calcurve":
+                    out[m]["curve"] = {"status": "failed", "reason": str(exc)}
+            continue
+        for name, fit in fits.items():
+            kind, _, m = name.partition("_")
+            if kind == "calibration":
+                out[m].update(intercept=float(fit.coef[0]), slope=float(fit.coef[1]))
+            else:
+                out[m]["curve"] = _curve(fit, rows, subset, models.index(m))
+    return out
+
+
+def _curve(fit: LogisticFit, rows: list[Payload], subset: str, j: int) -> dict[str, Any]:
+    n = sum(int(r[f"{subset}_n"]) for r in rows)
+    above = sum(
+        counts_at_thresholds(r, subset, j, "tp") + counts_at_thresholds(r, subset, j, "fp")
+        for r in rows
+    )
+    share_below = 1.0 - above / n
+    # Draw over the thresholds holding the central 96% of the pooled predictions.
+    lo = np.flatnonzero(share_below <= 0.02)
+    hi = np.flatnonzero(share_below >= 0.98)
+    a = THRESHOLDS[lo[-1]] if len(lo) else THRESHOLDS[0]
+    b = THRESHOLDS[hi[0]] if len(hi) else THRESHOLDS[-1]
+    lp = np.linspace(np.log(a / (1 - a)), np.log(b / (1 - b)), CURVE_POINTS)
+    X = np.column_stack([lp**k for k in range(CURVE_DEGREE + 1)])
+    eta = X @ fit.coef
+    se = np.sqrt(np.einsum("ij,jk,ik->i", X, fit.cov, X))
+
+    def expit(v: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-v))
+
     return {
-        m: (float(fits[f"calibration_{m}"].coef[0]), float(fits[f"calibration_{m}"].coef[1]))
-        for m in models
+        "status": "ok",
+        "method": f"logistic recalibration on a degree-{CURVE_DEGREE} polynomial of logit p",
+        "predicted": expit(lp).tolist(),
+        "observed": expit(eta).tolist(),
+        "lower": expit(eta - 1.959964 * se).tolist(),
+        "upper": expit(eta + 1.959964 * se).tolist(),
     }
 
 
@@ -279,6 +398,7 @@ def evaluate_models(
     models: Mapping[str, LogisticFit],
     outcome: str,
     subsets: tuple[str, ...] = ("train", "test"),
+    curves: bool = True,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:
     """Evaluate ``models`` at every site of ``transport``.
 
@@ -295,14 +415,20 @@ def evaluate_models(
     transport.context.update(model_payload(models))
     replies = transport.ask("evaluate", evaluation_request(names, list(subsets)))
     cutoffs = youden_cutoffs(replies, names)
-    calibration = {s: pooled_calibration(transport, names, s, outcome) for s in subsets}
+    calibration = {
+        s: pooled_calibration(transport, replies, names, s, outcome, curves=curves) for s in subsets
+    }
     performance: dict[str, Any] = {m: {} for m in names}
     for j, m in enumerate(names):
         for site, reply in replies.items():
             performance[m][site] = {s: site_metrics(reply, s, j, cutoffs.get(m)) for s in subsets}
-        performance[m][POOLED] = {
-            s: pooled_metrics(replies, s, j, cutoffs.get(m), calibration[s].get(m)) for s in subsets
-        }
+        performance[m][POOLED] = {}
+        for s in subsets:
+            cal = calibration[s].get(m, {})
+            slope = (cal["intercept"], cal["slope"]) if "slope" in cal else None
+            performance[m][POOLED][s] = pooled_metrics(replies, s, j, cutoffs.get(m), slope)
+            if "curve" in cal and "calibration" in performance[m][POOLED][s]:
+                performance[m][POOLED][s]["calibration"]["curve"] = cal["curve"]
     evaluation = {
         "thresholds": THRESHOLDS.tolist(),
         "cutoffs": {m: float(THRESHOLDS[c]) for m, c in cutoffs.items()},
@@ -320,6 +446,7 @@ def external_metrics(
     models: Mapping[str, LogisticFit],
     sites: list[str],
     cutoffs: Mapping[str, int],
+    outcome: str = "outcome",
 ) -> dict[str, dict[str, Any]]:
     """Metrics of ``models`` on all patients of each of ``sites`` (not used to fit them).
 
@@ -339,6 +466,11 @@ def external_metrics(
             continue
         metrics = {m: site_metrics(reply, "all", j, cutoffs.get(m)) for j, m in enumerate(names)}
         status = reply.get("all_status")
+        if status == "ok":
+            fits = pooled_calibration(transport, {site: reply}, names, "all", outcome, slopes=False)
+            for m, cal in fits.items():
+                if "curve" in cal:
+                    metrics[m]["calibration"]["curve"] = cal["curve"]
         out[site] = {
             "status": "ok" if status == "ok" else "failed",
             "reason": reply.get("all_reason") or None,

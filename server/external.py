@@ -11,8 +11,8 @@ Two kinds, both on all of a hospital's patients:
 A held-out site harmonises its own rows: it estimates its scanner's ComBat batch
 effects locally from its features, without the outcome (see
 :func:`radfed.harmonization.combat.estimate_new_batch`). The external AUCs of the
-held-out sites are summarised by a DerSimonian-Laird random-effects meta-analysis on
-the logit scale, with I².
+held-out sites are summarised by a random-effects meta-analysis on the logit scale (REML
+τ², Hartung-Knapp-Sidik-Jonkman interval; DerSimonian-Laird beside it), with I².
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def external_validation(
     if config.validation_sites:
         transport.step = "validation"
         out["validation"] = external_metrics(
-            transport, fitted.models, config.validation_sites, cutoffs
+            transport, fitted.models, config.validation_sites, cutoffs, config.outcome
         )
     training = list(transport.sites)
     if not config.runs_leave_one_site_out:
@@ -85,9 +85,9 @@ def hold_out(config: StudyConfig, transport: Transport, held: str) -> dict[str, 
     try:
         fitted = FederatedStudy(config, sub).fit()
         sub.step = "evaluate"
-        performance, _, cutoffs = evaluate_models(sub, fitted.models, config.outcome)
+        performance, _, cutoffs = evaluate_models(sub, fitted.models, config.outcome, curves=False)
         sub.step = "external"
-        entry.update(external_metrics(sub, fitted.models, [held], cutoffs)[held])
+        entry.update(external_metrics(sub, fitted.models, [held], cutoffs, config.outcome)[held])
         entry["radscore_formula"] = fitted.details.get("selection", {}).get("radscore_formula")
         entry["models"] = {name: fit.to_dict() for name, fit in fitted.models.items()}
         entry["cutoffs"] = {m: float(THRESHOLDS[c]) for m, c in cutoffs.items()}
@@ -106,36 +106,91 @@ def hold_out(config: StudyConfig, transport: Transport, held: str) -> dict[str, 
     return entry
 
 
-def meta_analysis(held_out: dict[str, dict[str, Any]], models: list[str]) -> dict[str, Any]:
-    """Random-effects summary of each model's external AUCs over the held-out sites."""
+def meta_analysis(
+    held_out: dict[str, dict[str, Any]],
+    models: list[str],
+    method: str = "reml",
+    ci: str = "hksj",
+) -> dict[str, Any]:
+    """Random-effects summary of each model's external AUCs over the held-out sites.
+
+    logit(AUC) is pooled with REML τ² and the Hartung-Knapp-Sidik-Jonkman interval by
+    default (with three held-out sites a Wald interval is far too narrow);
+    DerSimonian-Laird with a Wald interval is the option ``method="dl", ci="wald"`` and
+    is also reported beside the default as ``dersimonian_laird`` (a sensitivity analysis).
+
+    A site whose external AUC is 0 or 1 (complete separation: its DeLong variance is 0
+    and its logit infinite) cannot be weighted; it is left out of the summary and named
+    in ``excluded`` with the reason, and its own metrics stay in ``held_out``. So are
+    sites whose evaluation failed or whose AUC has no standard error.
+
+    Returns
+    -------
+    dict
+        Per model: ``auc``, ``ci``, ``prediction_interval``, ``tau2``, ``i2``, ``q``,
+        ``q_p``, ``k``, ``method`` (a short label), ``tau2_method``, ``ci_method``,
+        ``sites``, ``excluded`` ({site: reason}) and ``dersimonian_laird``; or ``k``,
+        ``reason`` and ``excluded`` when fewer than two sites can be pooled.
+    """
     out: dict[str, Any] = {}
     for model in models:
-        rows = [
-            (site, e["metrics"][model])
-            for site, e in held_out.items()
-            if e.get("status") == "ok"
-            and e["metrics"].get(model, {}).get("status") == "ok"
-            and np.isfinite(e["metrics"][model].get("auc_se", np.nan))
-        ]
+        rows, excluded = [], {}
+        for site, entry in held_out.items():
+            metrics = entry.get("metrics", {}).get(model, {})
+            reason = _unpoolable(entry, metrics)
+            if reason:
+                excluded[site] = reason
+            else:
+                rows.append((site, metrics))
         if len(rows) < 2:
             out[model] = {
                 "k": len(rows),
                 "reason": "needs at least two evaluated held-out sites",
+                "excluded": excluded,
             }
             continue
+        names = [s for s, _ in rows]
         auc = np.array([m["auc"] for _, m in rows])
-        se = np.array([m["auc_se"] for _, m in rows])
-        re = inference.random_effects_auc(auc, se**2)
+        var = np.array([m["auc_se"] for _, m in rows]) ** 2
+        re = inference.random_effects_auc(auc, var, names=names, method=method, ci=ci)
+        dl = inference.random_effects_auc(auc, var, names=names, method="dl", ci="wald")
         out[model] = {
-            "auc": re.estimate,
-            "ci": [re.ci_low, re.ci_upp],
-            "prediction_interval": [re.pi_low, re.pi_upp],
-            "tau2": re.tau2,
-            "i2": re.i2,
-            "q": re.q,
-            "q_p": re.q_pvalue,
-            "k": re.k,
-            "method": "DerSimonian-Laird, logit AUC",
-            "sites": [s for s, _ in rows],
+            **_summary(re),
+            "tau2_method": method,
+            "ci_method": ci,
+            "sites": names,
+            "excluded": excluded,
+            "dersimonian_laird": _summary(dl),
         }
     return out
+
+
+def _unpoolable(entry: dict[str, Any], metrics: dict[str, Any]) -> str | None:
+    """Why a held-out site's AUC cannot enter the meta-analysis, or None."""
+    if entry.get("status") != "ok":
+        return f"not evaluated: {entry.get('reason')}"
+    if metrics.get("status") != "ok":
+        return f"{metrics.get('status', 'not evaluated')}: {metrics.get('reason')}"
+    auc, se = metrics.get("auc", np.nan), metrics.get("auc_se", np.nan)
+    if auc is None or se is None or not (np.isfinite(auc) and np.isfinite(se)):
+        return "AUC or its standard error undefined"
+    if auc <= 0.0 or auc >= 1.0 or se <= 0.0:
+        return (
+            f"AUC = {auc:g} with DeLong SE {se:g}: complete separation has no logit and "
+            "no weight (left out of the summary; see its own metrics)"
+        )
+    return None
+
+
+def _summary(re: inference.RandomEffects) -> dict[str, Any]:
+    return {
+        "auc": re.estimate,
+        "ci": [re.ci_low, re.ci_upp],
+        "prediction_interval": [re.pi_low, re.pi_upp],
+        "tau2": re.tau2,
+        "i2": re.i2,
+        "q": re.q,
+        "q_p": re.q_pvalue,
+        "k": re.k,
+        "method": f"{re.label}, logit AUC",
+    }

@@ -14,14 +14,30 @@ from collections.abc import Mapping
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from radfed.server.deployment import PROGRESS  # the marker wait_for_run relays
 from radfed.server.protocol import Transport
 from radfed.shared.errors import FederationError
-from radfed.shared.messages import from_record, to_record
+from radfed.shared.messages import CONFIG, from_record, to_record
 
 log = logging.getLogger(__name__)
 
 MESSAGE_TYPE = "query"
 POLL_SECONDS = 0.1
+#: A progress line every this many rounds within a phase (and one when a phase ends).
+PROGRESS_EVERY = 10
+
+
+def _ensure_log_output() -> None:
+    """Send radfed's INFO lines to stderr when nothing else shows them (the Deployment
+    Engine's ServerApp process, whose stderr Flower mirrors into the run's log)."""
+    radfed_log = logging.getLogger("radfed")
+    if radfed_log.hasHandlers():
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("radfed %(levelname)s: %(message)s"))
+    radfed_log.addHandler(handler)
+    if radfed_log.getEffectiveLevel() > logging.INFO:
+        radfed_log.setLevel(logging.INFO)
 
 
 class GridTransport(Transport):
@@ -35,7 +51,8 @@ class GridTransport(Transport):
     connect_timeout : float
         Seconds to wait for all expected SuperNodes to connect.
     reply_timeout : float or None
-        Seconds to wait for the replies of one round (None: until every site replies).
+        Seconds to wait for the replies of one round (None: until every site replies);
+        a site that has not replied by then fails the round ("no reply").
     """
 
     name = "flower"
@@ -54,6 +71,11 @@ class GridTransport(Transport):
         self.reply_timeout = reply_timeout
         self.hello_timeout = hello_timeout
         self.name = engine
+        if engine == "deployment":
+            _ensure_log_output()
+        self.started = time.monotonic()
+        self.total_rounds = 0
+        self._phase: tuple[str, int] = ("", 0)  # the current phase and its rounds
         self.node_of = self._discover(expected_sites, connect_timeout)
         self.sites = list(expected_sites)
 
@@ -124,7 +146,41 @@ class GridTransport(Transport):
     def _message(self, content: RecordDict, node_id: int) -> Message:
         return Message(content=content, dst_node_id=node_id, message_type=MESSAGE_TYPE)
 
+    def _progress(self, requests: Mapping[str, RecordDict]) -> None:
+        """Log the phase and the rounds done in it (leave-one-site-out refits go
+        through this transport too, under the phase that runs them)."""
+        phase, done = self._phase
+        if self.step != phase:
+            if phase:
+                self._log_phase(phase, done, "done")
+            phase, done = self.step, 0
+        self.total_rounds += 1
+        self._phase = (phase, done + 1)
+        if (done + 1) % PROGRESS_EVERY == 0:
+            task = next(iter(requests.values()))[CONFIG].get("task", "?")
+            self._log_phase(phase, done + 1, f"so far (task {task})")
+
+    def _log_phase(self, phase: str, rounds: int, state: str) -> None:
+        log.info(
+            "%sphase %s: %d round(s) %s; %d in all, %.0f s",
+            PROGRESS,
+            phase,
+            rounds,
+            state,
+            self.total_rounds,
+            time.monotonic() - self.started,
+        )
+
+    def finish(self) -> None:
+        """Log the last phase's rounds."""
+        phase, done = self._phase
+        if phase:
+            self._log_phase(phase, done, "done")
+        self._phase = ("", 0)
+
     def _exchange(self, requests: Mapping[str, RecordDict]) -> dict[str, RecordDict]:
+        if requests:
+            self._progress(requests)
         site_of = {node: site for site, node in self.node_of.items()}
         messages = [self._message(rec, self.node_of[site]) for site, rec in requests.items()]
         replies: dict[str, RecordDict] = {}

@@ -18,7 +18,8 @@ function                            reference
 :func:`net_benefit`                 dcurves ``dca`` (binary outcome)
 :func:`auc_from_counts`             trapezoidal ROC area over the threshold grid
 :func:`hosmer_lemeshow_from_bins`   Hosmer-Lemeshow chi-square on fixed risk bins
-:func:`random_effects`              DerSimonian-Laird random-effects meta-analysis
+:func:`random_effects`              random-effects meta-analysis: DerSimonian-Laird or
+                                    REML τ², Wald or Hartung-Knapp-Sidik-Jonkman CI
 :func:`random_effects_auc`          the same on the logit-AUC scale (Debray et al.)
 ==================================  ==================================================
 
@@ -36,7 +37,7 @@ import numpy as np
 from scipy import stats
 from scipy.special import expit, logit
 
-from radfed.shared.evaluation_stats import HosmerLemeshow
+from radfed.shared.evaluation_stats import HosmerLemeshow, with_validation_df
 
 __all__ = [
     "Cutoff",
@@ -54,6 +55,7 @@ __all__ = [
     "net_benefit_treat_all",
     "random_effects",
     "random_effects_auc",
+    "tau2_reml",
     "youden_cutoff",
 ]
 
@@ -375,14 +377,16 @@ def auc_grid_error_bound(
 
 
 def hosmer_lemeshow_from_bins(
-    n: np.ndarray, observed: np.ndarray, expected: np.ndarray
+    n: np.ndarray, observed: np.ndarray, expected: np.ndarray, validation: bool = False
 ) -> HosmerLemeshow:
     """Hosmer-Lemeshow chi-square on fixed risk bins, e.g. counts summed over sites.
 
     ``Σ (O - E)² / E + ((n - O) - (n - E))² / (n - E)`` over the bins with at least one
-    patient; ``df`` = non-empty bins - 2. Deciles of risk cannot be formed without the
-    pooled rows, so the pooled test uses fixed-width bins; the chi-square reference
-    distribution is then an approximation, as it is for deciles.
+    patient; ``df`` = non-empty bins - 2, or non-empty bins with ``validation=True``
+    (patients the model was not fitted on, as
+    :func:`radfed.shared.evaluation_stats.hosmer_lemeshow`). Deciles of risk cannot be
+    formed without the pooled rows, so the pooled test uses fixed-width bins; the
+    chi-square reference distribution is then an approximation, as it is for deciles.
 
     Parameters
     ----------
@@ -395,15 +399,21 @@ def hosmer_lemeshow_from_bins(
     expected = np.asarray(expected, dtype=float)
     if not (n.shape == observed.shape == expected.shape) or n.ndim != 1:
         raise ValueError("n, observed and expected must be vectors of the same length")
-    return HosmerLemeshow.from_groups(n, observed, expected)
+    hl = HosmerLemeshow.from_groups(n, observed, expected)
+    return with_validation_df(hl) if validation else hl
 
 
 # --------------------------------------------------------------------- meta-analysis
 
+#: Between-study variance estimators of :func:`random_effects`.
+TAU2_METHODS = {"reml": "REML", "dl": "DerSimonian-Laird"}
+#: Confidence intervals of the pooled estimate.
+CI_METHODS = {"hksj": "Hartung-Knapp-Sidik-Jonkman", "wald": "Wald"}
+
 
 @dataclass(frozen=True)
 class RandomEffects:
-    """Result of a DerSimonian-Laird random-effects meta-analysis.
+    """Result of a random-effects meta-analysis (REML or DerSimonian-Laird τ²).
 
     Estimates and intervals are on the reporting scale (the AUC scale for
     :func:`random_effects_auc`); ``se``, ``z``, ``pvalue``, ``tau2`` and ``weights``
@@ -412,22 +422,25 @@ class RandomEffects:
     Attributes
     ----------
     estimate : float
-        Pooled estimate.
+        Pooled estimate ``μ = Σ w* y / Σ w*`` with ``w* = 1 / (v + τ²)``.
     se : float
-        Its standard error, ``sqrt(1 / Σ w*)`` with ``w* = 1 / (v + τ²)``.
+        Its standard error: ``sqrt(1 / Σ w*)`` (Wald), or the Hartung-Knapp-Sidik-Jonkman
+        ``sqrt(Σ w* (y - μ)² / ((k - 1) Σ w*))`` (HKSJ).
     ci_low, ci_upp : float
-        Normal confidence interval of the pooled estimate.
+        Confidence interval of the pooled estimate: ``μ ± z se`` (Wald) or
+        ``μ ± t_{k-1} se`` (HKSJ; NaN when ``k < 2``).
     pi_low, pi_upp : float
         Prediction interval for the effect in a new study,
         ``μ ± t_{k-2} sqrt(τ² + se²)`` (Higgins et al. 2009); NaN when ``k < 3``.
     z, pvalue : float
-        Wald test of a pooled effect of 0 on the pooling scale (AUC 0.5 on the logit
-        scale).
+        Test of a pooled effect of 0 on the pooling scale (AUC 0.5 on the logit
+        scale): ``μ / se`` against the normal (Wald) or ``t_{k-1}`` (HKSJ).
     tau2 : float
-        Between-study variance, ``max(0, (Q - (k - 1)) / (Σw - Σw² / Σw))``.
+        Between-study variance (``method``), truncated at 0.
     i2 : float
-        ``max(0, (Q - (k - 1)) / Q)``, the share of variability due to heterogeneity;
-        NaN when ``k < 2``.
+        Share of variability due to heterogeneity: ``max(0, (Q - (k - 1)) / Q)`` for
+        DerSimonian-Laird; ``τ² / (τ² + s²)`` with the typical within-study variance
+        ``s² = (k - 1) Σw / ((Σw)² - Σw²)`` for REML (as metafor); NaN when ``k < 2``.
     q, q_pvalue : float
         Cochran's Q (fixed-effect weights) and its chi-square p-value on ``k - 1`` df.
     k : int
@@ -440,6 +453,10 @@ class RandomEffects:
         ``"identity"`` or ``"logit"``.
     names : tuple of str or None
         Study names, for the summary.
+    method : str
+        τ² estimator, ``"reml"`` or ``"dl"``.
+    ci_method : str
+        ``"hksj"`` or ``"wald"``.
     """
 
     estimate: float
@@ -459,6 +476,14 @@ class RandomEffects:
     level: float = 0.95
     scale: str = "identity"
     names: tuple[str, ...] | None = None
+    method: str = "dl"
+    ci_method: str = "wald"
+
+    @property
+    def label(self) -> str:
+        """Short method label, e.g. ``"REML, HKSJ CI"``."""
+        ci = "HKSJ" if self.ci_method == "hksj" else "Wald"
+        return f"{TAU2_METHODS[self.method].replace('DerSimonian-Laird', 'DL')}, {ci} CI"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain floats and lists, for JSON and MLflow."""
@@ -477,9 +502,10 @@ class RandomEffects:
         width = 78
         lo, hi = (1 - self.level) / 2, 1 - (1 - self.level) / 2
         logit_scale = self.scale == "logit"
-        head = "Random-effects meta-analysis (DerSimonian-Laird)"
+        head = f"Random-effects meta-analysis ({TAU2_METHODS[self.method]})"
         if logit_scale:
             head += " of logit(AUC)"
+        stat = "t" if self.ci_method == "hksj" else "z"
 
         def pair(left: tuple[str, str], right: tuple[str, str]) -> str:
             return f"{left[0]:<18}{left[1]:>19}   {right[0]:<18}{right[1]:>19}"
@@ -498,8 +524,9 @@ class RandomEffects:
                 ("Q df, p-value:", f"{self.k - 1}, {self.q_pvalue:.4f}"),
             ),
             pair(("tau:", f"{np.sqrt(self.tau2):.6g}"), ("I²:", f"{100 * self.i2:.1f}%")),
+            pair(("CI:", CI_METHODS[self.ci_method]), ("", "")),
             "-" * width,
-            f"{'':<14}{'estimate':>10}{'std err':>10}{'z':>9}{'P>|z|':>9}"
+            f"{'':<14}{'estimate':>10}{'std err':>10}{stat:>9}{f'P>|{stat}|':>9}"
             f"{f'[{lo:.3f}':>13}{f'{hi:.3f}]':>13}",
         ]
         if logit_scale:
@@ -523,7 +550,7 @@ class RandomEffects:
         if logit_scale:
             lines += [
                 "AUC and its intervals are back-transformed from logit(AUC) (Debray et al.",
-                "2017); z tests AUC = 0.5; tau² and I² refer to logit(AUC).",
+                f"2017); {stat} tests AUC = 0.5; tau² and I² refer to logit(AUC).",
             ]
         return "\n".join(lines)
 
@@ -531,19 +558,66 @@ class RandomEffects:
         return self.summary()
 
 
+def tau2_reml(
+    estimates: np.ndarray,
+    variances: np.ndarray,
+    start: float = 0.0,
+    tol: float = 1e-12,
+    max_iter: int = 200,
+) -> float:
+    """Restricted maximum-likelihood estimate of the between-study variance τ².
+
+    Fisher scoring on the restricted log-likelihood of ``y_i ~ N(μ, v_i + τ²)`` (as
+    metafor's ``rma(method = "REML")``): with ``w = 1 / (v + τ²)`` and
+    ``P = W - w wᵀ / Σw``, the step is ``(yᵀP²y - tr P) / tr P²``, halved while it would
+    make τ² negative; τ² = 0 when the maximum is on the boundary.
+
+    Raises
+    ------
+    ValueError
+        When the iterations do not settle within ``max_iter``.
+    """
+    y = np.asarray(estimates, dtype=float)
+    v = np.asarray(variances, dtype=float)
+    tau2 = max(float(start), 0.0)
+    for _ in range(max_iter):
+        w = 1.0 / (v + tau2)
+        sw = w.sum()
+        r = y - np.sum(w * y) / sw
+        tr_p = sw - np.sum(w**2) / sw
+        tr_pp = np.sum(w**2) - 2.0 * np.sum(w**3) / sw + (np.sum(w**2) / sw) ** 2
+        step = (np.sum((w * r) ** 2) - tr_p) / tr_pp
+        while tau2 + step < 0.0 and abs(step) > tol:
+            step /= 2.0
+        new = max(tau2 + step, 0.0)
+        if abs(new - tau2) <= tol * (1.0 + tau2):
+            return float(new)
+        tau2 = new
+    raise ValueError(f"REML estimate of tau² did not converge in {max_iter} iterations")
+
+
 def random_effects(
     estimates: np.ndarray,
     variances: np.ndarray,
     level: float = 0.95,
     names: list[str] | None = None,
+    method: str = "dl",
+    ci: str = "wald",
 ) -> RandomEffects:
-    """DerSimonian-Laird random-effects meta-analysis of ``k`` study estimates.
+    """Random-effects meta-analysis of ``k`` study estimates.
 
-    Fixed-effect weights ``w = 1/v`` give Cochran's ``Q = Σ w (y - ȳ_w)²`` and the
-    moment estimate ``τ² = max(0, (Q - (k-1)) / (Σw - Σw²/Σw))``; the pooled estimate
-    uses ``w* = 1 / (v + τ²)``, with a normal (Wald) confidence interval and a
-    ``t_{k-2}`` prediction interval. With one study, τ² = 0 and the heterogeneity
-    statistics are NaN.
+    Fixed-effect weights ``w = 1/v`` give Cochran's ``Q = Σ w (y - ȳ_w)²``. τ² is
+    estimated by DerSimonian-Laird's moments, ``max(0, (Q - (k-1)) / (Σw - Σw²/Σw))``
+    (``method="dl"``), or by REML (``"reml"``, :func:`tau2_reml`, started at the DL
+    value). The pooled estimate uses ``w* = 1 / (v + τ²)``; its interval is normal
+    (``ci="wald"``) or Hartung-Knapp-Sidik-Jonkman (``"hksj"``: the weighted residual
+    variance rescales the standard error, with ``t_{k-1}`` quantiles; not truncated, as
+    metafor's ``test = "knha"`` and statsmodels' ``conf_int(use_t=True)``). HKSJ keeps
+    its nominal coverage with few studies, where the Wald interval is too narrow. With
+    one study, τ² = 0 and the heterogeneity statistics (and an HKSJ interval) are NaN.
+
+    The defaults (DL, Wald) are the classical ones; the study's summary of external AUCs
+    (:func:`radfed.server.external.meta_analysis`) uses REML with HKSJ.
 
     Parameters
     ----------
@@ -555,13 +629,24 @@ def random_effects(
         Confidence level of the intervals.
     names : list of str, optional
         Study names, for the summary.
+    method : {"dl", "reml"}, default "dl"
+        Estimator of τ².
+    ci : {"wald", "hksj"}, default "wald"
+        Confidence interval and test of the pooled estimate.
 
     References
     ----------
     DerSimonian R, Laird N (1986). Controlled Clinical Trials 7(3), 177-188.
+    Viechtbauer W (2005). Journal of Educational and Behavioral Statistics 30(3), 261-293.
+    Hartung J, Knapp G (2001). Statistics in Medicine 20(24), 3875-3889.
+    Sidik K, Jonkman JN (2002). Statistics in Medicine 21(21), 3153-3159.
     Higgins JPT, Thompson SG, Spiegelhalter DJ (2009). JRSS A 172(1), 137-159.
     """
     level = _level(level)
+    if method not in TAU2_METHODS:
+        raise ValueError(f"method must be one of {sorted(TAU2_METHODS)}, got {method!r}")
+    if ci not in CI_METHODS:
+        raise ValueError(f"ci must be one of {sorted(CI_METHODS)}, got {ci!r}")
     y = np.asarray(estimates, dtype=float)
     v = np.asarray(variances, dtype=float)
     if y.ndim != 1 or y.shape != v.shape or len(y) == 0:
@@ -580,27 +665,44 @@ def random_effects(
         tau2 = max(0.0, (q - df) / c)
         i2 = max(0.0, (q - df) / q) if q > 0 else 0.0
         q_pvalue = float(stats.chi2.sf(q, df))
+        if method == "reml":
+            tau2 = tau2_reml(y, v, start=tau2)
+            typical = df * np.sum(w) / (np.sum(w) ** 2 - np.sum(w**2))
+            i2 = tau2 / (tau2 + typical)
     else:
         tau2, i2, q, q_pvalue = 0.0, float("nan"), float("nan"), float("nan")
     w_re = 1.0 / (v + tau2)
     mu = float(np.sum(w_re * y) / np.sum(w_re))
-    se = float(np.sqrt(1.0 / np.sum(w_re)))
-    crit = stats.norm.ppf(1.0 - (1.0 - level) / 2)
-    if k >= 3:
-        half = stats.t.ppf(1.0 - (1.0 - level) / 2, k - 2) * np.sqrt(tau2 + se**2)
+    if ci == "hksj":
+        se = float(np.sqrt(np.sum(w_re * (y - mu) ** 2) / (df * np.sum(w_re)))) if k > 1 else np.nan
+        reference = stats.t(df) if k > 1 else None
+    else:
+        se = float(np.sqrt(1.0 / np.sum(w_re)))
+        reference = stats.norm()
+    alpha = 1.0 - level
+    if reference is not None and se > 0:
+        crit = reference.ppf(1.0 - alpha / 2)
+        ci_pair = (mu - crit * se, mu + crit * se)
+        z = mu / se
+        pvalue = float(2.0 * reference.sf(abs(z)))
+    else:
+        # HKSJ with one study, or every study exactly at the pooled value.
+        ci_pair = (mu, mu) if reference is not None else (float("nan"), float("nan"))
+        z, pvalue = float("nan"), float("nan")
+    if k >= 3 and np.isfinite(se):
+        half = stats.t.ppf(1.0 - alpha / 2, k - 2) * np.sqrt(tau2 + se**2)
         pi = (mu - half, mu + half)
     else:
         pi = (float("nan"), float("nan"))
-    z = mu / se
     return RandomEffects(
         estimate=mu,
-        se=se,
-        ci_low=mu - crit * se,
-        ci_upp=mu + crit * se,
+        se=float(se),
+        ci_low=float(ci_pair[0]),
+        ci_upp=float(ci_pair[1]),
         pi_low=float(pi[0]),
         pi_upp=float(pi[1]),
         z=float(z),
-        pvalue=float(2.0 * stats.norm.sf(abs(z))),
+        pvalue=pvalue,
         tau2=float(tau2),
         i2=float(i2),
         q=q,
@@ -609,11 +711,18 @@ def random_effects(
         weights=w_re / np.sum(w_re),
         level=level,
         names=tuple(names) if names is not None else None,
+        method=method,
+        ci_method=ci,
     )
 
 
 def random_effects_auc(
-    auc: np.ndarray, var: np.ndarray, level: float = 0.95, names: list[str] | None = None
+    auc: np.ndarray,
+    var: np.ndarray,
+    level: float = 0.95,
+    names: list[str] | None = None,
+    method: str = "dl",
+    ci: str = "wald",
 ) -> RandomEffects:
     """Random-effects meta-analysis of AUCs on the logit scale, back-transformed.
 
@@ -626,12 +735,15 @@ def random_effects_auc(
     Parameters
     ----------
     auc : ndarray of shape (k,)
-        Study AUCs, strictly between 0 and 1 (an AUC of 0 or 1 has no logit; such a
-        study must be left out or its AUC corrected by the caller).
+        Study AUCs, strictly between 0 and 1 (an AUC of 0 or 1 has no logit, and its
+        DeLong variance is 0: such a study must be left out or corrected by the caller,
+        as :func:`radfed.server.external.meta_analysis` does).
     var : ndarray of shape (k,)
         Their variances (e.g. DeLong), positive.
     level : float, default 0.95
     names : list of str, optional
+    method, ci : str
+        As :func:`random_effects`.
 
     References
     ----------
@@ -642,7 +754,7 @@ def random_effects_auc(
     var = np.asarray(var, dtype=float)
     if np.any(~np.isfinite(auc)) or np.any((auc <= 0) | (auc >= 1)):
         raise ValueError("AUCs must lie strictly between 0 and 1 to be pooled on the logit scale")
-    res = random_effects(logit(auc), var / (auc * (1.0 - auc)) ** 2, level, names)
+    res = random_effects(logit(auc), var / (auc * (1.0 - auc)) ** 2, level, names, method, ci)
     return RandomEffects(
         estimate=float(expit(res.estimate)),
         se=res.se,
@@ -661,4 +773,6 @@ def random_effects_auc(
         level=res.level,
         scale="logit",
         names=res.names,
+        method=res.method,
+        ci_method=res.ci_method,
     )

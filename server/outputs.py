@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
+import os
+import secrets
+import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from radfed.server.results import POOLED, StudyResult
+from radfed.shared.errors import RadfedError
 
 log = logging.getLogger(__name__)
 
@@ -15,6 +22,113 @@ FIGURES = "figures"
 REPORT = "report.html"
 #: Resolution of the run's PNG figures (sharp on screen; the nomogram is also SVG).
 REPORT_DPI = 110
+#: In an output root: the link to (or, where links are not allowed, a file naming)
+#: the newest run's folder.
+LATEST = "latest"
+
+
+class OutputError(RadfedError):
+    """An output folder or file cannot be written."""
+
+
+def check_writable(folder: str | Path, what: str = "output folder") -> Path:
+    """Create ``folder`` (and its parents) and prove a file can be written in it.
+
+    Raises
+    ------
+    OutputError
+        With the folder and the system's reason (read-only file system, permission
+        denied, no space left, not a folder).
+    """
+    folder = Path(folder).expanduser().absolute()
+    blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise OutputError(f"cannot write to the {what} {folder}: {blocker} is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".radfed-write-test-") as probe:
+            probe.write(b"x")
+            probe.flush()
+    except OSError as exc:
+        raise OutputError(f"cannot write to the {what} {folder}: {_reason(exc)}") from exc
+    return folder
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or errno.errorcode.get(exc.errno or 0, "") or str(exc)
+
+
+def run_folder_name(when: datetime | None = None, run_id: str | None = None) -> str:
+    """``YYYYMMDD-HHMMSS-<8 hex>``: sorts by time, unique by the short run id."""
+    when = when or datetime.now()
+    return f"{when:%Y%m%d-%H%M%S}-{run_id or secrets.token_hex(4)}"
+
+
+def new_run_folder(root: str | Path) -> Path:
+    """Create a new, empty folder for one run under the output ``root``.
+
+    Never reuses a folder: every run of a study keeps its own results, figures and
+    report. Once the run is recorded, ``root/latest`` points at it (see
+    :func:`point_latest`); a failed run's folder holds :data:`FAILURE` instead.
+
+    Raises
+    ------
+    OutputError
+        When ``root`` cannot be written.
+    """
+    root = check_writable(root)
+    for _ in range(100):
+        folder = root / run_folder_name()
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise OutputError(f"cannot create {folder}: {_reason(exc)}") from exc
+        return folder
+    raise OutputError(f"could not create a new run folder in {root}")
+
+
+#: Written into a run's folder when the run failed before its results were recorded.
+FAILURE = "failure.json"
+
+
+def record_failure(folder: Path, study: str, transport: str, exc: BaseException) -> Path | None:
+    """Write ``folder/failure.json``: which run failed, when, and the error (one line).
+
+    Returns None (and logs) when even that cannot be written.
+    """
+    error = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+    record = {
+        "study": study,
+        "transport": transport,
+        "failed": datetime.now(UTC).isoformat(timespec="seconds"),
+        "error": error,
+    }
+    path = Path(folder) / FAILURE
+    try:
+        path.write_text(json.dumps(record, indent=2) + "\n")
+    except OSError as err:
+        log.warning("could not record the failure in %s: %s", path, _reason(err))
+        return None
+    return path
+
+
+def point_latest(root: Path, folder: Path) -> Path:
+    """Make ``root/latest`` a relative symbolic link to ``folder`` (replaced atomically);
+    where links are not allowed, ``root/latest`` is a text file holding the folder name."""
+    link = root / LATEST
+    tmp = root / f".{LATEST}-{secrets.token_hex(4)}"
+    try:
+        os.symlink(folder.name, tmp, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        if not link.exists():
+            link.write_text(folder.name + "\n")
+    return link
 
 
 def external_performance(external: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -93,8 +207,40 @@ def write_outputs(result: StudyResult, out_dir: Path) -> dict[str, Path]:
     from radfed.server.report import write_report
 
     out_dir = Path(out_dir)
-    results = result.write_json(out_dir / RESULTS)
-    figures = write_figures(result, out_dir / FIGURES)
-    report = write_report(result.to_dict(), figures, out_dir / REPORT)
-    log.info("report written to %s", report)
-    return {"results": results, "figures": out_dir / FIGURES, "report": report}
+    # results.json first, so what was computed is kept whatever fails after it.
+    paths = {"results": write_results(result, out_dir)}
+    figures: dict[str, Path] = {}
+    try:
+        figures = write_figures(result, out_dir / FIGURES)
+        paths["figures"] = out_dir / FIGURES
+    except Exception as exc:  # recorded in results.json and logged
+        record_error(result, "figures", exc)
+    try:
+        paths["report"] = write_report(result.to_dict(), figures, out_dir / REPORT)
+        log.info("report written to %s", paths["report"])
+    except Exception as exc:  # recorded in results.json and logged
+        record_error(result, "report", exc)
+    if result.federation.get(ERRORS):
+        write_results(result, out_dir)
+    return paths
+
+
+#: ``federation`` key of results.json listing what could not be recorded.
+ERRORS = "errors"
+
+
+def record_error(result: StudyResult, step: str, exc: BaseException) -> str:
+    """Note in ``result`` (``federation["errors"]``) that ``step`` failed, and log it."""
+    message = f"{step}: {type(exc).__name__}: {exc}".splitlines()[0]
+    result.federation.setdefault(ERRORS, []).append(message)
+    log.error("%s (the run's other results are kept)", message)
+    log.debug("where %s failed", step, exc_info=exc)
+    return message
+
+
+def write_results(result: StudyResult, out_dir: Path) -> Path:
+    """Write ``results.json``; an unwritable folder is an :class:`OutputError`."""
+    try:
+        return result.write_json(Path(out_dir) / RESULTS)
+    except OSError as exc:
+        raise OutputError(f"cannot write {Path(out_dir) / RESULTS}: {_reason(exc)}") from exc

@@ -97,6 +97,15 @@ def select_asker(transport: Transport, columns: list[str]):
     return ask
 
 
+#: Where mRMR runs relative to the LASSO's cross-validation, said in results.json and
+#: the report: seed 000 selects once, before the CV, and so does radfed.
+MRMR_PLACEMENT = (
+    "mRMR runs once on all training rows, before the LASSO's K-fold cross-validation "
+    "(as seed 000): the held-out folds helped choose the features, so the CV deviance "
+    "and lambda.min are optimistic; the test split and external validation are not affected"
+)
+
+
 @dataclass
 class RadiomicsSelection:
     """What feature selection produced: the mRMR picks, the LASSO CV and the Radscore."""
@@ -133,6 +142,7 @@ class RadiomicsSelection:
                 "relevance": [float(self.mrmr.relevance[i]) for i in self.mrmr.selected_index],
                 "scores": self.mrmr.scores.tolist(),
                 "rounds": self.mrmr.rounds,
+                "placement": MRMR_PLACEMENT,
             },
             "lasso": {
                 "features": list(lasso.feature_names),

@@ -165,11 +165,13 @@ def roc_figure(
 def calibration_figure(
     performance: Performance, site: str, split: str, models: Sequence[str] | None = None
 ) -> Figure:
-    """Calibration plot: observed event rate against mean predicted risk per bin.
+    """Calibration plot: observed event rate against predicted risk.
 
-    Each non-empty bin of ``calibration["bins"]`` is a point at (expected / n,
-    observed / n) with its marker area proportional to its patients. The legend gives
-    the calibration intercept and slope and the Hosmer-Lemeshow statistic and p-value.
+    Where ``calibration["curve"]`` holds a fitted smooth curve (pooled rows, external
+    sites) it is drawn with its pointwise 95% band. Each non-empty (merged) bin of
+    ``calibration["bins"]`` is a point at (expected / n, observed / n) with its marker
+    area proportional to its patients. The legend gives the calibration intercept and
+    slope and the Hosmer-Lemeshow statistic and p-value.
 
     Parameters
     ----------
@@ -202,9 +204,19 @@ def calibration_figure(
             f"{model}: {'≈ ' if approx else ''}intercept {_fmt(cal.get('intercept'), '.2f')}, "
             f"slope {_fmt(cal.get('slope'), '.2f')}, {hl}, p = {_p(cal.get('hl_p'))}"
         )
-        if not keep.any():
-            label += " (no bins to draw)"
-        ax.plot(x[keep], y[keep], color=color, linewidth=1.2, alpha=0.8, label=label)
+        curve = cal.get("curve") if _is_map(cal.get("curve")) else {}
+        if curve.get("status") == "ok":
+            # The smooth curve (polynomial recalibration) with its pointwise 95% band; the
+            # merged bins stay as points.
+            px, py = _array(curve.get("predicted")), _array(curve.get("observed"))
+            ax.fill_between(
+                px, _array(curve.get("lower")), _array(curve.get("upper")), color=color, alpha=0.15
+            )
+            ax.plot(px, py, color=color, linewidth=1.8, label=label)
+        else:
+            if not keep.any():
+                label += " (no bins to draw)"
+            ax.plot(x[keep], y[keep], color=color, linewidth=1.2, alpha=0.8, label=label)
         ax.scatter(
             x[keep],
             y[keep],
@@ -223,8 +235,10 @@ def calibration_figure(
     ax.grid(color="0.92")
     ax.legend(loc="upper left", fontsize=7.5)
     note = (
-        "One point per non-empty risk bin (marker area ∝ patients in the bin). Intercept "
-        "and slope: logistic recalibration (ideal 0 and 1); HL: Hosmer-Lemeshow test."
+        "Lines: logistic recalibration on a cubic polynomial of logit p with its "
+        "95% band, where fitted; points: risk bins, merged by each site until every bin "
+        "holds at least its minimum cell size (marker area ∝ patients). Intercept and "
+        "slope: logistic recalibration (ideal 0 and 1); HL: Hosmer-Lemeshow test."
     )
     _footnote(fig, note, approximate)
     return fig

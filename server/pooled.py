@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from radfed.client.site import stratified_split, table_spec
+from radfed.client.site import table_spec
+from radfed.client.site_state import default_state_dir, read_assignment
 from radfed.server.results import StudyResult
 from radfed.shared.config import StudyConfig
 from radfed.shared.errors import RadfedError
 from radfed.shared.messages import RADSCORE
-from radfed.shared.selection_stats import assign_folds
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,17 @@ def pooled_table(config: StudyConfig) -> pd.DataFrame:
         table = load_site_table(site.path, table_spec(config.protocol()), config.extraction_params)
         labels = table.labels.drop(columns=[c for c in table.labels if c in table.frame])
         frame = pd.concat([table.frame, labels], axis=1)
-        test = stratified_split(table.y, config.test_fraction, config.seed, site.name)
-        parts.append(frame.assign(site=site.name, split=np.where(test, "test", "train")))
+        # The site's own split and folds (drawn with its secret), from the assignment
+        # file it keeps for its statisticians.
+        assignment = read_assignment(default_state_dir(site.name, site.path), config.name)
+        ids = frame.index.astype(str)
+        parts.append(
+            frame.assign(
+                site=site.name,
+                split=[assignment[i][0] for i in ids],
+                fold=[-1 if assignment[i][1] is None else assignment[i][1] for i in ids],
+            )
+        )
     return pd.concat(parts)
 
 
@@ -112,10 +121,7 @@ def _lasso(
     train: pd.DataFrame, Z: pd.DataFrame, y: np.ndarray, lambdas: np.ndarray, config: StudyConfig
 ):
     """scikit-learn's L1 logistic at each λ, with the sites' own CV folds."""
-    folds = np.empty(len(y), dtype=int)
-    for site in train["site"].unique():
-        rows = (train["site"] == site).to_numpy()
-        folds[rows] = assign_folds(y[rows], config.selection.folds, config.seed, site)
+    folds = train["fold"].to_numpy(dtype=int)
     cvm = []
     for lam in lambdas:
         deviances, sizes = [], []

@@ -36,6 +36,10 @@ class Transport(ABC):
         # The pipeline fitted so far (ComBat estimates, the Radscore): sent with every
         # request, so sites keep no state between rounds.
         self.context: Payload = {}
+        # Parameters one request may fit per subset at every site (the study's
+        # parameter rule on the smallest site), once the split is known; fits beyond it
+        # are spread over several requests.
+        self.param_budget: dict[str, float] = {}
 
     @property
     def reachable(self) -> list[str]:

@@ -467,6 +467,39 @@ def _cohort(results: Mapping[str, Any]) -> Markup:
     return _table(head, rows)
 
 
+def _reproducibility(results: Mapping[str, Any]) -> Markup:
+    """The ICC filter: subjects per comparison, the features dropped and why."""
+    from radfed.server.reproducibility import icc_rows
+
+    repro = results.get("reproducibility") or {}
+    parts = []
+    for name, table in (repro.get("comparisons") or {}).items():
+        sites = ", ".join(f"{s}: {n}" for s, n in (table.get("n_per_site") or {}).items())
+        parts.append(
+            _para(
+                f"{name.replace('_', '-')}: {table.get('n', 0)} patients rated by "
+                f"{table.get('raters', 2)} readers ({sites})."
+            )
+        )
+    kept, rows = repro.get("kept") or [], icc_rows(repro)
+    parts.append(
+        _para(
+            f"{repro.get('icc_type', 'ICC2')} threshold {repro.get('threshold', NA)}: "
+            f"{len(kept)} of {len(rows)} features kept before harmonisation and mRMR."
+        )
+    )
+    dropped = [r for r in rows if not r["kept"]]
+    if dropped:
+        columns = [c for c in dropped[0] if c not in {"feature", "kept", "reason"}]
+        parts.append(
+            _table(
+                ["dropped feature", *columns],
+                [[_tag("code", r["feature"]), *(_f(r[c]) for c in columns)] for r in dropped],
+            )
+        )
+    return _join(parts)
+
+
 def _selection(results: Mapping[str, Any]) -> Markup:
     parts: list[Markup] = []
     harm = results.get("harmonization") or {}
@@ -483,6 +516,8 @@ def _selection(results: Mapping[str, Any]) -> Markup:
     mrmr = selection.get("mrmr") or {}
     if mrmr.get("selected"):
         parts.append(_para(f"mRMR kept {len(mrmr['selected'])} features."))
+        if mrmr.get("placement"):
+            parts.append(_para(f"{mrmr['placement']}.", "note"))
     lasso = selection.get("lasso") or {}
     if lasso:
         rule = lasso.get("rule", "lambda.min")
@@ -797,6 +832,24 @@ def _meta(meta: Mapping[str, Any]) -> Markup:
         )
         if s.get("reason"):
             rows[-1][-1] = f"not estimated: {s['reason']}"
+        if s.get("excluded"):
+            left_out = "; ".join(f"{site}: {why}" for site, why in s["excluded"].items())
+            rows[-1][-1] = f"{rows[-1][-1]} (left out: {left_out})"
+        dl = s.get("dersimonian_laird")
+        if isinstance(dl, Mapping) and dl.get("auc") is not None:
+            rows.append(
+                [
+                    f"{model} (sensitivity analysis)",
+                    _with_ci(dl.get("auc"), dl.get("ci")),
+                    _ci(dl.get("prediction_interval")).strip() or _na(),
+                    _g(dl.get("tau2"), 3),
+                    _i2(dl.get("i2")),
+                    _f(dl.get("q"), 2),
+                    _p(dl.get("q_p")),
+                    _int(dl.get("k")),
+                    dl.get("method") or "",
+                ]
+            )
     head = ["model", "AUC [95% CI]", "95% PI", "τ²", "I²", "Q", "p (Q)", "k", "method / note"]
     return _table(head, rows, left=1) + _para(
         "Summary of the held-out sites' external AUCs. PI: prediction interval for the AUC "
@@ -1018,6 +1071,11 @@ def render_report(
     sections: list[tuple[str, str, Markup]] = [
         ("settings", "Study settings", _settings(results)),
         ("cohort", "Cohort", _cohort(results)),
+        *(
+            [("reproducibility", "Reproducibility (ICC)", _reproducibility(results))]
+            if results.get("reproducibility")
+            else []
+        ),
         ("radscore", "Radscore", _selection(results)),
         ("models", "Models", _models(results)),
         ("discrimination", "Discrimination", _discrimination(results)),

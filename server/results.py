@@ -18,6 +18,7 @@ POOLED = "pooled"
 DETAILS = (
     "settings",
     "harmonization",
+    "reproducibility",
     "selection",
     "clinical_screening",
     "evaluation",

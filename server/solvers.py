@@ -19,24 +19,71 @@ from radfed.shared.logistic import NewtonPieces, newton_step
 log = logging.getLogger(__name__)
 
 
+def combine_moments(
+    n: list[int] | np.ndarray, mean: list[np.ndarray], m2: list[np.ndarray]
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Pooled count, mean and sum of squared deviations from per-site ones (Chan et al.).
+
+    Sites are merged one at a time with Chan, Golub and LeVeque's parallel update: for
+    groups ``a`` and ``b`` with ``δ = mean_b - mean_a``,
+    ``mean = mean_a + δ n_b / n`` and ``M2 = M2_a + M2_b + δ² n_a n_b / n``. Only
+    deviations are ever squared, so a column whose mean dwarfs its spread (an
+    energy-like feature with mean 1e9 and SD 30) keeps all its digits, where
+    ``Σx²/n - mean²`` cancels them away. Sites with no rows are skipped.
+
+    Parameters
+    ----------
+    n : sequence of int
+        Rows per site.
+    mean, m2 : sequence of ndarray of shape (p,)
+        Each site's column means and sums of squared deviations from them.
+
+    Returns
+    -------
+    n : int
+    mean, m2 : ndarray of shape (p,)
+
+    References
+    ----------
+    Chan TF, Golub GH, LeVeque RJ (1979). Updating formulae and a pairwise algorithm for
+    computing sample variances. Stanford CS report STAN-CS-79-773.
+    """
+    total, mu, ss = 0, None, None
+    for n_b, mean_b, m2_b in zip(n, mean, m2, strict=True):
+        n_b = int(n_b)
+        if n_b == 0:
+            continue
+        mean_b = np.asarray(mean_b, dtype=float)
+        m2_b = np.asarray(m2_b, dtype=float)
+        if mu is None:
+            total, mu, ss = n_b, mean_b.copy(), m2_b.copy()
+            continue
+        new = total + n_b
+        delta = mean_b - mu
+        mu = mu + delta * (n_b / new)
+        ss = ss + m2_b + delta**2 * (total * n_b / new)
+        total = new
+    if mu is None:
+        raise FederationError("no site has rows to standardise")
+    return total, mu, ss
+
+
 def pooled_standardisation(
     transport: Transport, columns: list[str], subset: str = "train"
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Pooled mean and SD (1/n, as glmnet) of each column from n, Σx, Σx² per site.
+    """Pooled mean and SD (1/n, as glmnet) of each column from each site's n, mean and
+    sum of squared deviations, combined exactly (:func:`combine_moments`).
 
     Raises
     ------
     FederationError
         When a column is constant over the federation (its SD is zero).
     """
-    replies = transport.ask("moments", {"columns": columns, "subset": subset})
-    n = sum(int(r["n"]) for r in replies.values())
-    total = sum(np.asarray(r["sum"], dtype=float) for r in replies.values())
-    total_sq = sum(np.asarray(r["sumsq"], dtype=float) for r in replies.values())
-    mean = total / n
-    # Σx²/n - mean² loses digits when |mean| >> SD; clip the rounding residue at zero.
-    var = np.maximum(total_sq / n - mean**2, 0.0)
-    sd = np.sqrt(var)
+    replies = list(transport.ask("moments", {"columns": columns, "subset": subset}).values())
+    n, mean, m2 = combine_moments(
+        [r["n"] for r in replies], [r["mean"] for r in replies], [r["m2"] for r in replies]
+    )
+    sd = np.sqrt(m2 / n)
     constant = [
         c for c, s, m in zip(columns, sd, mean, strict=True) if s <= 1e-12 * max(1.0, abs(m))
     ]
@@ -61,8 +108,14 @@ def fit_logistic_many(
     outcome: str = "outcome",
     max_iter: int = 50,
     tol: float = 1e-10,
+    sites: list[str] | None = None,
+    extra: dict | None = None,
 ) -> dict[str, LogisticFit]:
     """Federated logistic regressions by Newton-Raphson on summed Hessians and scores.
+
+    ``sites`` restricts the fit to some of the transport's sites; ``extra`` is added to
+    every request. Models whose parameters together exceed the transport's
+    ``param_budget`` for ``subset`` are fitted in several groups, one after another.
 
     Each round the coordinator sends every unconverged model's coefficients; each site
     returns X'WX, X'(y - p) and its deviance per model; the coordinator takes the Newton
@@ -75,13 +128,22 @@ def fit_logistic_many(
     FederationError
         On a singular Hessian (collinear predictors) or divergence (separation).
     """
+    budget = transport.param_budget.get(subset)
+    groups = spread(specs, budget) if budget else [specs]
+    if len(groups) > 1:
+        fits: dict[str, LogisticFit] = {}
+        for group in groups:
+            fits.update(
+                fit_logistic_many(transport, group, subset, outcome, max_iter, tol, sites, extra)
+            )
+        return fits
     beta = {name: np.zeros(len(spec.columns) + 1) for name, spec in specs.items()}
-    fits: dict[str, LogisticFit] = {}
+    fits = {}
     for iteration in range(1, max_iter + 1):
         active = [name for name in specs if name not in fits]
         if not active:
             break
-        request: dict = {"models": active, "subset": subset}
+        request: dict = {"models": active, "subset": subset, **(extra or {})}
         for name in active:
             spec = specs[name]
             request.update(
@@ -92,7 +154,7 @@ def fit_logistic_many(
                     f"{name}_beta": beta[name],
                 }
             )
-        replies = list(transport.ask("logistic", request).values())
+        replies = list(transport.ask("logistic", request, sites=sites).values())
         for name in active:
             total = _sum_pieces(replies, name)
             step = _newton_step(total, specs[name].columns)
@@ -110,6 +172,21 @@ def fit_logistic_many(
         raise FederationError(f"logistic fit(s) {missing} did not converge in {max_iter} rounds")
     log.debug("logistic fits converged in %d rounds", iteration - 1)
     return fits
+
+
+def spread(specs: dict[str, LogisticSpec], budget: float) -> list[dict[str, LogisticSpec]]:
+    """Fits grouped so that each request's parameters, all models together, stay within
+    ``budget`` (a site's parameter rule); a model larger than the budget goes alone."""
+    groups: list[dict[str, LogisticSpec]] = [{}]
+    used = 0
+    for name, spec in specs.items():
+        size = len(spec.columns) + 1
+        if groups[-1] and used + size > budget:
+            groups.append({})
+            used = 0
+        groups[-1][name] = spec
+        used += size
+    return [g for g in groups if g]
 
 
 def _newton_step(total: NewtonPieces, columns: list[str]) -> np.ndarray:

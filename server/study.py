@@ -1,12 +1,13 @@
 """The study driver: the phases of a federated study run, over any transport.
 
 Phases (seed 000's method, federated): consistency (sites agree on extraction settings
-and variables), split (each site splits its own patients), ComBat harmonisation of the
-features, radiomics selection (standardisation, mRMR, LASSO with K-fold CV -> the
-Radscore), the radiomics model (logistic on the Radscore), the clinical model
-(univariable screening, then multivariable), the nomogram (retained clinical variables
-plus the Radscore), and evaluation per site and split. The number of federated rounds of
-each phase is recorded.
+and variables), split (each site splits its own patients), reproducibility (when sites
+give second-reader or repeat masks: features with an ICC below the threshold are
+dropped), ComBat harmonisation of the features, radiomics selection (standardisation,
+mRMR, LASSO with K-fold CV -> the Radscore), the radiomics model (logistic on the
+Radscore), the clinical model (univariable screening, then multivariable), the nomogram
+(retained clinical variables plus the Radscore), and evaluation per site and split. The
+number of federated rounds of each phase is recorded.
 """
 
 from __future__ import annotations
@@ -70,6 +71,14 @@ def check_consistency(described: dict[str, Payload]) -> dict[str, Any]:
     }
 
 
+def reader_comparisons(described: dict[str, Payload]) -> list[str]:
+    """The reader comparisons some site has masks for (none: no reproducibility phase)."""
+    from radfed.shared.reproducibility_stats import COMPARISONS
+
+    masks = {m for reply in described.values() for m in reply.get("reader_masks", [])}
+    return [name for name, columns in COMPARISONS.items() if set(columns[1:]) <= masks]
+
+
 @dataclass
 class FittedStudy:
     """The pipeline fitted on some sites: what the sites said, and the models."""
@@ -127,10 +136,23 @@ class FederatedStudy:
         shared = check_consistency(described)
         self._phase("split")
         split = transport.ask("split")
+        fraction = cfg.privacy.max_param_fraction
+        transport.param_budget = {
+            subset: fraction * min(int(r[f"n_{subset}"]) for r in split.values())
+            for subset in ("train", "test")
+        }
 
         features, clinical = list(shared["features"]), list(shared["clinical"])
         models: dict[str, LogisticFit] = {}
         details: dict[str, Any] = {}
+        comparisons = reader_comparisons(described)
+        if features and comparisons:
+            self._phase("reproducibility")
+            repro = self._reproducibility(features, comparisons)
+            details["reproducibility"] = repro.to_dict()
+            features = repro.kept
+            if not features:
+                log.warning("no feature passes the ICC threshold %g", cfg.selection.icc_threshold)
         if features and cfg.harmonization.method == "combat":
             self._phase("combat")
             details["harmonization"] = self._harmonise(described, features)
@@ -168,6 +190,21 @@ class FederatedStudy:
         if not models:
             raise FederationError("no model to fit: no feature, and no clinical variable retained")
         return FittedStudy(described, split, shared, models, details)
+
+    def _reproducibility(self, features: list[str], comparisons: list[str]) -> Any:
+        """ICC of every feature across readers; the features below the threshold go."""
+        from radfed.server.reproducibility import reproducibility
+
+        sel = self.config.selection
+        replies = self.transport.ask(
+            "reproducibility", {"icc_features": features, "comparisons": comparisons}
+        )
+        result = reproducibility(features, replies, comparisons, sel.icc_type, sel.icc_threshold)
+        for name in comparisons:
+            result.comparisons[name]["status"] = {
+                site: reply[f"{name}_status"] for site, reply in replies.items()
+            }
+        return result
 
     def _harmonise(self, described: dict[str, Payload], features: list[str]) -> dict[str, Any]:
         """Fit ComBat on the training rows; later requests carry the estimates."""
@@ -211,7 +248,10 @@ class FederatedStudy:
             site: {
                 "n": described[site]["n"],
                 "events": described[site]["events"],
-                "n_excluded": described[site]["n_excluded"],
+                # A site sends its exclusions only when the count passes min_cell.
+                "n_excluded": described[site]["n_excluded"]
+                if described[site]["n_excluded"] >= 0
+                else None,
                 **{
                     subset: {
                         "n": split[site][f"n_{subset}"],

@@ -25,11 +25,16 @@ pipeline is logged as the MLflow model ``model`` and registered as ``radfed-{stu
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
+import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from radfed.server.results import StudyResult
 from radfed.shared.config import StudyConfig
@@ -112,6 +117,10 @@ def study_metrics(result: StudyResult) -> dict[str, float]:
             metrics[f"site/{site}/{split}/n"] = float(info[split]["n"])
             metrics[f"site/{site}/{split}/events"] = float(info[split]["events"])
     metrics.update({f"rounds/{phase}": float(n) for phase, n in result.rounds.items()})
+    if result.details.get("reproducibility"):
+        from radfed.server.reproducibility import reproducibility_metrics
+
+        metrics.update(reproducibility_metrics(result.details["reproducibility"]))
     return metrics
 
 
@@ -142,6 +151,88 @@ def tags_of(result: StudyResult) -> dict[str, str]:
     }
 
 
+#: Folder beside a SQLite tracking database that holds its runs' artifacts.
+ARTIFACTS = "mlartifacts"
+
+
+def local_store(uri: str) -> Path | None:
+    """The file of a ``sqlite:///`` store, the folder of a file store; None when remote."""
+    if uri.startswith("sqlite:///"):
+        path = uri.removeprefix("sqlite:///")
+        return None if path in ("", ":memory:") else Path("/" + path.lstrip("/"))
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if "://" not in uri:
+        return Path(uri)
+    return None
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a SQLite store keeps its artifacts: beside the
+    database, ``mlartifacts/<experiment>``, never ``./mlruns`` of the working folder.
+
+    None for other stores (a file store keeps artifacts in itself; a tracking server
+    has its own artifact root).
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = local_store(uri)
+    if db is None:
+        return None
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", experiment) or "default"
+    return (db.parent / ARTIFACTS / safe).as_uri()
+
+
+def check_tracking_store(config: StudyConfig) -> None:
+    """Before any round: a local MLflow store (and its artifact folder) must be writable.
+
+    An unwritable ``mlflow.db`` would otherwise fail only after the study was fitted,
+    after MLflow's retries. Remote stores (a tracking server, PostgreSQL) are not checked.
+
+    Raises
+    ------
+    OutputError
+        Naming the database or folder and the system's reason.
+    """
+    from radfed.server.outputs import OutputError, check_writable
+
+    path = local_store(config.tracking_uri)
+    if path is None:
+        return
+    what = "MLflow tracking store"
+    if config.tracking_uri.startswith("sqlite:///"):
+        if path.is_dir():
+            raise OutputError(f"the {what} {path} is a folder, not a SQLite database file")
+        if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+            raise OutputError(
+                f"cannot write to the {what} {path}: permission denied "
+                "(use --no-track, or [tracking] uri / $RADFED_TRACKING_URI to choose another)"
+            )
+        # SQLite writes its journal beside the database; artifacts go there too.
+        check_writable(path.parent, f"folder of the {what}")
+        location = artifact_location(config.tracking_uri, config.experiment or config.name)
+        if location is not None:
+            check_writable(Path(unquote(urlparse(location).path)), "MLflow artifact folder")
+    else:
+        check_writable(path, what)
+
+
+def _use_experiment(config: StudyConfig) -> None:
+    """Select the study's experiment, creating it with its artifacts beside the store."""
+    import mlflow
+
+    name = config.experiment or config.name
+    if mlflow.get_experiment_by_name(name) is None:
+        location = artifact_location(config.tracking_uri, name)
+        try:
+            mlflow.create_experiment(name, artifact_location=location)
+        except mlflow.exceptions.MlflowException:
+            if mlflow.get_experiment_by_name(name) is None:  # not a concurrent creation
+                raise
+    mlflow.set_experiment(name)
+
+
 def log_study(result: StudyResult, config: StudyConfig, out_dir: Path) -> tuple[str, str]:
     """Log a study run to MLflow: parent run, nested held-out runs, artifacts, model.
 
@@ -155,11 +246,12 @@ def log_study(result: StudyResult, config: StudyConfig, out_dir: Path) -> tuple[
     import mlflow
 
     from radfed.server.outputs import write_outputs
+    from radfed.server.reproducibility import icc_rows
 
     # Quiet MLflow's own start-up chatter (database migrations) on first use of a store.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(config.tracking_uri)
-    mlflow.set_experiment(config.experiment or config.name)
+    _use_experiment(config)
     out_dir = Path(out_dir)
     params = config.as_params()
     tags = tags_of(result)
@@ -174,6 +266,12 @@ def log_study(result: StudyResult, config: StudyConfig, out_dir: Path) -> tuple[
                 mlflow.log_artifacts(str(path), artifact_path=path.name)
             else:
                 mlflow.log_artifact(str(path))
+        rows = icc_rows(result.details.get("reproducibility") or {})
+        if rows:  # the ICC table, one row per feature
+            mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "reproducibility/icc.json")
+        errors = result.federation.get("errors")
+        if errors:  # a figure or the report could not be made: the run says so
+            mlflow.set_tag("radfed.errors", "; ".join(errors)[:5000])
         for site, entry in result.details.get("external", {}).get("held_out", {}).items():
             nested_tags = {**tags, "radfed.kind": "external", "radfed.held_out": site}
             nested_tags["radfed.status"] = str(entry.get("status"))
@@ -184,15 +282,46 @@ def log_study(result: StudyResult, config: StudyConfig, out_dir: Path) -> tuple[
     return run.info.run_id, config.tracking_uri
 
 
+#: Fragments of MLflow log messages about the pipeline model that need no action.
+MLFLOW_NOISE = ("CloudPickle", "Failed to infer model signature")
+
+
+class _DropMessages(logging.Filter):
+    """Send records whose message holds one of ``fragments`` to the debug log instead."""
+
+    def __init__(self, *fragments: str) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(f in message for f in self.fragments):
+            log.debug("MLflow: %s", message.splitlines()[0])
+            return False
+        return True
+
+
 def _log_model(result: StudyResult, out_dir: Path, config: StudyConfig) -> None:
     from radfed.server.pipeline_model import log_pipeline_model
 
     name = registered_model_name(config.name)
+    # MLflow's notes a user cannot act on: the model is radfed's own class (pickled by
+    # design) and has no signature on purpose (see log_pipeline_model); its registry
+    # prints "already exists" / "Created version" itself. Kept at debug level.
+    quiet = _DropMessages(*MLFLOW_NOISE)
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    pyfunc_log.addFilter(quiet)
+    printed = io.StringIO()
     try:
-        info = log_pipeline_model(result.to_dict(), out_dir / "model", name)
+        with contextlib.redirect_stderr(printed):
+            info = log_pipeline_model(result.to_dict(), out_dir / "model", name)
     except Exception as exc:  # the study is recorded even if the model cannot be
         log.error("could not log the fitted pipeline as an MLflow model: %s", exc)
         return
+    finally:
+        pyfunc_log.removeFilter(quiet)
+        if printed.getvalue().strip():
+            log.debug("MLflow: %s", printed.getvalue().strip())
     result.federation["mlflow_model_uri"] = info.model_uri
     version = getattr(info, "registered_model_version", None)
     log.info(

@@ -13,7 +13,7 @@ A study file is TOML::
     test_fraction = 0.3
 
     [extraction]
-    params = "default"          # "default", "fast" or a parameter file path
+    params = "default"          # "default", "fast", "2d" or a parameter file path
 
     [tracking]
     uri = "sqlite:///mlflow.db"  # relative to the study file; $RADFED_TRACKING_URI overrides
@@ -25,6 +25,11 @@ A study file is TOML::
     [validation]
     leave_one_site_out = "auto"  # "auto": with three or more training sites; true; false
 
+    [federation]
+    timeout = 3600               # seconds for a whole Flower run; default from the
+                                 # expected rounds (see expected_rounds); 0: no limit
+    round_timeout = 600          # seconds a round may wait for the sites' replies
+
     [[sites]]
     name = "hospital_a"
     path = "sites/hospital_a"
@@ -35,16 +40,26 @@ A study file is TOML::
     role = "validation"          # external validation only: never used to fit
 
 Relative paths are resolved against the folder of the study file.
+
+Everything is checked before anything runs, each mistake a one-line
+:class:`~radfed.shared.errors.StudyConfigError`: a section that is not a table (``split =
+0.3``), unknown keys (with the closest spelling) and keys in the wrong section (with the
+right one), types (``min_cell = true`` and ``enabled = "false"`` are refused), impossible
+values, the outcome used as a predictor, a ComBat covariate or the batch, two sites
+reading one folder, and study names that would leave the output folder. :data:`KNOWN`
+is the one list of allowed keys.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +70,22 @@ SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 KNOWN = {
     "study": {"name", "outcome", "clinical", "features", "seed"},
     "harmonization": {"method", "batch", "covariates", "categorical", "parametric", "mean_only"},
-    "selection": {"mrmr_k", "folds", "n_lambdas", "lambda_min_ratio", "rule"},
+    "selection": {
+        "mrmr_k",
+        "folds",
+        "n_lambdas",
+        "lambda_min_ratio",
+        "rule",
+        "icc_threshold",
+        "icc_type",
+    },
     "models": {"univariable_p"},
     "split": {"test_fraction"},
     "extraction": {"params"},
     "tracking": {"uri", "experiment", "enabled"},
     "privacy": {"min_cell", "max_param_fraction"},
     "validation": {"leave_one_site_out"},
+    "federation": {"timeout", "round_timeout"},
     "sites": {"name", "path", "role"},
 }
 #: Overrides ``[tracking] uri`` of every study file (set by the coordinator image).
@@ -103,6 +127,10 @@ class SelectionConfig:
     n_lambdas: int = 100
     lambda_min_ratio: float | None = None  # glmnet's default: 0.01 if N > p else 1e-4
     rule: str = "lambda.min"  # seed 000's rule; or "lambda.1se"
+    # Reproducibility filter (when sites give second-reader or repeat masks): features
+    # whose ICC is below the threshold are dropped before ComBat and mRMR.
+    icc_threshold: float = 0.75
+    icc_type: str = "ICC2"  # ICC(2,1) absolute agreement; or "ICC3" (consistency)
 
 
 @dataclass(frozen=True)
@@ -126,6 +154,10 @@ class StudyConfig:
     univariable_p: float = 0.05
     leave_one_site_out: str | bool = "auto"
     source: Path | None = None
+    #: Seconds for a whole Flower run (None: from the expected rounds; 0: no limit).
+    timeout: float | None = None
+    #: Seconds one round may wait for the sites' replies (a per-round inactivity limit).
+    round_timeout: float = 600.0
 
     @property
     def site_names(self) -> list[str]:
@@ -199,11 +231,131 @@ def _string_list(table: dict[str, Any], key: str, where: str) -> tuple[str, ...]
     return tuple(value)
 
 
-def _check_keys(table: dict[str, Any], section: str) -> None:
-    unknown = set(table) - KNOWN[section]
-    if unknown:
+def _hint(key: str, choices: Iterable[str], section: str | None = None) -> str:
+    """Where a stray key belongs, or the closest known spelling ('' when neither)."""
+    homes = [s for s, keys in KNOWN.items() if key in keys and s != section]
+    if homes:
+        return f"{key!r} belongs in " + " or ".join(_header(s) for s in homes)
+    if key in KNOWN and key != section:
+        return f"{key!r} is a section: write it as its own {_header(key)} table"
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    return f"{key!r}: did you mean {close[0]!r}?" if close else ""
+
+
+def _header(section: str) -> str:
+    return f"[[{section}]]" if section == "sites" else f"[{section}]"
+
+
+def _check_keys(table: Any, section: str) -> None:
+    """Refuse a section that is not a table, and keys ``KNOWN`` does not list for it
+    (naming the section a misplaced key belongs in, or the closest spelling)."""
+    if not isinstance(table, dict):
         raise StudyConfigError(
-            f"[{section}]: unknown key(s) {sorted(unknown)}; known: {sorted(KNOWN[section])}"
+            f"{_header(section)} must be a table of key = value lines, got {table!r}"
+        )
+    unknown = [k for k in table if k not in KNOWN[section]]
+    if unknown:
+        hints = [h for h in (_hint(k, KNOWN[section], section) for k in unknown) if h]
+        why = f" ({'; '.join(hints)})" if hints else ""
+        raise StudyConfigError(
+            f"{_header(section)}: unknown key(s) {unknown}{why}; known: {sorted(KNOWN[section])}"
+        )
+
+
+def _check_sections(data: dict[str, Any]) -> None:
+    """Every top-level name is a known section of the right shape."""
+    for key, value in data.items():
+        if key not in KNOWN:
+            hint = _hint(key, KNOWN)
+            if not hint or "belongs in" in hint:
+                where = f"{key!r} is not a section" + (f" ({hint})" if hint else "")
+            else:
+                where = f"unknown section(s) [{key!r}] ({hint})"
+            raise StudyConfigError(f"{where}; known sections: {sorted(KNOWN)}")
+        if key == "sites":
+            if isinstance(value, dict):
+                raise StudyConfigError(
+                    "write each site as a [[sites]] table (double brackets), not [sites]"
+                )
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise StudyConfigError(
+                    f"'sites' must be [[sites]] tables with name and path, got {value!r}"
+                )
+        elif not isinstance(value, dict):
+            raise StudyConfigError(
+                f"{key!r} must be a table: write [{key}] on its own line and its settings "
+                f"below it (e.g. {_example(key)}), not {key} = {value!r}"
+            )
+
+
+def _example(section: str) -> str:
+    examples = {"split": "test_fraction = 0.3", "privacy": "min_cell = 3"}
+    keys = sorted(KNOWN[section])
+    return examples.get(section, f"{keys[0]} = ..." if keys else "")
+
+
+def _check_number(
+    value: Any, key: str, where: str, low: float, high: float, kind: str = "number"
+) -> None:
+    """``value`` must be a number (an integer for ``kind="integer"``, never a boolean)
+    in ``[low, high]``."""
+    types = (int,) if kind == "integer" else (int, float)
+    if isinstance(value, bool) or not isinstance(value, types) or not low <= value <= high:
+        bounds = f">= {low:g}" if high == float("inf") else f"in [{low:g}, {high:g}]"
+        article = "an" if kind == "integer" else "a"
+        raise StudyConfigError(f"{where}: {key} must be {article} {kind} {bounds}, got {value!r}")
+
+
+#: A study name becomes a folder, an MLflow experiment and a registered model name.
+STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def _check_study_name(name: str) -> None:
+    """A study name must stay one plain folder name inside the output folder."""
+    if not STUDY_NAME.match(name) or ".." in name:
+        raise StudyConfigError(
+            f"[study]: name {name!r} may hold only letters, digits, '.', '_' and '-' "
+            "(at most 100, starting with a letter or digit, no '..'): it names the "
+            "output folder and the MLflow experiment"
+        )
+
+
+def _check_distinct_folders(sites: list[SiteConfig]) -> None:
+    """Two sites reading the same folder would count its patients twice."""
+    seen: dict[Path, str] = {}
+    for site in sites:
+        key = Path(os.path.realpath(site.path))
+        if key in seen:
+            raise StudyConfigError(
+                f"sites {seen[key]!r} and {site.name!r} point at the same folder {site.path}: "
+                "its patients would be counted twice"
+            )
+        seen[key] = site.name
+
+
+def _check_outcome_use(
+    outcome: str,
+    clinical: tuple[str, ...],
+    features: tuple[str, ...],
+    harmonization: HarmonizationConfig,
+) -> None:
+    """The outcome is what the models predict: never a predictor nor a ComBat input."""
+    uses = [
+        ("[study] clinical", outcome in clinical),
+        ("[study] features", outcome in features),
+        ("[harmonization] covariates", outcome in harmonization.covariates),
+        ("[harmonization] batch", harmonization.batch == outcome),
+    ]
+    wrong = [where for where, used in uses if used]
+    if wrong:
+        raise StudyConfigError(
+            f"the outcome {outcome!r} is listed in {' and '.join(wrong)}: the outcome may "
+            "not be a predictor, a ComBat covariate or the ComBat batch"
+        )
+    both = [c for c in clinical if c in features]
+    if both:
+        raise StudyConfigError(
+            f"[study]: {both} listed both as clinical variables and as features: list each once"
         )
 
 
@@ -224,41 +376,65 @@ def _tracking_uri(uri: str, base: Path) -> str:
 
 def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) -> StudyConfig:
     """Build a :class:`StudyConfig` from parsed TOML, resolving paths against ``base``."""
-    unknown = set(data) - set(KNOWN)
-    if unknown:
-        raise StudyConfigError(f"unknown section(s) {sorted(unknown)}; known: {sorted(KNOWN)}")
+    _check_sections(data)
     study = _require(data, "study", dict, "study file")
     _check_keys(study, "study")
     name = _require(study, "name", str, "[study]")
+    _check_study_name(name)
     outcome = _require(study, "outcome", str, "[study]")
+    if not outcome.strip():
+        raise StudyConfigError("[study]: 'outcome' must name the 0/1 outcome column")
     clinical = _string_list(study, "clinical", "[study]")
     features = _string_list(study, "features", "[study]")
     if not clinical and not features:
         raise StudyConfigError("[study]: name at least one clinical variable or feature")
     seed = study.get("seed", 42)
-    if not isinstance(seed, int):
-        raise StudyConfigError(f"[study]: 'seed' must be an integer, got {seed!r}")
+    _check_number(seed, "seed", "[study]", 0, float("inf"), "integer")
 
     split = data.get("split", {})
     _check_keys(split, "split")
     test_fraction = split.get("test_fraction", 0.3)
-    if not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+    if (
+        isinstance(test_fraction, bool)
+        or not isinstance(test_fraction, (int, float))
+        or not 0 < test_fraction < 1
+    ):
         raise StudyConfigError(f"[split]: test_fraction must be in (0, 1), got {test_fraction!r}")
 
     extraction = data.get("extraction", {})
     _check_keys(extraction, "extraction")
     params = extraction.get("params", "default")
-    if params not in {"default", "fast"}:
+    if not isinstance(params, str) or not params:
+        raise StudyConfigError(
+            f'[extraction]: params must be "default", "fast", "2d" or a file path, got {params!r}'
+        )
+    if params not in {"default", "fast", "2d"}:
         params = str(_resolve(params, base))
 
     tracking = data.get("tracking", {})
     _check_keys(tracking, "tracking")
     # A coordinator's deployment may point every study at its tracking server.
+    for key in ("uri", "experiment"):
+        if key in tracking and (not isinstance(tracking[key], str) or not tracking[key]):
+            raise StudyConfigError(
+                f"[tracking]: {key} must be a non-empty string, got {tracking[key]!r}"
+            )
+    enabled = tracking.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise StudyConfigError(
+            f"[tracking]: enabled must be true or false (without quotes), got {enabled!r}"
+        )
     uri = os.environ.get(TRACKING_URI_ENV) or tracking.get("uri", "sqlite:///mlflow.db")
     uri = _tracking_uri(uri, base)
 
     privacy_table = data.get("privacy", {})
     _check_keys(privacy_table, "privacy")
+    if "min_cell" in privacy_table:
+        _check_number(
+            privacy_table["min_cell"], "min_cell", "[privacy]", 1, float("inf"), "integer"
+        )
+    if "max_param_fraction" in privacy_table:
+        _check_number(privacy_table["max_param_fraction"], "max_param_fraction", "[privacy]", 0, 1)
     try:
         privacy = PrivacyPolicy(**privacy_table)
     except (TypeError, ValueError) as exc:
@@ -269,7 +445,11 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
     models = data.get("models", {})
     _check_keys(models, "models")
     univariable_p = models.get("univariable_p", 0.05)
-    if not isinstance(univariable_p, (int, float)) or not 0 < univariable_p <= 1:
+    if (
+        isinstance(univariable_p, bool)
+        or not isinstance(univariable_p, (int, float))
+        or not 0 < univariable_p <= 1
+    ):
         raise StudyConfigError(f"[models]: univariable_p must be in (0, 1], got {univariable_p!r}")
 
     raw_sites = data.get("sites", [])
@@ -287,13 +467,18 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
         role = raw.get("role", "training")
         if role not in ROLES:
             raise StudyConfigError(f"{where}: role must be one of {list(ROLES)}, got {role!r}")
-        path = _resolve(_require(raw, "path", str, where), base)
+        raw_path = _require(raw, "path", str, where)
+        if not raw_path.strip():
+            raise StudyConfigError(f"{where}: 'path' is empty: give the site's data folder")
+        path = _resolve(raw_path, base)
         sites.append(SiteConfig(site_name, path, role))
     names = [s.name for s in sites]
     if len(set(names)) != len(names):
         raise StudyConfigError(f"study file: site names must be unique, got {names}")
     if not any(s.role == "training" for s in sites):
         raise StudyConfigError("study file: at least one site must have role 'training'")
+    _check_distinct_folders(sites)
+    _check_outcome_use(outcome, clinical, features, harmonization)
 
     validation = data.get("validation", {})
     _check_keys(validation, "validation")
@@ -302,6 +487,15 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
         raise StudyConfigError(
             f'[validation]: leave_one_site_out must be "auto", true or false, got {loso!r}'
         )
+
+    federation = data.get("federation", {})
+    _check_keys(federation, "federation")
+    limits = {k: federation[k] for k in ("timeout", "round_timeout") if k in federation}
+    for key, value in limits.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise StudyConfigError(f"[federation]: {key} must be seconds >= 0, got {value!r}")
+    if limits.get("round_timeout") == 0:
+        raise StudyConfigError("[federation]: round_timeout must be > 0")
 
     return StudyConfig(
         name=name,
@@ -321,13 +515,15 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
         univariable_p=float(univariable_p),
         leave_one_site_out=loso,
         source=source,
+        timeout=float(limits["timeout"]) if "timeout" in limits else None,
+        round_timeout=float(limits.get("round_timeout", 600.0)),
     )
 
 
 def _harmonization(table: dict[str, Any]) -> HarmonizationConfig:
     _check_keys(table, "harmonization")
     method = table.get("method", "combat")
-    if method not in {"combat", "none"}:
+    if not isinstance(method, str) or method not in {"combat", "none"}:
         raise StudyConfigError(
             f"[harmonization]: method must be 'combat' or 'none', got {method!r}"
         )
@@ -348,17 +544,27 @@ def _harmonization(table: dict[str, Any]) -> HarmonizationConfig:
 
 def _selection(table: dict[str, Any]) -> SelectionConfig:
     _check_keys(table, "selection")
-    cfg = SelectionConfig(**table)
+    known = {f.name for f in fields(SelectionConfig)}
+    cfg = SelectionConfig(**{k: v for k, v in table.items() if k in known})
     for key, low in (("mrmr_k", 1), ("folds", 2), ("n_lambdas", 2)):
         value = getattr(cfg, key)
-        if not isinstance(value, int) or value < low:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise StudyConfigError(f"[selection]: {key} must be an integer >= {low}, got {value!r}")
     ratio = cfg.lambda_min_ratio
-    if ratio is not None and (not isinstance(ratio, (int, float)) or not 0 < ratio < 1):
+    if ratio is not None and (
+        isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1
+    ):
         raise StudyConfigError(f"[selection]: lambda_min_ratio must be in (0, 1), got {ratio!r}")
-    if cfg.rule not in {"lambda.min", "lambda.1se"}:
+    if not isinstance(cfg.rule, str) or cfg.rule not in {"lambda.min", "lambda.1se"}:
         raise StudyConfigError(
             f"[selection]: rule must be 'lambda.min' or 'lambda.1se', got {cfg.rule!r}"
+        )
+    icc = cfg.icc_threshold
+    if isinstance(icc, bool) or not isinstance(icc, (int, float)) or not 0 <= icc <= 1:
+        raise StudyConfigError(f"[selection]: icc_threshold must be in [0, 1], got {icc!r}")
+    if cfg.icc_type not in {"ICC2", "ICC3"}:
+        raise StudyConfigError(
+            f"[selection]: icc_type must be 'ICC2' or 'ICC3', got {cfg.icc_type!r}"
         )
     return cfg
 

@@ -14,7 +14,14 @@ class SiteDataError(RadfedError):
 
 
 class PrivacyRefusal(RadfedError):
-    """A site refuses to answer because its reply would break a privacy rule."""
+    """A site refuses to answer because its reply would break a privacy rule.
+
+    ``rule`` names the rule (see :data:`radfed.shared.privacy.RULES`).
+    """
+
+    def __init__(self, message: str, rule: str = "") -> None:
+        super().__init__(message)
+        self.rule = rule
 
 
 class FederationError(RadfedError):

@@ -134,7 +134,50 @@ class DeLong:
         return bool(np.all(np.isfinite(self.auc)) and np.all(np.isfinite(self.cov)))
 
 
-def delong(y: np.ndarray, scores: np.ndarray) -> DeLong:
+#: Scores of one model closer than ``TIE_RTOL`` times its largest absolute score are one
+#: tie. Patients with identical covariates get linear predictors that differ by a few
+#: ulps (BLAS rounds each row of ``X @ beta`` its own way), which would turn a tie that
+#: pROC counts 1/2 into a 0 or a 1; 1e-9 is far above such rounding (~1e-15 relative)
+#: and far below any difference a model's coefficients can make between patients.
+TIE_RTOL = 1e-9
+
+
+def merge_near_ties(scores: np.ndarray, rtol: float = TIE_RTOL) -> np.ndarray:
+    """Scores with near-equal values made equal, column by column.
+
+    Sorted values closer than ``rtol * max|s|`` to their predecessor join its run, and
+    every value of a run is replaced by the run's smallest. (A run could in principle
+    chain values further apart than the tolerance; that needs thousands of distinct
+    scores inside ``1e-6`` of the range and does not happen with fitted models.)
+
+    Parameters
+    ----------
+    scores : ndarray of shape (n,) or (n, k)
+    rtol : float, default TIE_RTOL
+        Tolerance relative to the column's largest absolute score.
+
+    Returns
+    -------
+    ndarray of the same shape as ``scores`` (a copy).
+    """
+    S = np.array(scores, dtype=float)
+    flat = S.ndim == 1
+    if flat:
+        S = S[:, None]
+    for j in range(S.shape[1]):
+        s = S[:, j]
+        if len(s) < 2:
+            continue
+        order = np.argsort(s, kind="stable")
+        ordered = s[order]
+        tol = rtol * float(np.max(np.abs(ordered)))
+        starts = np.concatenate([[True], np.diff(ordered) > tol])
+        first = np.maximum.accumulate(np.where(starts, np.arange(len(s)), 0))
+        S[order, j] = ordered[first]
+    return S[:, 0] if flat else S
+
+
+def delong(y: np.ndarray, scores: np.ndarray, rtol: float = TIE_RTOL) -> DeLong:
     """AUCs and their DeLong covariance, exactly as R's pROC computes them.
 
     Higher scores mean an event (pROC's ``direction = "<"``, with ``y = 1`` the cases).
@@ -147,12 +190,19 @@ def delong(y: np.ndarray, scores: np.ndarray) -> DeLong:
     and ``S01`` likewise over the ``n`` non-events (pROC's ``ci_auc_delong`` and
     ``delong.paired.calculations``).
 
+    Ties: scores of a model within ``rtol`` times its largest absolute score are equal
+    (:func:`merge_near_ties`), so patients with identical covariates, whose linear
+    predictors differ only by rounding, are tied and count 1/2 as in pROC on exact
+    values. Pass ``rtol=0`` for exact comparisons.
+
     Parameters
     ----------
     y : ndarray of shape (n,)
         Outcome, 0/1.
     scores : ndarray of shape (n,) or (n, k)
         Scores of ``k`` models (any scale; only their order matters).
+    rtol : float, default TIE_RTOL (1e-9)
+        Relative tolerance under which two scores are a tie.
 
     Returns
     -------
@@ -177,6 +227,8 @@ def delong(y: np.ndarray, scores: np.ndarray) -> DeLong:
 
     from scipy.stats import rankdata
 
+    if rtol > 0:
+        S = merge_near_ties(S, rtol)
     # Midranks among all patients minus midranks within a class count the patients of
     # the other class below (ties one half): the O(n log n) form of the psi kernel.
     ranks_all = rankdata(S, axis=0)
@@ -295,7 +347,8 @@ class HosmerLemeshow:
         ``Σ_g (O1 - E1)² / E1 + (O0 - E0)² / E0`` over the groups, for events (1) and
         non-events (0).
     df : int
-        Degrees of freedom, groups - 2.
+        Degrees of freedom: groups - 2 on the patients the model was fitted on, groups
+        on validation patients (:func:`hosmer_lemeshow`'s ``validation``).
     pvalue : float
         Upper tail of the chi-square distribution with ``df`` degrees of freedom;
         NaN when ``df < 1``.
@@ -375,7 +428,9 @@ def _r_quantile7(x: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return np.where(interpolate, (1.0 - h) * qs + h * x_hi, qs)
 
 
-def hosmer_lemeshow(y: np.ndarray, p: np.ndarray, g: int = 10) -> HosmerLemeshow:
+def hosmer_lemeshow(
+    y: np.ndarray, p: np.ndarray, g: int = 10, validation: bool = False
+) -> HosmerLemeshow:
     """Hosmer-Lemeshow test on ``g`` quantile groups, as ResourceSelection's ``hoslem.test``.
 
     Breaks are ``unique(quantile(p, seq(0, 1, 1/g)))`` with R's default quantile type 7;
@@ -392,6 +447,15 @@ def hosmer_lemeshow(y: np.ndarray, p: np.ndarray, g: int = 10) -> HosmerLemeshow
     groups remain (all predictions equal) the statistic and p-value are NaN, where R
     stops with an error.
 
+    Degrees of freedom: groups - 2 on the data the model was fitted on (``hoslem.test``'s
+    rule: two parameters were estimated from these patients), groups on validation data
+    (``validation=True``: test splits, held-out and validation-only sites), where no
+    parameter was estimated from the patients tested (Hosmer, Lemeshow & Sturdivant 2013,
+    section 5.2.2).
+
+    Predictions within :data:`TIE_RTOL` of each other are grouped as ties (see
+    :func:`merge_near_ties`); the expected counts sum the predictions themselves.
+
     The break values themselves are not returned: the outer ones are individual
     patients' predictions.
 
@@ -403,6 +467,9 @@ def hosmer_lemeshow(y: np.ndarray, p: np.ndarray, g: int = 10) -> HosmerLemeshow
         Predicted probabilities of one model.
     g : int, default 10
         Number of quantile groups requested, at least 2.
+    validation : bool, default False
+        Whether ``p`` comes from a model fitted on other patients (df = groups) rather
+        than on these (df = groups - 2).
 
     Returns
     -------
@@ -417,16 +484,30 @@ def hosmer_lemeshow(y: np.ndarray, p: np.ndarray, g: int = 10) -> HosmerLemeshow
         return HosmerLemeshow(float("nan"), -2, float("nan"), 0, empty, empty, empty)
     # seq(0, 1, 1/g) computes from + (0:n) * by, capped at `to`.
     probs = np.minimum(np.arange(g + 1) * (1.0 / g), 1.0)
-    breaks = np.unique(_r_quantile7(p, probs))
+    tied = merge_near_ties(p)
+    breaks = np.unique(_r_quantile7(tied, probs))
     n_groups = max(len(breaks) - 1, 1)
     # Right-closed intervals (b_i, b_{i+1}]: side="left" finds the first break >= p;
     # include.lowest puts p == b_0 in the first group.
-    group = np.clip(np.searchsorted(breaks, p, side="left") - 1, 0, n_groups - 1)
+    group = np.clip(np.searchsorted(breaks, tied, side="left") - 1, 0, n_groups - 1)
     n = np.bincount(group, minlength=n_groups)
     observed = np.bincount(group[y], minlength=n_groups)
     expected = np.bincount(group, weights=p, minlength=n_groups)
     expected0 = np.bincount(group, weights=1.0 - p, minlength=n_groups)
-    return HosmerLemeshow.from_groups(n, observed, expected, expected0)
+    hl = HosmerLemeshow.from_groups(n, observed, expected, expected0)
+    return with_validation_df(hl) if validation else hl
+
+
+def with_validation_df(hl: HosmerLemeshow) -> HosmerLemeshow:
+    """The same test with ``df`` = groups (validation data) and its p-value."""
+    import dataclasses
+
+    pvalue = float("nan")
+    if hl.groups >= 1 and np.isfinite(hl.statistic):
+        from scipy.stats import chi2
+
+        pvalue = float(chi2.sf(hl.statistic, hl.groups))
+    return dataclasses.replace(hl, df=hl.groups, pvalue=pvalue)
 
 
 class CalibrationFit(NamedTuple):
@@ -536,3 +617,107 @@ def brier(y: np.ndarray, p: np.ndarray) -> float:
     if len(y) == 0:
         return float("nan")
     return float(np.mean((p - y) ** 2))
+
+
+# ----------------------------------------------------------- the site's disclosure grids
+
+#: The site's probability thresholds for counts at and between thresholds (decision
+#: curves' 0.01-0.99 grid). The site's own, never taken from a request.
+THRESHOLDS = np.round(np.arange(1, 100) / 100, 2)
+#: The site's risk bins for binned calibration points (and the pooled Hosmer-Lemeshow).
+BIN_EDGES = np.round(np.linspace(0.0, 1.0, 11), 2)
+#: The site's Hosmer-Lemeshow groups (deciles of risk).
+HL_GROUPS = 10
+
+
+def merge_cells(events: np.ndarray, nonevents: np.ndarray, min_cell: int) -> np.ndarray:
+    """Group adjacent cells until each group's events and non-events are 0 or at least
+    ``min_cell``.
+
+    Cells are closed greedily from the left as soon as their group passes; a failing
+    last group is merged into the one before until it passes (the whole passes when its
+    totals do). Returns a boolean vector, True where a group starts (cell 0 always).
+    """
+    events = np.asarray(events, dtype=np.int64)
+    nonevents = np.asarray(nonevents, dtype=np.int64)
+
+    def ok(e: int, ne: int) -> bool:
+        return (e == 0 or e >= min_cell) and (ne == 0 or ne >= min_cell)
+
+    starts: list[int] = []
+    open_start, e, ne = 0, 0, 0
+    for i, (ce, cne) in enumerate(zip(events, nonevents, strict=True)):
+        if i > 0 and (e or ne) and ok(e, ne):
+            starts.append(open_start)
+            open_start, e, ne = i, 0, 0
+        e, ne = e + int(ce), ne + int(cne)
+    groups = [*starts, open_start]
+    bounds = [*groups, len(events)]
+    # Merge the failing tail backwards.
+    while len(groups) > 1:
+        lo = groups[-1]
+        if ok(int(events[lo:].sum()), int(nonevents[lo:].sum())):
+            break
+        groups.pop()
+    del bounds
+    mask = np.zeros(len(events), dtype=bool)
+    mask[groups] = True
+    return mask
+
+
+def coarsen_threshold_counts(
+    tp: np.ndarray, fp: np.ndarray, events: int, nonevents: int, min_cell: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Counts at thresholds that respect ``min_cell`` at and between thresholds.
+
+    The cells between adjacent thresholds (below the first, between each pair, above
+    the last) are merged by :func:`merge_cells`; at a threshold inside a merged cell the
+    count of the cell's lower boundary is reported, so every count sent, and every
+    difference of two counts sent, is 0 or at least ``min_cell``.
+
+    Parameters
+    ----------
+    tp, fp : ndarray of int, shape (k, T)
+        Exact events and non-events with ``p >= t`` (:func:`threshold_counts`).
+    events, nonevents : int
+        Totals of the subset.
+
+    Returns
+    -------
+    tp, fp : ndarray of int, shape (k, T)
+        Reported counts.
+    exact : ndarray of bool, shape (k, T)
+        Where the reported count is the exact count at that threshold.
+    """
+    tp, fp = np.atleast_2d(tp), np.atleast_2d(fp)
+    k, T = tp.shape
+    out_tp, out_fp = np.empty_like(tp), np.empty_like(fp)
+    exact = np.zeros((k, T), dtype=bool)
+    for j in range(k):
+        # Cumulative counts at the cell boundaries 0, t_1, ..., t_T, and past 1.
+        cum_e = np.concatenate([[events], tp[j], [0]])
+        cum_ne = np.concatenate([[nonevents], fp[j], [0]])
+        starts = merge_cells(-np.diff(cum_e), -np.diff(cum_ne), min_cell)  # T + 1 cells
+        group_start = np.maximum.accumulate(np.where(starts, np.arange(T + 1), 0))
+        # Threshold t_i is the lower boundary of cell i (cells are 0..T).
+        lower = group_start[1:]
+        out_tp[j], out_fp[j] = cum_e[lower], cum_ne[lower]
+        exact[j] = starts[1:]
+    return out_tp, out_fp, exact
+
+
+def coarsen_bins(
+    n: np.ndarray, observed: np.ndarray, expected: np.ndarray, min_cell: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Risk bins merged until each bin's events and non-events are 0 or at least
+    ``min_cell``; a merged bin's totals stand at its first bin, zeros in the rest.
+
+    Shapes (k, B) in and out, so the reply's shape stays the site's grid.
+    """
+    n, observed, expected = np.atleast_2d(n), np.atleast_2d(observed), np.atleast_2d(expected)
+    out = [np.zeros_like(n), np.zeros_like(observed), np.zeros_like(expected)]
+    for j in range(n.shape[0]):
+        starts = np.flatnonzero(merge_cells(observed[j], n[j] - observed[j], min_cell))
+        for arr, res in zip((n, observed, expected), out, strict=True):
+            res[j, starts] = np.add.reduceat(arr[j], starts)
+    return out[0], out[1], out[2]

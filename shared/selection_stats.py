@@ -171,19 +171,23 @@ def cross_products(
 # --------------------------------------------------------------------------- LASSO
 
 
-def _site_seed(seed: int, site_name: str) -> list[int]:
-    # A stable hash (not Python's salted hash()) so a site draws the same folds every run.
-    digest = hashlib.sha256(site_name.encode("utf-8")).digest()
+def _site_seed(seed: int, site_name: str, secret: bytes = b"") -> list[int]:
+    # A stable hash (not Python's salted hash()) so a site draws the same folds every
+    # run; the site's secret keeps the draw out of the coordinator's reach.
+    digest = hashlib.sha256(site_name.encode("utf-8") + secret).digest()
     return [int(seed), int.from_bytes(digest[:8], "little")]
 
 
-def assign_folds(y: np.ndarray, k: int, seed: int, site_name: str) -> np.ndarray:
+def assign_folds(
+    y: np.ndarray, k: int, seed: int, site_name: str, secret: bytes = b""
+) -> np.ndarray:
     """Stratified, seeded K-fold assignment of a site's rows.
 
     Within each outcome class the rows are shuffled and dealt to the folds in turn, the
     dealing continuing across classes from a random start, so every fold gets each class
     in proportion (to within one row) and fold sizes differ by at most one. The draw
-    depends only on ``(seed, site_name)``, so a site reproduces its folds every round.
+    depends only on ``(seed, site_name, secret)``, so a site reproduces its folds every
+    round, and without the site's secret nobody else can.
 
     Parameters
     ----------
@@ -195,6 +199,8 @@ def assign_folds(y: np.ndarray, k: int, seed: int, site_name: str) -> np.ndarray
         The study's seed.
     site_name : str
         The site's name; different sites draw independent folds.
+    secret : bytes, optional
+        The site's own secret (:class:`radfed.client.site_state.SiteState`).
 
     Returns
     -------
@@ -204,7 +210,7 @@ def assign_folds(y: np.ndarray, k: int, seed: int, site_name: str) -> np.ndarray
     if k < 2:
         raise ValueError(f"need at least 2 folds, got {k}")
     y = np.asarray(y)
-    rng = np.random.default_rng(_site_seed(seed, site_name))
+    rng = np.random.default_rng(_site_seed(seed, site_name, secret))
     folds = np.empty(len(y), dtype=int)
     start = int(rng.integers(k))
     for c in np.unique(y):
@@ -309,7 +315,8 @@ def answer(
     request: Mapping[str, Any],
     X: np.ndarray,
     y: np.ndarray,
-    site_name: str,
+    folds: np.ndarray | None = None,
+    n_folds: int | None = None,
     policy: PrivacyPolicy | None = None,
 ) -> dict[str, np.ndarray]:
     """A site's reply to one request of the mRMR or LASSO solvers.
@@ -321,12 +328,16 @@ def answer(
         docstring for the keys of each step).
     X, y : ndarray
         The site's complete rows (features as the request's columns) and outcome.
-    site_name : str
-        Seeds the site's own CV folds.
+    folds : ndarray of shape (n,), optional
+        The site's own CV fold of each row (:func:`assign_folds`, drawn by the site with
+        its secret), needed for ``"lasso_irls"``; the request's seed is never used.
+    n_folds : int, optional
+        The number of folds (default ``folds.max() + 1``).
     policy : PrivacyPolicy, optional
         When given, the site refuses (``PrivacyRefusal``) replies with a count below
-        ``min_cell`` (class sizes, fold sizes) or a fit with too many parameters
-        for its training rows.
+        ``min_cell`` (class sizes, fold sizes), a fit with too many parameters for its
+        training rows, or coefficients it judges crafted (a standardisation unlike its
+        data, a saturated or concentrated linear predictor).
     """
     step = request["step"]
     y = np.asarray(y)
@@ -348,22 +359,27 @@ def answer(
             policy.check_counts({"rows": len(y)}, "mRMR cross-products")
         return cross_products(X, request["columns"], request["center"], request.get("scale"))
     if step == "lasso_irls":
-        k = int(request["n_folds"])
-        folds = assign_folds(y, k, int(request["seed"]), site_name)
+        if folds is None:
+            raise ValueError("the LASSO needs the site's folds")
+        folds = np.asarray(folds, dtype=int)
+        k = int(n_folds if n_folds is not None else folds.max() + 1)
+        problem_folds = np.asarray(request["problem_folds"], dtype=int)
+        if problem_folds.ndim != 1 or np.any((problem_folds < 0) | (problem_folds > k)):
+            raise ValueError(f"problem_folds must name folds 0..{k - 1} or {k} (all rows)")
         if policy is not None:
             _check_folds(policy, folds, k, np.shape(X)[1] + 1)
+            _check_coefficients(policy, X, request, folds != problem_folds[None, :].T)
         return lasso_pieces(
             X,
             y,
             folds,
-            request["problem_folds"],
+            problem_folds,
             request["beta"],
             request["center"],
             request["scale"],
             k,
-            float(request.get("prob_clip", PROB_CLIP)),
         )
-    raise ValueError(f"unknown selection step {step!r}")
+    raise ValueError(f"unknown selection step {str(step)[:40]!r}")
 
 
 def _check_folds(policy: PrivacyPolicy, folds: np.ndarray, k: int, n_params: int) -> None:
@@ -372,3 +388,25 @@ def _check_folds(policy: PrivacyPolicy, folds: np.ndarray, k: int, n_params: int
     sizes = np.bincount(folds, minlength=k)[:k]
     policy.check_counts({f"fold {f}": int(c) for f, c in enumerate(sizes)}, "LASSO CV folds")
     policy.check_parameters(n_params, int(len(folds) - sizes.max()), "LASSO fold fit")
+
+
+def _check_coefficients(
+    policy: PrivacyPolicy, X: np.ndarray, request: Mapping[str, Any], train: np.ndarray
+) -> None:
+    """The standardisation and linear-predictor rules for every problem of a request;
+    the weights' concentration over each problem's own training rows (``train``: B x n).
+    """
+    X = np.asarray(X, dtype=float)
+    center = np.asarray(request["center"], dtype=float)
+    scale = np.asarray(request["scale"], dtype=float)
+    if center.shape != (X.shape[1],) or scale.shape != (X.shape[1],):
+        raise ValueError(f"center and scale must have {X.shape[1]} values")
+    policy.check_standardisation(X, center, scale, "LASSO")
+    betas = np.atleast_2d(np.asarray(request["beta"], dtype=float))
+    if betas.shape[1] != X.shape[1] + 1:
+        raise ValueError(f"beta must have {X.shape[1] + 1} columns")
+    if betas.shape[0] != train.shape[0]:
+        raise ValueError("beta must have one row per problem")
+    eta = design(X, center, scale) @ betas.T
+    mu = expit(eta)
+    policy.check_linear_predictor(eta, "LASSO", mu * (1.0 - mu) * train.T)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from radfed.experiments.heart_disease import shared_data_dir, write_sites
 from radfed.shared.config import StudyConfig, load_study
+
+# Sites keep their state (secret, pinned studies, answered patient sets, audit log) in
+# one folder per site and data folder: a private root for the test session, inherited
+# by the Flower processes the tests start.
+os.environ.setdefault("RADFED_SITE_STATE", tempfile.mkdtemp(prefix="radfed-site-state-"))
 
 HEART_CLINICAL = ["age", "sex", "cp", "trestbps", "thalach", "exang", "oldpeak"]
 PIPELINE_CLINICAL = ["age", "sex", "trestbps"]
@@ -111,8 +118,10 @@ params = "fast"
 covariates = ["age", "sex"]
 
 [selection]
-mrmr_k = 5
-folds = 5
+# 3 folds of ~8 training patients and 4 features: a fold must hold min_cell events and
+# non-events, and a fold fit at most a third of its rows in parameters.
+mrmr_k = 4
+folds = 3
 n_lambdas = 20
 
 [tracking]

@@ -2,7 +2,9 @@
 
 Everything here reads the sites' files with pandas and fits with the reference
 libraries (neuroCombat, mrmr-selection, scikit-learn, statsmodels) on the pooled rows:
-it shares no code with the federated path except the documented, seeded per-site split.
+it shares no code with the federated path. Each site's split and folds are read from
+the assignment file the site writes for its own statisticians (the split is drawn with
+the site's secret, so nobody else can recompute it).
 """
 
 from __future__ import annotations
@@ -11,8 +13,29 @@ import numpy as np
 import pandas as pd
 import statsmodels.api as sm
 
-from radfed.client.site import stratified_split
+from radfed.client.site_state import default_state_dir, read_assignment
 from radfed.shared.config import StudyConfig
+
+
+def site_assignment(config: StudyConfig, name: str) -> dict[str, tuple[str, int | None]]:
+    """patient id -> (subset, fold) as site ``name`` wrote it (after it answered)."""
+    site = next(s for s in config.sites if s.name == name)
+    return read_assignment(default_state_dir(name, site.path), config.name)
+
+
+def site_test_mask(config: StudyConfig, name: str, complete: pd.DataFrame) -> np.ndarray:
+    """Test rows of ``complete`` (a site's complete cases as the reference reads them),
+    checking that the site analysed exactly these patients."""
+    assignment = site_assignment(config, name)
+    ids = complete["patient_id"].astype(str).to_numpy()
+    assert set(ids) == set(assignment), f"{name}: the site's complete cases differ"
+    return np.array([assignment[i][0] == "test" for i in ids])
+
+
+def site_folds(config: StudyConfig, name: str, train: pd.DataFrame) -> np.ndarray:
+    """The site's CV fold of each of its training rows in ``train``."""
+    assignment = site_assignment(config, name)
+    return np.array([assignment[i][1] for i in train["patient_id"].astype(str)], dtype=int)
 
 
 def feature_tables(config: StudyConfig) -> dict[str, pd.DataFrame]:
@@ -49,9 +72,7 @@ def pooled_rows(
     for name, table in tables.items():
         complete = table[columns].apply(pd.to_numeric, errors="coerce").dropna()
         complete = complete[complete[config.outcome].isin([0, 1])]
-        test = stratified_split(
-            complete[config.outcome].to_numpy(), config.test_fraction, config.seed, name
-        )
+        test = site_test_mask(config, name, table.loc[complete.index])
         parts.append(complete[test if subset == "test" else ~test].assign(site=name))
     return pd.concat(parts, ignore_index=True)
 
@@ -114,10 +135,15 @@ def assert_same_results(mine: dict, theirs: dict, tol: float = 1e-9) -> None:
 def in_memory_ask(sites: list[tuple[str, np.ndarray, np.ndarray]], log: list | None = None):
     """One federated round of the selection solvers, in memory: every (name, X, y) site
     answers with its own rows (``log`` collects requests and replies)."""
-    from radfed.shared.selection_stats import answer
+    from radfed.shared.selection_stats import answer, assign_folds
+
+    def folds(request, name, y):
+        if request["step"] != "lasso_irls":
+            return None
+        return assign_folds(y, int(request["n_folds"]), int(request["seed"]), name)
 
     def ask(request):
-        replies = [answer(request, X, y, name) for name, X, y in sites]
+        replies = [answer(request, X, y, folds(request, name, y)) for name, X, y in sites]
         if log is not None:
             log.append((request, replies))
         return replies

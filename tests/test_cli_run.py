@@ -28,9 +28,17 @@ def test_run_writes_results_and_tracks_in_mlflow(heart_study, heart_dir):
     assert proc.returncode == 0, proc.stderr
     assert "Federated logistic regression" in proc.stdout
     assert "cleveland" in proc.stdout and "MLflow run" in proc.stdout
+    # MLflow's notes nobody can act on stay out of the terminal (issue 12).
+    for noise in ("CloudPickle", "Failed to infer model signature", "Created version"):
+        assert noise not in proc.stderr, noise
 
-    results = json.loads((out / "results.json").read_text())
+    # Each run writes into a new folder of its own under --out; latest points at it.
+    folder = out / "latest"
+    assert folder.resolve().parent == out.resolve() and folder.resolve() != out.resolve()
+    assert f"results.json: {folder.resolve() / 'results.json'}" in proc.stdout
+    results = json.loads((folder / "results.json").read_text())
     assert results["schema"] == "radfed.results/2"
+    assert results["federation"]["output_dir"] == str(folder.resolve())
     assert results["transport"] == "inprocess"
     assert set(results["sites"]) == {"cleveland", "hungarian", "va"}
     for site, info in results["sites"].items():
@@ -66,9 +74,13 @@ def test_report_and_compare_read_runs_back_from_mlflow(heart_dir):
     text = heart_study_text(["cleveland", "hungarian", "va"], loso=True)
     (heart_dir / "study.toml").write_text(text)
     runs = []
-    for out in ("out1", "out2"):
-        assert radfed("-q", "run", "study.toml", "--out", out, cwd=heart_dir).returncode == 0
-        runs.append(json.loads((heart_dir / out / "results.json").read_text()))
+    for _ in range(2):  # into the same output root: the second run keeps the first
+        assert radfed("-q", "run", "study.toml", "--out", "out", cwd=heart_dir).returncode == 0
+        runs.append(json.loads((heart_dir / "out" / "latest" / "results.json").read_text()))
+    folders = sorted(p for p in (heart_dir / "out").iterdir() if not p.is_symlink())
+    assert [str(f) for f in folders] == sorted(r["federation"]["output_dir"] for r in runs)
+    assert all((f / "results.json").is_file() and (f / "report.html").is_file() for f in folders)
+    assert runs[0]["federation"]["mlflow_run_id"] != runs[1]["federation"]["mlflow_run_id"]
     uri = f"sqlite:///{heart_dir}/mlflow.db"
     run_id = runs[0]["federation"]["mlflow_run_id"]
 
@@ -117,7 +129,7 @@ def test_heart_disease_study_with_pooled_equivalence(tmp_path, shared_data):
     proc = radfed("-q", "run", "hd/study.toml", "--pooled", "--no-track", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     results = json.loads(
-        (tmp_path / "hd" / "radfed-out" / "heart-disease" / "results.json").read_text()
+        (tmp_path / "hd" / "radfed-out" / "heart-disease" / "latest" / "results.json").read_text()
     )
     rows = results["equivalence"]
     assert {r["estimate"] for r in rows} >= {
@@ -137,5 +149,7 @@ def test_heart_disease_study_with_pooled_equivalence(tmp_path, shared_data):
     )
     swiss = external["validation"]["switzerland"]
     assert swiss["status"] == "failed" and "no patient with complete data" in swiss["reason"]
-    report = (tmp_path / "hd" / "radfed-out" / "heart-disease" / "report.html").read_text()
+    report = (
+        tmp_path / "hd" / "radfed-out" / "heart-disease" / "latest" / "report.html"
+    ).read_text()
     assert "switzerland" in report and "no patient with complete data" in report

@@ -44,7 +44,7 @@ def test_defaults_and_relative_paths(tmp_path):
         ),
         (GOOD.replace('clinical = ["age"]', 'clinical = ["age", "age"]'), "lists a name twice"),
         (GOOD + "[split]\ntest_fraction = 1.5\n", "test_fraction must be in"),
-        (GOOD + "[privacy]\nmin_cell = 0\n", "min_cell must be at least 1"),
+        (GOOD + "[privacy]\nmin_cell = 0\n", "min_cell must be an integer >= 1"),
         (GOOD + "[tracking]\nurl = 'x'\n", r"unknown key\(s\) \['url'\]"),
         (GOOD + "[extra]\n", r"unknown section\(s\)"),
         (GOOD + '[[sites]]\nname = "a"\npath = "b"\n', "site names must be unique"),
@@ -60,3 +60,44 @@ def test_bad_study_files(tmp_path, text, message):
 def test_missing_file(tmp_path):
     with pytest.raises(StudyConfigError, match="study file not found"):
         load_study(tmp_path / "nope.toml")
+
+
+def test_every_known_key_is_accepted_where_it_belongs_and_pointed_to_elsewhere(tmp_path):
+    """KNOWN is the one source of allowed keys: each key is known in its own section, and
+    the same key in [models] (or [study]) is refused with a pointer to where it belongs."""
+    from radfed.shared import config as cfg
+
+    for section, keys in cfg.KNOWN.items():
+        cfg._check_keys(dict.fromkeys(keys, 0), section)  # no error
+        for key in keys - cfg.KNOWN["models"]:
+            with pytest.raises(StudyConfigError, match=rf"'{key}' belongs in .*\[{section}\]"):
+                cfg._check_keys({key: 0}, "models")
+
+
+def test_sites_in_one_folder_through_a_link_are_refused(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    text = GOOD + '[[sites]]\nname = "b"\npath = "link"\n'
+    with pytest.raises(StudyConfigError, match="sites 'a' and 'b' point at the same folder"):
+        load_study(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        ("heart-disease", True),
+        ("demo_2.1", True),
+        ("..", False),
+        (".hidden", False),
+        ("a/b", False),
+        ("x" * 101, False),
+        ("", False),
+    ],
+)
+def test_study_names_stay_one_folder(tmp_path, name, ok):
+    text = GOOD.replace('name = "s"', f'name = "{name}"')
+    if ok:
+        assert load_study(write(tmp_path, text)).name == name
+    else:
+        with pytest.raises(StudyConfigError, match="may hold only letters"):
+            load_study(write(tmp_path, text))

@@ -77,6 +77,7 @@ class Federation:
             RADFED_SUPERLINK=self.address,
             RADFED_DATA_DIR=str(self.root / "sites" / (data or site)),
             RADFED_CACHE_DIR=str(self.root / "cache" / site),
+            RADFED_SITE_STATE_DIR=str(self.root / "state" / site),
             RADFED_CA_CERT=str(self.root / "pki" / "ca.crt"),
             RADFED_AUTH_KEY=str(self.root / "pki" / "nodes" / f"{site}.key"),
             RADFED_TRUSTED_ENTITIES=str(self.root / "pki" / "trusted-entities.yaml"),

@@ -159,6 +159,7 @@ def test_coordinator_cannot_lower_a_sites_limits(heart_dir):
     for name in sites:
         env = site_env(heart_dir, RADFED_SITE_NAME=name, RADFED_MIN_CELL="200")
         env["RADFED_DATA_DIR"] = str(heart_dir / "sites" / name)
+        env["RADFED_SITE_STATE_DIR"] = str(heart_dir / "state" / name)
         cmd = command(site_settings(env))
         node_config = parse_config_args([cmd[cmd.index("--node-config") + 1]])
         context = Context(
@@ -170,6 +171,7 @@ def test_coordinator_cannot_lower_a_sites_limits(heart_dir):
         )
         settings = settings_from_node_config(context)
         assert settings.privacy.min_cell == 200
+        assert settings.state_dir == (heart_dir / "state" / name).resolve()
         workers[name] = SiteWorker(settings)
 
     path = heart_dir / "study.toml"
@@ -179,6 +181,51 @@ def test_coordinator_cannot_lower_a_sites_limits(heart_dir):
     assert "min_cell" not in json.dumps(study.protocol())  # the limits never travel
     with pytest.raises(FederationError, match="minimum cell size 200"):
         FederatedStudy(study, InProcessTransport(workers)).run()
+
+
+def test_state_folder_and_approved_studies_reach_the_client_app(heart_dir):
+    """RADFED_SITE_STATE_DIR and RADFED_APPROVED_STUDIES travel environment ->
+    ``--node-config`` -> the ClientApp's settings: the site keeps its audit log there
+    and answers the approved study only."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.config import parse_config_args
+
+    from radfed.client.app import settings_from_node_config
+    from radfed.client.audit_report import study_hash
+    from radfed.client.site import SiteWorker
+    from radfed.client.site_state import read_audit
+    from radfed.deploy.site import command
+    from radfed.shared.config import load_study
+    from radfed.shared.messages import roundtrip
+    from radfed.tests.conftest import heart_study_text
+
+    path = heart_dir / "study.toml"
+    path.write_text(heart_study_text(["cleveland", "va"]))
+    approved, state = study_hash(path), heart_dir / "state" / "va"
+    env = site_env(
+        heart_dir,
+        RADFED_SITE_NAME="va",
+        RADFED_DATA_DIR=str(heart_dir / "sites" / "va"),
+        RADFED_SITE_STATE_DIR=str(state),
+        RADFED_APPROVED_STUDIES=f" {approved.upper()}, ",
+    )
+    assert site_settings(env).approved_studies == (approved,)
+    cmd = command(site_settings(env))
+    node_config = parse_config_args([cmd[cmd.index("--node-config") + 1]])
+    context = Context(
+        run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={}
+    )
+    settings = settings_from_node_config(context)
+    assert settings.state_dir == state.resolve() and settings.approved_studies == (approved,)
+    worker = SiteWorker(settings)
+    protocol = load_study(path).protocol()
+    assert "error" not in worker.handle(roundtrip({"task": "split", "protocol": protocol}))
+    other = worker.handle(roundtrip({"task": "split", "protocol": {**protocol, "seed": 8}}))
+    assert "refused by the pinned-study rule" in other["error"]
+    assert [e["outcome"] for e in read_audit(state)] == ["answered", "refused"]
+    assert site_settings(site_env(heart_dir)).state_dir == Path("/state")
+    with pytest.raises(ConfigError, match="RADFED_APPROVED_STUDIES: 'abc' is not a study"):
+        site_settings(site_env(heart_dir, RADFED_APPROVED_STUDIES="abc"))
 
 
 def test_coordinator_settings_and_commands(tmp_path):

@@ -69,7 +69,12 @@ def test_each_held_out_site_gets_the_model_fitted_without_it(heart_dir):
         assert m["auc_se"] == pytest.approx(np.sqrt(cov[0, 0]), abs=1e-9)
         cut = entry["cutoffs"]["clinical"]
         positive = expit(predict(rows)) >= cut
-        assert m["sensitivity"] == pytest.approx(positive[y == 1].mean(), abs=1e-12)
+        grid = np.round(np.arange(1, 100) / 100, 2)
+        if m["thresholds_exact"][int(np.flatnonzero(np.isclose(grid, cut))[0])]:
+            assert m["sensitivity"] == pytest.approx(positive[y == 1].mean(), abs=1e-12)
+        else:  # the site merged threshold cells around the cut-off (minimum cell size)
+            assert "sensitivity" in m["approximate"]
+            assert abs(m["sensitivity"] - positive[y == 1].mean()) < 0.2
         aucs.append(auc[0])
         variances.append(cov[0, 0])
 
@@ -79,7 +84,8 @@ def test_each_held_out_site_gets_the_model_fitted_without_it(heart_dir):
     theta = logit(aucs)
     var = variances / (aucs * (1 - aucs)) ** 2
     ref = combine_effects(theta, var, method_re="dl")
-    meta = external["meta"]["clinical"]
+    # DerSimonian-Laird is reported beside the default REML/HKSJ summary (test_numerics).
+    meta = external["meta"]["clinical"]["dersimonian_laird"]
     assert meta["k"] == 3
     assert meta["auc"] == pytest.approx(expit(ref.mean_effect_re), abs=1e-9)
     assert meta["tau2"] == pytest.approx(max(ref.tau2, 0.0), abs=1e-9)

@@ -335,9 +335,10 @@ def test_site_refuses_small_folds():
         "problem_folds": np.array([10]),
         "beta": np.zeros((1, 4)),
     }
-    with pytest.raises(PrivacyRefusal, match="fold"):
-        answer(request, X, y, "tiny", policy=PrivacyPolicy(min_cell=3))
-    assert answer(request, X, y, "tiny", policy=PrivacyPolicy(min_cell=2))["n"] == 20
+    folds = assign_folds(y, 10, 0, "tiny")
+    with pytest.raises(PrivacyRefusal, match="LASSO CV folds: refused by the min-cell rule"):
+        answer(request, X, y, folds, 10, policy=PrivacyPolicy(min_cell=3))
+    assert answer(request, X, y, folds, 10, policy=PrivacyPolicy(min_cell=2))["n"] == 20
 
 
 def test_result_prints_and_writes_the_radscore(synth_fit):

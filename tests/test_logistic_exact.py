@@ -13,6 +13,7 @@ from radfed.tests.reference import (
     feature_tables,
     pooled_logit,
     pooled_training_rows,
+    site_test_mask,
 )
 
 
@@ -66,14 +67,12 @@ def test_rounds_are_recorded(heart_result):
 def test_per_site_auc_equals_sklearn_on_the_site_rows(heart_study, heart_result):
     from sklearn.metrics import roc_auc_score
 
-    from radfed.client.site import stratified_split
-
     fit = heart_result.models["clinical"]
     for name, table in feature_tables(heart_study).items():
         cols = [heart_study.outcome, *heart_study.clinical]
         complete = table[cols].dropna()
         y = complete[heart_study.outcome].to_numpy()
-        test = stratified_split(y, heart_study.test_fraction, heart_study.seed, name)
+        test = site_test_mask(heart_study, name, table.loc[complete.index])
         z = (complete[fit.columns].to_numpy() - fit.center) / fit.scale
         eta = fit.coef[0] + z @ fit.coef[1:]
         perf = heart_result.performance["clinical"][name]

@@ -251,9 +251,9 @@ def test_site_refuses_small_class_counts():
     X = np.random.default_rng(0).normal(size=(10, 3))
     y = np.r_[np.zeros(8, int), np.ones(2, int)]
     request = {"step": "mrmr_moments", "classes": [0, 1]}
-    with pytest.raises(PrivacyRefusal, match="class 1"):
-        answer(request, X, y, "small", policy=PrivacyPolicy(min_cell=3))
-    assert answer(request, X, y, "small", policy=PrivacyPolicy(min_cell=2))["n"].tolist() == [
+    with pytest.raises(PrivacyRefusal, match="mRMR class moments: refused by the min-cell rule"):
+        answer(request, X, y, policy=PrivacyPolicy(min_cell=3))
+    assert answer(request, X, y, policy=PrivacyPolicy(min_cell=2))["n"].tolist() == [
         8,
         2,
     ]

@@ -21,6 +21,7 @@ from radfed.tests.reference import (
     pooled_combat,
     pooled_logit,
     pooled_training_rows,
+    site_test_mask,
     standardise,
 )
 
@@ -128,18 +129,17 @@ def test_rounds_are_recorded_per_phase(federated):
     rounds = result.rounds
     assert rounds["combat"] == 3
     assert rounds["consistency"] == rounds["split"] == 1
-    # One evaluate round, then the pooled calibration fits (Newton rounds).
-    assert 1 < rounds["evaluate"] < 30
+    # One evaluate round, then the pooled calibration fits and curves (Newton rounds,
+    # spread over requests where a small site's parameter limit requires it).
+    assert 1 < rounds["evaluate"] < 60
     assert {"standardise", "mrmr", "lasso", "screening", "models"} <= set(rounds)
-    assert sum(rounds.values()) < 60
+    assert sum(rounds.values()) < 100
 
 
 def test_clinical_auc_per_site_equals_sklearn(pipeline_study, federated):
     """Clinical variables are not harmonised, so the clinical model can be scored here
     on each site's own test rows."""
     from sklearn.metrics import roc_auc_score
-
-    from radfed.client.site import stratified_split
 
     result, _ = federated
     fit = result.models["clinical"]
@@ -149,7 +149,7 @@ def test_clinical_auc_per_site_equals_sklearn(pipeline_study, federated):
         cols = [config.outcome, *config.clinical, *config.features]
         complete = table[cols].dropna()
         y = complete[pipeline_study.outcome].to_numpy()
-        test = stratified_split(y, pipeline_study.test_fraction, pipeline_study.seed, name)
+        test = site_test_mask(pipeline_study, name, table.loc[complete.index])
         z = (complete[fit.columns].to_numpy() - fit.center) / fit.scale
         eta = fit.coef[0] + z @ fit.coef[1:]
         perf = result.performance["clinical"][name]

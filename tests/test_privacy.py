@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 
 from radfed.client.site import SiteSettings, SiteWorker
-from radfed.server.evaluation import BIN_EDGES, THRESHOLDS
 from radfed.server.protocol import InProcessTransport
 from radfed.server.study import FederatedStudy
 from radfed.shared.config import load_study
 from radfed.shared.errors import FederationError, PrivacyRefusal
+from radfed.shared.evaluation_stats import BIN_EDGES, THRESHOLDS
 from radfed.shared.messages import roundtrip, shape_signature
 from radfed.shared.privacy import PrivacyPolicy
 from radfed.tests.conftest import heart_study_text
@@ -25,11 +25,13 @@ class RecordingTransport(InProcessTransport):
         self.seen: list[tuple[str, str, dict]] = []
 
     def _exchange(self, requests):
+        from radfed.client.site import request_sizes
+        from radfed.shared.messages import from_record
+
         replies = super()._exchange(requests)
         for site, rec in replies.items():
-            from radfed.shared.messages import from_record
-
-            self.seen.append((self.step, site, shape_signature(from_record(rec))))
+            fixed = frozenset(request_sizes(from_record(requests[site])))
+            self.seen.append((self.step, site, (fixed, shape_signature(from_record(rec)))))
         return replies
 
 
@@ -52,8 +54,8 @@ def test_reply_shapes_do_not_depend_on_the_number_of_patients(heart_pipeline_stu
         result = FederatedStudy(config, transport).run()
         # Rounds repeat (Newton, IRLS, mRMR); compare the set of shapes each phase sent.
         seen: dict[tuple[str, str], set] = {}
-        for step, site, sig in transport.seen:
-            seen.setdefault((step, site), set()).add(tuple(sorted(sig.items())))
+        for step, site, (fixed, sig) in transport.seen:
+            seen.setdefault((step, site), set()).add((fixed, tuple(sorted(sig.items()))))
         signatures.append(seen)
         counts.append(
             {
@@ -65,16 +67,15 @@ def test_reply_shapes_do_not_depend_on_the_number_of_patients(heart_pipeline_stu
     full, small = signatures
     assert full.keys() == small.keys()
     assert full == small
-    # The evaluation grids (99 thresholds, 10 risk bins) are fixed by the request; a site
-    # may hold 99 patients by chance (full == small above shows no shape follows n).
+    # A dimension may equal a site's number of patients by chance only where the request
+    # (or the site's own grids: 99 thresholds, 10 risk bins) fixed that size.
     grids = {len(THRESHOLDS), len(BIN_EDGES) - 1}
     for seen, sizes in zip(signatures, counts, strict=True):
-        sizes = sizes - grids
         for sigs in seen.values():
-            for sig in sigs:
+            for fixed, sig in sigs:
                 for key, shape in sig:
                     if isinstance(shape, tuple):
-                        assert not set(shape) & sizes, (key, shape, sizes)
+                        assert not set(shape) & (sizes - grids - fixed), (key, shape, sizes)
 
 
 def test_small_cell_is_refused_with_the_site_and_reason(heart_dir):
@@ -82,7 +83,7 @@ def test_small_cell_is_refused_with_the_site_and_reason(heart_dir):
     (heart_dir / "study.toml").write_text(heart_study_text(["cleveland", "switzerland"]))
     config = load_study(heart_dir / "study.toml")
     with pytest.raises(
-        FederationError, match=r"switzerland: .*test split.*below the site's minimum cell size 3"
+        FederationError, match=r"switzerland: test split: refused by the min-cell rule"
     ):
         FederatedStudy(config, InProcessTransport.from_study(config)).run()
 
@@ -93,13 +94,13 @@ def test_refusal_is_a_reply_not_a_crash(heart_dir):
     )
     config = load_study(_write(heart_dir, ["switzerland"]))
     reply = SiteWorker(settings).handle(roundtrip({"task": "split", "protocol": config.protocol()}))
-    assert reply["error_kind"] == "privacy" and "non_events" in reply["error"]
+    assert reply["error_kind"] == "privacy" and "min-cell" in reply["error"]
 
 
 def test_too_many_parameters_are_refused():
     policy = PrivacyPolicy(min_cell=3, max_param_fraction=1 / 3)
     policy.check_parameters(10, 30, "ok")
-    with pytest.raises(PrivacyRefusal, match="11 parameters for 30 patients"):
+    with pytest.raises(PrivacyRefusal, match="11 parameters exceed the site's limit"):
         policy.check_parameters(11, 30, "logistic")
 
 

@@ -14,7 +14,7 @@ def test_synthetic_study_report_shows_every_item(synthetic_study, tmp_path):
     config = dataclasses.replace(synthetic_study, leave_one_site_out=True)
     result = run_study(config, out_dir=tmp_path / "out", track=False)
     assert result.details["external"]["status"] == "ran"
-    page = tmp_path / "out" / "report.html"
+    page = tmp_path / "out" / "latest" / "report.html"
     dom = dump_dom(page, tmp_path / "chromium")
     headings = " | ".join(dom.headings["h2"])
     for section in SECTIONS:

@@ -9,11 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from radfed.client.site import stratified_split
 from radfed.server.runner import run_study
 from radfed.shared.config import load_study
 from radfed.tests.conftest import heart_study_text
-from radfed.tests.reference import feature_tables
+from radfed.tests.reference import feature_tables, site_test_mask
 
 SITES = ["cleveland", "hungarian", "va"]
 
@@ -31,8 +30,7 @@ def _site_rows(config, columns: list[str]) -> dict[str, tuple[pd.DataFrame, np.n
     for name, table in feature_tables(config).items():
         cols = list(dict.fromkeys([config.outcome, *config.clinical, *config.features, *columns]))
         complete = table.dropna(subset=cols).assign(site=name)
-        y = complete[config.outcome].to_numpy()
-        out[name] = (complete, stratified_split(y, config.test_fraction, config.seed, name))
+        out[name] = (complete, site_test_mask(config, name, complete))
     return out
 
 
@@ -84,7 +82,7 @@ def test_parent_and_nested_runs_carry_named_metrics_and_artifacts(heart_dir):
     parent = client.get_run(result.federation["mlflow_run_id"])
     assert parent.data.tags["radfed.kind"] == "study"
     metrics = parent.data.metrics
-    data = json.loads((heart_dir / "out" / "results.json").read_text())
+    data = json.loads((heart_dir / "out" / "latest" / "results.json").read_text())
     for site in [*SITES, "pooled"]:
         for split in ("train", "test"):
             m = data["performance"]["clinical"][site][split]
@@ -114,6 +112,8 @@ def test_parent_and_nested_runs_carry_named_metrics_and_artifacts(heart_dir):
         for other in entry["training_sites"]:
             assert f"clinical/test/auc/{other}" in run.data.metrics
 
+    # Artifacts beside the study's tracking database, not in ./mlruns of the test's cwd.
+    assert parent.info.artifact_uri.startswith((heart_dir / "mlartifacts").as_uri() + "/")
     top = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.json", "report.html", "figures"} <= top
     figures = {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
