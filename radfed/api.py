@@ -6,32 +6,5 @@ implementation is :mod:`radfed.server.api`; docs/python-api.md walks through the
 heart-disease study with it.
 """
 
-from radfed.server.api import (
-    MRMR,
-    RADSCORE,
-    ComBat,
-    Federation,
-    LassoCV,
-    LogisticRegression,
-    LogisticResults,
-    Screening,
-    Standardiser,
-    evaluate,
-    fit_models,
-    validate,
-)
-
-__all__ = [
-    "MRMR",
-    "RADSCORE",
-    "ComBat",
-    "Federation",
-    "LassoCV",
-    "LogisticRegression",
-    "LogisticResults",
-    "Screening",
-    "Standardiser",
-    "evaluate",
-    "fit_models",
-    "validate",
-]
+from radfed.server.api import *  # noqa: F403 - this module is the public name of it
+from radfed.server.api import __all__  # noqa: F401

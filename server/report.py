@@ -452,7 +452,7 @@ def _cohort(results: Mapping[str, Any]) -> Markup:
     head = ["site", "n", "events", "excluded", "train n", "train events", "test n", "test events"]
     keys = [("n",), ("events",), ("n_excluded",), ("train", "n"), ("train", "events")]
     keys += [("test", "n"), ("test", "events")]
-    totals = [0.0] * len(keys)
+    totals: list[float | None] = [0.0] * len(keys)
     rows = []
     for site, info in sites.items():
         row: list[Any] = [site]
@@ -461,7 +461,10 @@ def _cohort(results: Mapping[str, Any]) -> Markup:
             for part in path:
                 value = value.get(part) if isinstance(value, Mapping) else None
             row.append(_int(value))
-            totals[i] += _num(value) or 0.0
+            # A count a site did not send (below its minimum cell size) leaves the
+            # total unknown rather than too small.
+            v = _num(value)
+            totals[i] = None if v is None or totals[i] is None else totals[i] + v
         rows.append(row)
     rows.append(([Markup("<strong>total</strong>"), *(_int(t) for t in totals)], "pooled"))
     return _table(head, rows)
