@@ -455,8 +455,8 @@ class Site:
         :data:`~radfed.shared.evaluation_stats.BIN_EDGES`, decile Hosmer-Lemeshow
         groups), whatever the request says; threshold cells and risk bins are merged
         until every count sent, and every difference of counts sent, is 0 or at least
-        ``min_cell`` (``{subset}_tp_exact`` marks the thresholds whose counts are
-        exact). A subset with one class only is reported as undefined, and one whose
+        ``min_cell`` (``{subset}_tp_exact`` and ``_fp_exact`` mark the thresholds whose
+        counts are exact). A subset with one class only is reported as undefined, and one whose
         counts are below the site's minimum cell as refused, each with its reason.
         """
         models = _names(request["models"], "models")
@@ -466,11 +466,9 @@ class Site:
         for subset in subsets:
             counts = self._counts(subset)
             status, reason = self._evaluable(counts)
-            if status == "ok":
-                try:  # each model's calibration intercept and slope is a fit here
-                    self.policy.check_parameters(2 * len(models), counts["n"], "evaluate")
-                except PrivacyRefusal as exc:
-                    status, reason = "refused", str(exc)
+            # Each model's calibration intercept and slope is a fit here: on a split too
+            # small for all of them (parameter rule) they are not fitted, the rest is sent.
+            fit_calibration = 2 * len(models) <= self.policy.max_param_fraction * counts["n"]
             reply.update({f"{subset}_status": status, f"{subset}_reason": reason})
             if status == "refused":
                 continue
@@ -484,7 +482,7 @@ class Site:
             P = 1 / (1 + np.exp(-x))
             roc = es.delong(y, x)
             tp, fp = es.threshold_counts(y, P, es.THRESHOLDS)
-            tp, fp, exact = es.coarsen_threshold_counts(
+            tp, fp, tp_exact, fp_exact = es.coarsen_threshold_counts(
                 tp, fp, counts["events"], counts["non_events"], m
             )
             bin_n, observed, expected = es.coarsen_bins(*es.calibration_bins(y, P, es.BIN_EDGES), m)
@@ -493,14 +491,19 @@ class Site:
                 es.hosmer_lemeshow(y, P[:, j], es.HL_GROUPS, validation=subset != TRAIN)
                 for j in range(len(models))
             ]
-            fits = np.array([es.calibration_fit(y, P[:, j]) for j in range(len(models))])
+            fits = (
+                np.array([es.calibration_fit(y, P[:, j]) for j in range(len(models))])
+                if fit_calibration
+                else np.full((len(models), 2), np.nan)
+            )
             reply.update(
                 {
                     f"{subset}_auc": roc.auc,
                     f"{subset}_auc_cov": roc.cov,
                     f"{subset}_tp": tp,
                     f"{subset}_fp": fp,
-                    f"{subset}_tp_exact": exact.astype(float),
+                    f"{subset}_tp_exact": tp_exact.astype(float),
+                    f"{subset}_fp_exact": fp_exact.astype(float),
                     f"{subset}_bin_n": bin_n,
                     f"{subset}_bin_observed": observed,
                     f"{subset}_bin_expected": expected,

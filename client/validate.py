@@ -32,12 +32,10 @@ from pathlib import Path
 import pandas as pd
 
 from radfed.client.data import FEATURE_FILES, MANIFEST, TableSpec, text_columns
-from radfed.client.manifest import MISSING_TOKENS, RowProblem, read_manifest
+from radfed.client.manifest import MISSING_TOKENS, RowProblem, _numeric_reason, read_manifest
+from radfed.client.site import SITE_BATCH
 from radfed.shared.config import StudyConfig
 from radfed.shared.errors import SiteDataError
-
-#: The batch value meaning "each site is its own batch" (no column needed).
-SITE_BATCH = "site"
 
 
 @dataclass
@@ -260,13 +258,10 @@ def _cell_reason(value: object, column: str) -> str | None:
     """Why a cell of a numeric column is unusable (None when it is a number)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return f"'{column}' is missing"
-    text = str(value).strip()
-    if text.lower() in MISSING_TOKENS:
-        return f"'{column}' is missing"
-    if _number(value) is None:
-        hint = " (use a decimal point)" if _number(text.replace(",", ".")) is not None else ""
-        return f"'{column}' is not a number: '{text}'{hint}"
-    return None
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return None
+    # The manifest reader's rule, so validate and the site agree on every cell.
+    return _numeric_reason(str(value).strip(), column)
 
 
 def _decimal_commas(values: pd.Series) -> bool:

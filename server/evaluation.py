@@ -76,7 +76,7 @@ def counts_at_thresholds(reply: Payload, subset: str, j: int, key: str) -> np.nd
     merged cell's lower boundary). Used for pooled estimates, which are approximate
     where a site merged."""
     counts = np.asarray(reply[f"{subset}_{key}"][j], dtype=float)
-    exact = _exact(reply, subset, j)
+    exact = _exact(reply, subset, j, key)
     total = float(reply[f"{subset}_events"])
     if key == "fp":
         total = float(reply[f"{subset}_n"]) - total
@@ -87,12 +87,15 @@ def counts_at_thresholds(reply: Payload, subset: str, j: int, key: str) -> np.nd
     return np.interp(THRESHOLDS, x, y)
 
 
-def _exact(reply: Payload, subset: str, j: int) -> np.ndarray:
-    """Where a site's threshold counts for model ``j`` are exact (not merged)."""
-    key = f"{subset}_tp_exact"
-    if key not in reply:
-        return np.ones(len(THRESHOLDS), dtype=bool)
-    return np.asarray(reply[key][j], dtype=float) > 0.5
+def _exact(reply: Payload, subset: str, j: int, key: str | None = None) -> np.ndarray:
+    """Where a site's threshold counts for model ``j`` are exact (not merged): of its
+    events (``key="tp"``), non-events (``"fp"``), or both (``None``)."""
+    keys = ("tp", "fp") if key is None else (key,)
+    exact = np.ones(len(THRESHOLDS), dtype=bool)
+    for k in keys:
+        if f"{subset}_{k}_exact" in reply:
+            exact &= np.asarray(reply[f"{subset}_{k}_exact"][j], dtype=float) > 0.5
+    return exact
 
 
 def youden_cutoffs(

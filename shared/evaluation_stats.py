@@ -667,13 +667,15 @@ def merge_cells(events: np.ndarray, nonevents: np.ndarray, min_cell: int) -> np.
 
 def coarsen_threshold_counts(
     tp: np.ndarray, fp: np.ndarray, events: int, nonevents: int, min_cell: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Counts at thresholds that respect ``min_cell`` at and between thresholds.
 
-    The cells between adjacent thresholds (below the first, between each pair, above
-    the last) are merged by :func:`merge_cells`; at a threshold inside a merged cell the
-    count of the cell's lower boundary is reported, so every count sent, and every
-    difference of two counts sent, is 0 or at least ``min_cell``.
+    Events and non-events are merged separately (each is its own count vector): the
+    cells between adjacent thresholds (below the first, between each pair, above the
+    last) are merged by :func:`merge_cells` until each holds 0 or at least ``min_cell``
+    events (respectively non-events); at a threshold inside a merged cell the count of
+    the cell's lower boundary is reported, so every count sent, and every difference
+    of two counts sent, is 0 or at least ``min_cell``.
 
     Parameters
     ----------
@@ -686,24 +688,25 @@ def coarsen_threshold_counts(
     -------
     tp, fp : ndarray of int, shape (k, T)
         Reported counts.
-    exact : ndarray of bool, shape (k, T)
-        Where the reported count is the exact count at that threshold.
+    tp_exact, fp_exact : ndarray of bool, shape (k, T)
+        Where each reported count is the exact count at that threshold.
     """
-    tp, fp = np.atleast_2d(tp), np.atleast_2d(fp)
-    k, T = tp.shape
-    out_tp, out_fp = np.empty_like(tp), np.empty_like(fp)
-    exact = np.zeros((k, T), dtype=bool)
-    for j in range(k):
-        # Cumulative counts at the cell boundaries 0, t_1, ..., t_T, and past 1.
-        cum_e = np.concatenate([[events], tp[j], [0]])
-        cum_ne = np.concatenate([[nonevents], fp[j], [0]])
-        starts = merge_cells(-np.diff(cum_e), -np.diff(cum_ne), min_cell)  # T + 1 cells
-        group_start = np.maximum.accumulate(np.where(starts, np.arange(T + 1), 0))
-        # Threshold t_i is the lower boundary of cell i (cells are 0..T).
-        lower = group_start[1:]
-        out_tp[j], out_fp[j] = cum_e[lower], cum_ne[lower]
-        exact[j] = starts[1:]
-    return out_tp, out_fp, exact
+    out = []
+    for counts, total in ((np.atleast_2d(tp), events), (np.atleast_2d(fp), nonevents)):
+        k, T = counts.shape
+        reported, exact = np.empty_like(counts), np.zeros((k, T), dtype=bool)
+        for j in range(k):
+            # Cumulative counts at the cell boundaries 0, t_1, ..., t_T, and past 1.
+            cum = np.concatenate([[total], counts[j], [0]])
+            cells = -np.diff(cum)  # T + 1 cells
+            starts = merge_cells(cells, np.zeros_like(cells), min_cell)
+            group_start = np.maximum.accumulate(np.where(starts, np.arange(T + 1), 0))
+            # Threshold t_i is the lower boundary of cell i + 1.
+            reported[j] = cum[group_start[1:]]
+            exact[j] = starts[1:]
+        out.append((reported, exact))
+    (tp_r, tp_exact), (fp_r, fp_exact) = out
+    return tp_r, fp_r, tp_exact, fp_exact
 
 
 def coarsen_bins(

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from radfed.client.site import SiteSettings, SiteWorker
 from radfed.deploy.pki import make_ca, make_demo
 from radfed.deploy.signing import build_fab, load_signing_key, sign, write_signed_app
 from radfed.server.deployment import (
@@ -175,7 +176,7 @@ def federation(tmp_path_factory, shared_data) -> Iterator[Federation]:
         RADFED_STUDY=str(study / "study.toml"),
         RADFED_RUNS_DIR=str(root / "runs"),
         RADFED_SITE_TIMEOUT="60",
-        RADFED_RUN_TIMEOUT="900",
+        RADFED_RUN_TIMEOUT="3000",
     )
     fed = Federation(root, env)
     try:
@@ -317,9 +318,10 @@ def test_gateway_publishes_the_fleet_api_only(federation):
 # ----------------------------------------------------------------- the study
 
 
+@pytest.mark.timeout(3600)  # the whole study over Flower's Deployment Engine
 def test_signed_study_run_equals_in_process(federation):
     out = federation.root / "runs" / "heart"
-    done = federation.coordinator("submit", "--no-track", "--out", str(out), timeout=900)
+    done = federation.coordinator("submit", "--no-track", "--out", str(out), timeout=3000)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == str(out / "results.json")
 
@@ -327,7 +329,17 @@ def test_signed_study_run_equals_in_process(federation):
     assert results["transport"] == "deployment"
     assert results["federation"]["sites"] == SITES
     config = load_study(federation.env["RADFED_STUDY"])
-    in_process = FederatedStudy(config, InProcessTransport.from_study(config)).run()
+    # The same hospitals in this process, with their own state folders: each site's
+    # secret (hence its split and folds) is its own, so the comparison must use it.
+    workers = {
+        s.name: SiteWorker(
+            SiteSettings(
+                s.name, s.path, config.privacy, state_dir=federation.root / "state" / s.name
+            )
+        )
+        for s in config.sites
+    }
+    in_process = FederatedStudy(config, InProcessTransport(workers)).run()
     assert_same_results(results, json.loads(json.dumps(in_process.to_dict())), tol=1e-9)
     # Every hospital ran the signed bundle from the study's registry.
     for site in SITES:

@@ -100,12 +100,13 @@ def test_supernode_command_binds_locally(heart_study):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # ~60 rounds at Flower 1.41's several seconds a round
 def test_deployment_engine_equals_in_process_and_statsmodels(heart_pipeline_study, tmp_path):
     """The whole pipeline over SuperLink + SuperNodes gives the in-process numbers, and
     its clinical model is statsmodels' on the pooled rows."""
     heart_study = heart_pipeline_study
     out, work = tmp_path / "out", tmp_path / "flwr"
-    path = run_in_local_deployment(heart_study, out, track=False, timeout=600, work_dir=work)
+    path = run_in_local_deployment(heart_study, out, track=False, timeout=3000, work_dir=work)
     assert processes_using(work.resolve() / "flwr-home") == []  # everything was stopped
 
     assert path == out / "results.json"
