@@ -191,6 +191,8 @@ def site_metrics(reply: Payload, subset: str, j: int, cutoff: int | None) -> dic
         },
         **_curves(tp, fp, n, events),
         "thresholds_exact": exact.tolist(),
+        "events_exact": _exact(reply, subset, j, "tp").tolist(),
+        "nonevents_exact": _exact(reply, subset, j, "fp").tolist(),
         **({"approximate": approximate} if approximate else {}),
     }
 

@@ -94,13 +94,18 @@ def test_site_metrics_equal_the_reference_formulas(heart_study, evaluated, refer
             # Decision curves: exact wherever the site sent its exact count (it merges
             # threshold cells until every count passes its minimum cell size).
             exact = np.asarray(m["thresholds_exact"])
-            assert exact.any()
             np.testing.assert_allclose(
                 np.asarray(m["net_benefit"])[exact], _net_benefit(y, p)[exact], atol=1e-9
             )
+            # Events and non-events are merged separately: each exact where its own
+            # cells were not merged.
+            ev, nev = np.asarray(m["events_exact"]), np.asarray(m["nonevents_exact"])
+            assert ev.any() and nev.any() and np.array_equal(exact, ev & nev)
             tp = np.array([(p[y == 1] >= t).sum() for t in GRID])
+            fp = np.array([(p[y == 0] >= t).sum() for t in GRID])
+            np.testing.assert_allclose(np.asarray(m["roc"]["tpr"])[ev] * y.sum(), tp[ev], atol=1e-9)
             np.testing.assert_allclose(
-                np.asarray(m["roc"]["tpr"])[exact] * y.sum(), tp[exact], atol=1e-9
+                np.asarray(m["roc"]["fpr"])[nev] * (1 - y).sum(), fp[nev], atol=1e-9
             )
 
 
