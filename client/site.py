@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+from scipy.special import expit
 
 import radfed
 from radfed.client.data import SiteTable, TableSpec
@@ -432,7 +433,7 @@ class Site:
             X = self._standardised(request, model, frame, f"logistic ({model})", True)
             beta = _vector(request[f"{model}_beta"], X.shape[1], f"{model}_beta")
             eta = X @ beta
-            mu = 1.0 / (1.0 + np.exp(-eta))
+            mu = expit(eta)
             self.policy.check_linear_predictor(eta, f"logistic ({model})", mu * (1 - mu))
             pieces = newton_pieces(X, y, beta)
             reply.update(
@@ -479,7 +480,7 @@ class Site:
             if status != "ok":
                 continue
             x, y = self._data(request, [f"{LP}{name}" for name in models], subset)
-            P = 1 / (1 + np.exp(-x))
+            P = expit(x)
             roc = es.delong(y, x)
             tp, fp = es.threshold_counts(y, P, es.THRESHOLDS)
             tp, fp, tp_exact, fp_exact = es.coarsen_threshold_counts(
