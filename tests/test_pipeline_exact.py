@@ -88,7 +88,7 @@ def test_lasso_path_equals_sklearn_l1_logistic(pipeline_study, federated, pooled
     n = len(y)
     chosen = lasso[lasso["rule"].replace(".", "_")]
     reference = LogisticRegression(
-        C=1 / (n * chosen), l1_ratio=1.0, solver="saga", tol=1e-12, max_iter=200_000
+        C=1 / (n * chosen), l1_ratio=1.0, solver="saga", tol=1e-12, max_iter=200_000, random_state=0
     ).fit(X, y)
     mine = np.array(list(lasso["coef"].values()))
     np.testing.assert_allclose(mine[0], reference.intercept_[0], atol=1e-4)
