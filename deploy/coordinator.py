@@ -44,8 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from radfed.deploy import checks
-from radfed.deploy.settings import ConfigError, CoordinatorSettings, coordinator_settings
-from radfed.server.deployment import (
+from radfed.deploy.local_federation import (
     SERVERAPP_LOG,
     Connection,
     TLSFiles,
@@ -57,6 +56,7 @@ from radfed.server.deployment import (
     tail,
     wait_for_run,
 )
+from radfed.deploy.settings import ConfigError, CoordinatorSettings, coordinator_settings
 from radfed.shared.errors import FederationError, RadfedError
 
 PROG = "radfed-coordinator"

@@ -36,9 +36,9 @@ TRACKING_URI = "https://mlflow:5000"
 
 def setup(out: Path, sites: int = 3, patients: int = 80, params: str = "default") -> Path:
     """Write the demo folder (see the module docstring); return the study file."""
+    from radfed.deploy.local_federation import app_dir
     from radfed.experiments.demo import write_study
     from radfed.experiments.synth import write_cohort
-    from radfed.server.deployment import app_dir
 
     out = Path(out)
     study_dir = out / "study"

@@ -12,6 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 from radfed.shared.privacy import PrivacyPolicy
@@ -48,8 +49,9 @@ VARIABLES: tuple[Variable, ...] = (
              "the study's app-signing public key(s): only apps they signed run here"),
     Variable("RADFED_MIN_CELL", (SITE,), str(PrivacyPolicy.min_cell),
              "smallest count this site sends (not below 3)"),
-    Variable("RADFED_MAX_PARAM_FRACTION", (SITE,), repr(PrivacyPolicy.max_param_fraction),
-             "most model parameters per patient this site fits (not above 1/3)"),
+    Variable("RADFED_MAX_PARAM_FRACTION", (SITE,), "1/3",
+             "most model parameters per patient this site fits (not above 1/3); a "
+             "fraction (`1/4`) or a decimal (`0.25`)"),
     Variable("RADFED_SITE_STATE_DIR", (SITE,), "/state",
              "writable, persistent, private to the site: its secret, pinned studies, "
              "answered patient sets, split assignments and audit log (`radfed audit`; "
@@ -140,6 +142,17 @@ def _number(env: Mapping[str, str], name: str, kind: type[int] | type[float]) ->
     return value
 
 
+def _fraction(env: Mapping[str, str], name: str) -> Fraction:
+    """A fraction written as ``1/3`` or as a decimal (``0.25``, ``0.3333333333333333``)."""
+    text = _get(env, name)
+    try:
+        return Fraction(text.replace(" ", ""))
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(
+            f"{name}={text!r} is not a fraction: write e.g. 1/3, 1/4 or 0.25"
+        ) from None
+
+
 def parse_address(address: str, name: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` -> (host, port)."""
     host, sep, port = address.rpartition(":")
@@ -192,15 +205,17 @@ def site_settings(env: Mapping[str, str] | None = None) -> SiteSettings:
     if not SITE_NAME.match(name):
         raise ConfigError(f"RADFED_SITE_NAME={name!r}: use letters, digits, '-' and '_'")
     min_cell = int(_number(env, "RADFED_MIN_CELL", int))
-    fraction = float(_number(env, "RADFED_MAX_PARAM_FRACTION", float))
+    exact = _fraction(env, "RADFED_MAX_PARAM_FRACTION")
+    fraction = float(exact)
     if min_cell < MIN_CELL_FLOOR:
         raise ConfigError(
             f"RADFED_MIN_CELL={min_cell} is below radfed's floor of {MIN_CELL_FLOOR}: "
             "a site may only be stricter"
         )
-    if not 0 < fraction <= MAX_PARAM_FRACTION_CEILING + 1e-12:
+    if not 0 < exact <= Fraction(MAX_PARAM_FRACTION_CEILING).limit_denominator(1000):
         raise ConfigError(
-            f"RADFED_MAX_PARAM_FRACTION={fraction} must be in (0, 1/3]: a site may only be stricter"
+            f"RADFED_MAX_PARAM_FRACTION={_get(env, 'RADFED_MAX_PARAM_FRACTION')} must be in "
+            "(0, 1/3]: a site may only be stricter"
         )
     settings = SiteSettings(
         name=name,

@@ -194,7 +194,7 @@ def available_versions(apps: Path, app_id: str) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from radfed.server.deployment import app_dir
+    from radfed.deploy.local_federation import app_dir
 
     p = argparse.ArgumentParser(
         prog="python -m radfed.deploy.signing", description="Sign or verify radfed app bundles."

@@ -23,8 +23,8 @@ from collections.abc import Mapping, Sequence
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from radfed.deploy import checks
+from radfed.deploy.local_federation import SiteNode, TLSFiles, flower_env, supernode_command
 from radfed.deploy.settings import ConfigError, SiteSettings, site_settings
-from radfed.server.deployment import SiteNode, TLSFiles, flower_env, supernode_command
 
 PROG = "radfed-site"
 LOOPBACK = "127.0.0.1"

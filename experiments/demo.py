@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from radfed.server.results import StudyResult
-from radfed.server.runner import run_study
+from radfed.server.study.runner import run_study
 from radfed.shared.config import load_study
 
 log = logging.getLogger(__name__)

@@ -46,9 +46,9 @@ from radfed.harmonization.design import (
     encode_covariates,
     site_data,
     standardize,
-    sum_replies,
 )
 from radfed.harmonization.estimates import ComBatEstimates
+from radfed.shared.aggregate import sum_replies
 
 __all__ = [
     "ComBat",
@@ -137,7 +137,8 @@ def solve_location(
         On a singular design (a batch without rows, a covariate confounded with batch).
     """
     n_batch = len(batch_levels)
-    xtx, xty = sum_replies(replies, "xtx"), sum_replies(replies, "xty")
+    total = sum_replies(replies, ["xtx", "xty"])
+    xtx, xty = total["xtx"], total["xty"]
     if xtx.shape != (xtx.shape[0],) * 2 or xtx.shape[0] < n_batch:
         raise ValueError(f"xtx of shape {xtx.shape} does not fit {n_batch} batch levels")
     cov_names = default_names(covariate_names, xtx.shape[0] - n_batch, "covariate")
@@ -196,7 +197,8 @@ def solve_pooled_variance(
         ``adjusted`` (p,) bool; send both for round 3.
     """
     n = sum(int(r["n"]) for r in replies)
-    rss, sumsq = sum_replies(replies, "rss"), sum_replies(replies, "sumsq")
+    total = sum_replies(replies, ["rss", "sumsq"])
+    rss, sumsq = total["rss"], total["sumsq"]
     var_pooled = rss / n
     adjusted = np.sqrt(var_pooled) > DEGENERATE_RTOL * np.sqrt(sumsq / n)
     if not adjusted.all():
@@ -311,8 +313,9 @@ def solve_batch_effects(
     beta = np.asarray(beta, dtype=float)
     adjusted = np.asarray(adjusted, dtype=bool)
     names = np.array(default_names(feature_names, beta.shape[1], "feature"))
-    n = np.rint(sum_replies(replies, "n")).astype(np.int64)
-    sum_z, sum_z2 = sum_replies(replies, "sum_z"), sum_replies(replies, "sum_z2")
+    total = sum_replies(replies, ["n", "sum_z", "sum_z2"])
+    n = np.rint(total["n"]).astype(np.int64)
+    sum_z, sum_z2 = total["sum_z"], total["sum_z2"]
     if sum_z.shape != (len(levels), names.size):
         raise ValueError(f"sum_z of shape {sum_z.shape}, expected {(len(levels), names.size)}")
     gamma_star = np.zeros((len(levels), names.size))

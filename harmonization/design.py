@@ -64,17 +64,6 @@ def design_matrix(batch: np.ndarray, cov: np.ndarray, batch_levels: Sequence[str
     return np.hstack([batch_onehot(batch, batch_levels), cov])
 
 
-def sum_replies(replies: Sequence[Reply], key: str) -> np.ndarray:
-    """Sum one field over the sites' replies, refusing mismatched shapes."""
-    if not replies:
-        raise ValueError("no site replies to combine")
-    arrays = [np.asarray(r[key], dtype=float) for r in replies]
-    shapes = {a.shape for a in arrays}
-    if len(shapes) != 1:
-        raise ValueError(f"sites sent {key!r} of different shapes {sorted(shapes)}")
-    return np.sum(arrays, axis=0)
-
-
 def default_names(names: Sequence[str] | None, count: int, stem: str) -> list[str]:
     if names is None:
         return [f"{stem}_{i}" for i in range(count)]

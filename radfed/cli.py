@@ -47,15 +47,24 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from radfed.client.extraction import extract_site, load_params, write_features
-    from radfed.server.outputs import OutputError, check_writable
+    from radfed.client.extraction import (
+        ExtractionInterrupted,
+        extract_site,
+        load_params,
+        write_features,
+    )
+    from radfed.server.outputs.run_folder import OutputError, check_writable
 
     params = load_params(args.params)
     site = Path(args.site_dir)
     out = _extract_out(site, args.out)  # checked before hours of extraction, not after
-    result = extract_site(
-        site, params, jobs=args.jobs, cache_dir=args.cache, progress=not args.quiet
-    )
+    try:
+        result = extract_site(
+            site, params, jobs=args.jobs, cache_dir=args.cache, progress=not args.quiet
+        )
+    except ExtractionInterrupted as stop:  # Ctrl-C, SIGTERM: the finished cases are cached
+        print(f"radfed: {stop}", file=sys.stderr)
+        return stop.exit_code
     try:
         check_writable(out.parent)
         path = write_features(result, out)
@@ -75,7 +84,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def _extract_out(site: Path, out: str | None) -> Path:
     """The feature table's path: ``--out``, else ``SITE_DIR/features.parquet``, else
     (a read-only site folder) ``./features-SITE.parquet``, said on stderr."""
-    from radfed.server.outputs import OutputError, check_writable
+    from radfed.server.outputs.run_folder import OutputError, check_writable
 
     if out:
         path = Path(out).expanduser()
@@ -102,7 +111,7 @@ def _extract_out(site: Path, out: str | None) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from radfed.server.runner import run_study
+    from radfed.server.study.runner import run_study
     from radfed.shared.config import load_study
 
     config = load_study(args.study)
@@ -163,7 +172,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from radfed.server.report import report_from_run
+    from radfed.server.outputs.report import report_from_run
 
     path = report_from_run(args.run_id, tracking_uri=args.tracking_uri, out=args.out)
     print(f"report: {path}")
@@ -171,7 +180,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from radfed.server.compare import compare_runs, format_comparison, write_comparison
+    from radfed.server.outputs.compare import compare_runs, format_comparison, write_comparison
 
     tracking_uri, experiment = args.tracking_uri, args.experiment
     if experiment.endswith(".toml"):  # a study file names its store and experiment

@@ -29,8 +29,8 @@ returns a federation whose sites harmonise their features with the fitted ComBat
 before answering; ``.with_pipeline(lasso)`` adds the ``Radscore`` column. The
 federation a step was given is never changed.
 
-The statistics live in :mod:`radfed.server.phases`, :mod:`radfed.server.solvers`,
-:mod:`radfed.server.mrmr`, :mod:`radfed.server.lasso` and
+The statistics live in :mod:`radfed.server.study.phases`, :mod:`radfed.server.stats.solvers`,
+:mod:`radfed.server.stats.mrmr`, :mod:`radfed.server.stats.lasso` and
 :mod:`radfed.harmonization.combat`; this module only drives them. No MLflow or
 matplotlib is imported.
 """
@@ -87,7 +87,7 @@ class Federation:
     """
 
     def __init__(self, config: StudyConfig, transport: Any = None) -> None:
-        from radfed.server.protocol import InProcessTransport
+        from radfed.server.federation.inprocess import InProcessTransport
 
         self.config = config
         if transport is None:
@@ -103,7 +103,7 @@ class Federation:
     @classmethod
     def from_study(cls, study: str | Path | StudyConfig, jobs: int = 1) -> Federation:
         """The sites of a study file (``radfed run``'s sites, with the same split)."""
-        from radfed.server.protocol import InProcessTransport
+        from radfed.server.federation.inprocess import InProcessTransport
 
         config = study if isinstance(study, StudyConfig) else load_study(Path(study))
         return cls(config, InProcessTransport.from_study(config, jobs=jobs))
@@ -150,7 +150,7 @@ class Federation:
         import tomli_w
 
         from radfed.client.site import SiteSettings, SiteWorker
-        from radfed.server.protocol import InProcessTransport
+        from radfed.server.federation.inprocess import InProcessTransport
 
         keep = tempfile.TemporaryDirectory(prefix="radfed-api-")
         root = Path(keep.name)
@@ -203,7 +203,7 @@ class Federation:
         Each step contributes what every later request carries (:meth:`ComBat.payload`,
         :meth:`LassoCV.payload`); this federation is left as it was.
         """
-        from radfed.server.protocol import InProcessTransport
+        from radfed.server.federation.inprocess import InProcessTransport
 
         transport = InProcessTransport(self.transport.workers)
         clone = Federation(self.config, transport)
@@ -236,7 +236,7 @@ class Federation:
         """Each training site's description (counts, variable names, extraction
         settings), checked for consistency as a study's first phase does."""
         if self._described is None:
-            from radfed.server.study import check_consistency
+            from radfed.server.study.driver import check_consistency
 
             described = self.ask("describe")
             check_consistency(described)
@@ -363,7 +363,7 @@ class ComBat(_Estimator):
         """Fit on the training rows of every site (no outcome used)."""
         from dataclasses import replace
 
-        from radfed.server.phases import fit_combat
+        from radfed.server.study.phases import fit_combat
 
         study = federation.config.harmonization
         covariates = list(study.covariates if self.covariates is None else self.covariates)
@@ -429,7 +429,7 @@ class Standardiser(_Estimator):
         self.subset = subset
 
     def fit(self, federation: Federation) -> Standardiser:
-        from radfed.server.solvers import pooled_standardisation
+        from radfed.server.stats.solvers import pooled_standardisation
 
         columns = list(federation.features if self.columns is None else self.columns)
         federation.transport.step = "standardise"
@@ -483,8 +483,8 @@ class MRMR(_Estimator):
         features: Sequence[str] | None = None,
         standardiser: Standardiser | None = None,
     ) -> MRMR:
-        from radfed.server.mrmr import mrmr_federated
-        from radfed.server.phases import select_asker
+        from radfed.server.stats.mrmr import mrmr_federated
+        from radfed.server.study.phases import select_asker
 
         features = list(federation.features if features is None else features)
         if standardiser is None:
@@ -567,8 +567,8 @@ class LassoCV(_Estimator):
         features: Sequence[str] | None = None,
         standardiser: Standardiser | None = None,
     ) -> LassoCV:
-        from radfed.server.lasso import lasso_cv
-        from radfed.server.phases import select_asker
+        from radfed.server.stats.lasso import lasso_cv
+        from radfed.server.study.phases import select_asker
 
         which = self._which
         features = list(federation.features if features is None else features)
@@ -795,7 +795,7 @@ class LogisticRegression(_Estimator):
 def _fit_standardised(
     federation: Federation, models: Mapping[str, list[str]]
 ) -> dict[str, LogisticFit]:
-    from radfed.server.phases import fit_standardised
+    from radfed.server.study.phases import fit_standardised
 
     federation.transport.step = "models"
     return fit_standardised(federation.transport, dict(models), federation.outcome)
@@ -854,7 +854,7 @@ def evaluate(
     DeLong CI, Brier score, calibration intercept, slope and Hosmer-Lemeshow test,
     sensitivity and specificity at the pooled Youden cut-off, decision curves.
     """
-    from radfed.server.evaluation import evaluate_models
+    from radfed.server.stats.evaluation import evaluate_models
 
     fits = {name: m.fit_ for name, m in models.items()}
     work = federation.with_pipeline()  # evaluation adds the models to its context
@@ -875,7 +875,7 @@ def validate(
     ``radfed run`` does. Returns ``{site: {"status", "reason", "n", "events",
     "metrics": {model: metrics}, "comparisons": [...]}}``.
     """
-    from radfed.server.evaluation import evaluate_models, external_metrics
+    from radfed.server.stats.evaluation import evaluate_models, external_metrics
 
     fits = {name: m.fit_ for name, m in models.items()}
     work = federation.with_pipeline()

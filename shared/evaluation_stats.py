@@ -7,7 +7,7 @@ returns numbers whose shapes depend only on the request, never on the number of
 patients: ``(k,)``, ``(k, k)``, ``(k, T)`` for ``T`` thresholds, ``(k, B)`` for ``B``
 bins. Counts are the only per-site sizes in a reply. The coordinator turns these into
 confidence intervals, tests, pooled curves and meta-analyses
-(:mod:`radfed.server.inference`).
+(:mod:`radfed.server.stats.inference`).
 
 ========================  ==========================================================
 function                  returns
@@ -39,14 +39,13 @@ from typing import NamedTuple
 
 import numpy as np
 
+from radfed.shared.logistic import fit_newton
+
 #: Predicted probabilities are clipped to [PROB_EPS, 1 - PROB_EPS] before taking logits
 #: in the calibration fits. Exact 0 or 1 (a hard classifier, or a saturated model) would
 #: otherwise give infinite logits; 1e-8 (logit ±18.4) changes no clinically meaningful
 #: risk and keeps the Newton weights p(1-p) away from zero.
 PROB_EPS = 1e-8
-
-_MAX_NEWTON_ITER = 100
-_NEWTON_TOL = 1e-10
 
 
 # --------------------------------------------------------------------------- inputs
@@ -517,46 +516,6 @@ class CalibrationFit(NamedTuple):
     slope: float
 
 
-def _newton_logistic(
-    y: np.ndarray, X: np.ndarray, offset: np.ndarray, beta: np.ndarray
-) -> np.ndarray | None:
-    """Maximum-likelihood logistic coefficients by Newton-Raphson with step halving.
-
-    Returns None when the likelihood has no finite maximum (separation: the iterations
-    do not settle) or the information matrix is singular.
-    """
-    from scipy.special import expit
-
-    def deviance(b: np.ndarray) -> float:
-        eta = offset + X @ b
-        return -2.0 * float(np.sum(y * eta - np.logaddexp(0.0, eta)))
-
-    dev = deviance(beta)
-    for _ in range(_MAX_NEWTON_ITER):
-        mu = expit(offset + X @ beta)
-        w = mu * (1.0 - mu)
-        hessian = X.T @ (X * w[:, None])
-        try:
-            step = np.linalg.solve(hessian, X.T @ (y - mu))
-        except np.linalg.LinAlgError:
-            return None
-        if not np.all(np.isfinite(step)):
-            return None
-        # Halve the step until the deviance does not increase: Newton from (0, 1) is
-        # well behaved for calibrated-ish models, but a badly miscalibrated one can
-        # overshoot.
-        for _ in range(30):
-            new = beta + step
-            new_dev = deviance(new)
-            if new_dev <= dev + 1e-12 * abs(dev):
-                break
-            step = step / 2.0
-        beta, dev = new, new_dev
-        if np.max(np.abs(step)) < _NEWTON_TOL * (1.0 + np.max(np.abs(beta))):
-            return beta
-    return None
-
-
 def calibration_fit(y: np.ndarray, p: np.ndarray) -> CalibrationFit:
     """Calibration intercept and slope: logistic regression of ``y`` on ``logit(p)``.
 
@@ -585,7 +544,7 @@ def calibration_fit(y: np.ndarray, p: np.ndarray) -> CalibrationFit:
         return nan
     lp = _logit(p)
     X = np.column_stack([np.ones(len(lp)), lp])
-    beta = _newton_logistic(y.astype(float), X, np.zeros(len(lp)), np.array([0.0, 1.0]))
+    beta = fit_newton(X, y, np.array([0.0, 1.0]))
     if beta is None:
         return nan
     return CalibrationFit(float(beta[0]), float(beta[1]))
@@ -603,7 +562,7 @@ def calibration_in_the_large(y: np.ndarray, p: np.ndarray) -> float:
     if y.all() or not y.any():
         return float("nan")
     lp = _logit(p)
-    beta = _newton_logistic(y.astype(float), np.ones((len(lp), 1)), lp, np.zeros(1))
+    beta = fit_newton(np.ones((len(lp), 1)), y, np.zeros(1), offset=lp)
     return float("nan") if beta is None else float(beta[0])
 
 

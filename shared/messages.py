@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+if TYPE_CHECKING:  # Flower loads only when a payload is encoded: the statistics need
+    from flwr.app import RecordDict  # the payload names, not the transport
 
 Payload = dict[str, Any]
 
@@ -21,6 +23,8 @@ RADSCORE = "Radscore"
 # Column prefix of a fitted model's linear predictor ("lp:nomogram"), which a site
 # derives from the model the request carries (calibration fits of y on logit p).
 LINEAR_PREDICTOR = "lp:"
+#: Marks the ServerApp log lines that a local Deployment Engine run relays as progress.
+PROGRESS = "progress: "
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -42,6 +46,8 @@ def to_record(payload: Mapping[str, Any]) -> RecordDict:
     RecordDict
         With an ``"arrays"`` ArrayRecord and a ``"config"`` ConfigRecord.
     """
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
     arrays: dict[str, Array] = {}
     config: dict[str, Any] = {}
     for key, value in payload.items():

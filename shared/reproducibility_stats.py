@@ -13,7 +13,7 @@ their precision:
 - ``ss``: the sum of ``(x - mean)^2`` over subjects and raters;
 - ``row_ss``: the sum over subjects of ``(sum over raters of (x - mean))^2``.
 
-No per-subject value leaves the site. :mod:`radfed.server.reproducibility` turns the
+No per-subject value leaves the site. :mod:`radfed.server.stats.reproducibility` turns the
 sums of all sites into the pooled ANOVA exactly.
 """
 

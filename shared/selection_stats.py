@@ -3,8 +3,9 @@
 Every function here turns one site's own rows into a small dict of sums whose array
 shapes depend only on the request (number of features, classes, folds, problems),
 never on the site's number of patients; counts are the only per-site sizes sent. The
-coordinator adds the dicts of all sites key by key (:func:`sum_replies`) and solves
-(:mod:`radfed.server.mrmr`, :mod:`radfed.server.lasso`).
+coordinator adds the dicts of all sites key by key
+(:func:`radfed.shared.aggregate.sum_replies`) and solves (:mod:`radfed.server.stats.mrmr`,
+:mod:`radfed.server.stats.lasso`).
 
 A site answers every request of these solvers with :func:`answer`, which dispatches
 on ``request["step"]``:
@@ -26,7 +27,7 @@ All functions are pure: no file, network or global state.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,7 +49,6 @@ __all__ = [
     "cross_products",
     "heldout_deviance",
     "lasso_pieces",
-    "sum_replies",
 ]
 
 
@@ -74,18 +74,6 @@ def _shifted(
         s = np.asarray(scale, dtype=float)
         X = X / np.where(s > 0, s, 1.0)  # a constant column stays constant, not NaN
     return X
-
-
-def sum_replies(replies: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Add site replies key by key (arrays elementwise, counts as numbers)."""
-    replies = list(replies)
-    if not replies:
-        raise ValueError("no site replied")
-    keys = set(replies[0])
-    for r in replies[1:]:
-        if set(r) != keys:
-            raise ValueError(f"site replies disagree on their keys: {sorted(keys)} vs {sorted(r)}")
-    return {k: sum(np.asarray(r[k], dtype=float) for r in replies) for k in sorted(keys)}
 
 
 # --------------------------------------------------------------------------- mRMR

@@ -104,7 +104,7 @@ def assert_matches_logit(model: dict, reference, tol: float = 1e-6) -> None:
 
 def pooled_combat(rows: pd.DataFrame, config: StudyConfig) -> pd.DataFrame:
     """neuroCombat on the pooled training rows (batch = site), as ``--pooled`` runs it."""
-    from radfed.server.pooled import pooled_combat as combat
+    from radfed.server.study.pooled import pooled_combat as combat
 
     return combat(rows, list(config.features), config)[0]
 

@@ -17,8 +17,8 @@ from radfed.cli import main
 from radfed.client.audit_report import find_state_dir, study_hash
 from radfed.client.site_state import AUDIT_FILE, default_state_dir, read_assignment, read_audit
 from radfed.experiments.heart_disease import write_sites
-from radfed.server.protocol import InProcessTransport
-from radfed.server.study import FederatedStudy
+from radfed.server.federation.inprocess import InProcessTransport
+from radfed.server.study.driver import FederatedStudy
 from radfed.shared.config import load_study
 from radfed.shared.errors import RadfedError
 from radfed.shared.messages import from_record, roundtrip

@@ -610,8 +610,8 @@ def _config(tmp_path: Path, tracking: str = ""):
 
 
 def test_a_failing_report_still_writes_results_with_the_error(tmp_path, monkeypatch):
-    from radfed.server import outputs
-    from radfed.server.runner import record_result
+    from radfed.server.outputs import run_folder as outputs
+    from radfed.server.study.record import record_result
 
     def broken(*args, **kwargs):
         raise ValueError("AUCs must lie strictly between 0 and 1")
@@ -630,8 +630,9 @@ def test_a_failing_report_still_writes_results_with_the_error(tmp_path, monkeypa
 def test_a_failing_mlflow_still_writes_results_and_the_command_says_so(
     tmp_path, monkeypatch, capsys
 ):
-    from radfed.server import outputs, tracking
-    from radfed.server.runner import record_result
+    from radfed.server.outputs import run_folder as outputs
+    from radfed.server.study.record import record_result
+    from radfed.server.tracking import runs as tracking
 
     def locked(*args, **kwargs):
         raise RuntimeError("database is locked")
@@ -656,8 +657,8 @@ def test_a_failing_mlflow_still_writes_results_and_the_command_says_so(
 
 
 def test_unwritable_tracking_database_is_refused_before_any_round(tmp_path, monkeypatch):
-    from radfed.server import tracking
-    from radfed.server.outputs import OutputError
+    from radfed.server.outputs.run_folder import OutputError
+    from radfed.server.tracking import runs as tracking
 
     config = _config(tmp_path)
     db = Path(config.tracking_uri.removeprefix("sqlite:///"))
@@ -671,7 +672,7 @@ def test_unwritable_tracking_database_is_refused_before_any_round(tmp_path, monk
 
 
 def test_artifacts_are_stored_beside_the_tracking_database(tmp_path):
-    from radfed.server.tracking import artifact_location
+    from radfed.server.tracking.runs import artifact_location
 
     uri = f"sqlite:///{tmp_path}/studies/mlflow.db"
     assert artifact_location(uri, "heart disease/v2") == (
@@ -681,7 +682,7 @@ def test_artifacts_are_stored_beside_the_tracking_database(tmp_path):
 
 
 def test_each_run_gets_its_own_folder_and_latest_points_at_the_newest(tmp_path):
-    from radfed.server.outputs import LATEST, new_run_folder, point_latest
+    from radfed.server.outputs.run_folder import LATEST, new_run_folder, point_latest
 
     first, second = new_run_folder(tmp_path), new_run_folder(tmp_path)
     assert first != second and first.parent == second.parent == tmp_path
@@ -697,7 +698,7 @@ def test_extract_on_a_read_only_site_writes_elsewhere_and_says_where(
     tmp_path, monkeypatch, capsys, shared_data
 ):
     """The site folder can be mounted read-only: the table goes to the current folder."""
-    from radfed.server import outputs
+    from radfed.server.outputs import run_folder as outputs
 
     site = tmp_path / "site"
     site.mkdir()
@@ -748,22 +749,32 @@ def test_a_text_column_matched_by_star_is_no_feature_at_the_site(tmp_path, caplo
 def test_a_deployment_run_is_reported_from_mlflow_after_it_ended(heart_dir):
     """The ServerApp runs in a temporary folder that is deleted after the run: its MLflow
     artifacts must still be beside the study's tracking database, where `radfed report`
-    reads them, and the run has its own output folder."""
-    from radfed.server.report import report_from_run
-    from radfed.server.runner import run_study
+    reads them, and the run has its own output folder. ``pooled`` takes the same
+    recording path as on the other transports: the equivalence table reaches
+    results.json, the report and MLflow."""
+    from radfed.server.outputs.report import report_from_run
+    from radfed.server.study.runner import run_study
     from radfed.shared.config import load_study
     from radfed.tests.conftest import heart_study_text
 
     (heart_dir / "study.toml").write_text(heart_study_text(["cleveland", "hungarian", "va"]))
     config = load_study(heart_dir / "study.toml")
-    result = run_study(config, transport="deployment", out_dir=heart_dir / "out", track=True)
+    result = run_study(
+        config, transport="deployment", out_dir=heart_dir / "out", track=True, pooled=True
+    )
     folder = heart_dir / "out" / "latest"
     assert result.federation["output_dir"] == str(folder.resolve())
-    assert json.loads((folder / "results.json").read_text())["transport"] == "deployment"
+    written = json.loads((folder / "results.json").read_text())
+    assert written["transport"] == "deployment"
+    estimates = {r["estimate"] for r in written["equivalence"]}
+    assert "clinical model coefficients" in estimates
+    assert all(r["ok"] for r in written["equivalence"]), written["equivalence"]
+    assert "Federated versus pooled equivalence" in (folder / "report.html").read_text()
 
     import mlflow
 
     run = mlflow.MlflowClient(config.tracking_uri).get_run(result.federation["mlflow_run_id"])
     assert run.info.artifact_uri.startswith((heart_dir / "mlartifacts").as_uri() + "/")
+    assert run.data.tags["radfed.pooled_equivalence"] == "ok"
     page = report_from_run(run.info.run_id, config.tracking_uri, heart_dir / "again.html")
     assert "cleveland" in page.read_text() and "Discrimination" in page.read_text()

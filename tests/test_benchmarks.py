@@ -96,7 +96,11 @@ def test_extraction_benchmark_smoke(tmp_path):
 
 
 def test_run_timeout_follows_the_study(heart_dir):
-    from radfed.server.runner import ROUND_ALLOWANCE_SECONDS, expected_rounds, run_timeout
+    from radfed.server.federation.timeouts import (
+        ROUND_ALLOWANCE_SECONDS,
+        expected_rounds,
+        run_timeout,
+    )
 
     path = heart_dir / "study.toml"
     path.write_text(heart_study_text(["cleveland", "hungarian", "va"], pipeline=True, loso=True))
@@ -146,13 +150,13 @@ def test_cli_run_has_a_timeout_option():
 def test_progress_lines_are_relayed(tmp_path, caplog):
     import logging
 
-    from radfed.server.deployment import PROGRESS, _relay_progress
+    from radfed.deploy.local_federation import PROGRESS, _relay_progress
 
     log = tmp_path / "serverapp.log"
     log.write_text(
         f"noise\nradfed INFO: {PROGRESS}phase mrmr: 5 round(s) done\npartial {PROGRESS}x"
     )
-    with caplog.at_level(logging.INFO, logger="radfed.server.deployment"):
+    with caplog.at_level(logging.INFO, logger="radfed.deploy.local_federation"):
         offset = _relay_progress(log, 0)
     assert [r.getMessage() for r in caplog.records] == ["phase mrmr: 5 round(s) done"]
     assert offset == len(b"noise\nradfed INFO: ") + len(PROGRESS) + len(

@@ -12,8 +12,8 @@ import numpy as np
 import statsmodels.api as sm
 from scipy.special import expit, logit
 
-from radfed.server.protocol import InProcessTransport
-from radfed.server.study import FederatedStudy
+from radfed.server.federation.inprocess import InProcessTransport
+from radfed.server.study.driver import FederatedStudy
 from radfed.tests.reference import feature_tables, pooled_logit, pooled_rows
 
 

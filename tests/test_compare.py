@@ -10,7 +10,7 @@ import matplotlib.image
 import pandas as pd
 import pytest
 
-from radfed.server.compare import (
+from radfed.server.outputs.compare import (
     ComparisonError,
     compare_runs,
     format_comparison,
@@ -250,6 +250,6 @@ def test_module_is_quick_to_import():
     import subprocess
     import sys
 
-    code = "import sys, radfed.server.compare; print('mlflow' in sys.modules)"
+    code = "import sys, radfed.server.outputs.compare; print('mlflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -7,8 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-from radfed.server.protocol import InProcessTransport
-from radfed.server.study import FederatedStudy, check_consistency
+from radfed.server.federation.inprocess import InProcessTransport
+from radfed.server.study.driver import FederatedStudy, check_consistency
 from radfed.shared.config import load_study
 from radfed.shared.errors import FederationError
 from radfed.tests.conftest import heart_study_text

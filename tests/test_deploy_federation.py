@@ -25,9 +25,7 @@ from pathlib import Path
 import pytest
 
 from radfed.client.site import SiteSettings, SiteWorker
-from radfed.deploy.pki import make_ca, make_demo
-from radfed.deploy.signing import build_fab, load_signing_key, sign, write_signed_app
-from radfed.server.deployment import (
+from radfed.deploy.local_federation import (
     ManagedProcess,
     app_dir,
     executable,
@@ -36,8 +34,10 @@ from radfed.server.deployment import (
     stop_processes,
     tail,
 )
-from radfed.server.protocol import InProcessTransport
-from radfed.server.study import FederatedStudy
+from radfed.deploy.pki import make_ca, make_demo
+from radfed.deploy.signing import build_fab, load_signing_key, sign, write_signed_app
+from radfed.server.federation.inprocess import InProcessTransport
+from radfed.server.study.driver import FederatedStudy
 from radfed.shared.config import load_study
 from radfed.tests.conftest import heart_study_text
 from radfed.tests.reference import assert_same_results
@@ -266,8 +266,8 @@ def test_client_without_the_study_ca_cannot_connect(federation, tmp_path):
 def test_unsigned_app_is_refused_by_every_site(federation):
     """``flwr run ./app`` sends the same code without the study's signature: no site runs it."""
     from radfed.deploy.coordinator import connection
+    from radfed.deploy.local_federation import run_status, start_run
     from radfed.deploy.settings import coordinator_settings
-    from radfed.server.deployment import run_status, start_run
 
     settings = coordinator_settings(federation.env)
     conn = connection(settings)

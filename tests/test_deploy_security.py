@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from radfed.deploy import checks, pki
+from radfed.deploy.local_federation import app_dir, free_port
 from radfed.deploy.settings import ConfigError, coordinator_settings, site_settings
 from radfed.deploy.signing import build_fab, load_signing_key, sign, verify, write_signed_app
-from radfed.server.deployment import app_dir, free_port
 
 # ----------------------------------------------------------------- study PKI
 
@@ -148,8 +148,8 @@ def test_coordinator_cannot_lower_a_sites_limits(heart_dir):
     from radfed.client.app import settings_from_node_config
     from radfed.client.site import SiteWorker
     from radfed.deploy.site import command
-    from radfed.server.protocol import InProcessTransport
-    from radfed.server.study import FederatedStudy
+    from radfed.server.federation.inprocess import InProcessTransport
+    from radfed.server.study.driver import FederatedStudy
     from radfed.shared.config import load_study
     from radfed.shared.errors import FederationError
     from radfed.tests.conftest import heart_study_text

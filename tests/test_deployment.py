@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from radfed.server.deployment import (
+from radfed.deploy.local_federation import (
     LOG_DIR,
     SiteNode,
     app_dir,
@@ -20,8 +20,8 @@ from radfed.server.deployment import (
     site_nodes,
     supernode_command,
 )
-from radfed.server.protocol import InProcessTransport
-from radfed.server.study import FederatedStudy
+from radfed.server.federation.inprocess import InProcessTransport
+from radfed.server.study.driver import FederatedStudy
 from radfed.shared.errors import FederationError
 from radfed.tests.reference import (
     assert_matches_logit,
@@ -57,7 +57,7 @@ def test_flower_app_is_a_valid_fab():
     app = config["tool"]["flwr"]["app"]
     assert app["publisher"] == "radfed"
     assert app["components"] == {
-        "serverapp": "radfed.server.app:app",
+        "serverapp": "radfed.server.federation.server_app:app",
         "clientapp": "radfed.client.app:app",
     }
     assert app["config"] == {"study": "", "out": "", "track": True, "connect-timeout": 120.0}

@@ -16,8 +16,8 @@ import statsmodels.api as sm
 from scipy import stats
 from scipy.special import expit
 
-from radfed.server.protocol import InProcessTransport
-from radfed.server.study import FederatedStudy
+from radfed.server.federation.inprocess import InProcessTransport
+from radfed.server.study.driver import FederatedStudy
 from radfed.tests.reference import (
     delong_oracle,
     feature_tables,

@@ -17,7 +17,7 @@ import pytest
 from scipy import integrate, stats
 from scipy.special import expit, logit
 
-from radfed.server import inference as inf
+from radfed.server.stats import inference as inf
 from radfed.shared import evaluation_stats as es
 from radfed.tests.reference import delong_oracle, hoslem_oracle
 

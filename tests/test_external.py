@@ -10,8 +10,8 @@ import pytest
 import statsmodels.api as sm
 from scipy.special import expit, logit
 
-from radfed.server.protocol import InProcessTransport
-from radfed.server.study import FederatedStudy
+from radfed.server.federation.inprocess import InProcessTransport
+from radfed.server.study.driver import FederatedStudy
 from radfed.shared.config import load_study
 from radfed.tests.conftest import HEART_CLINICAL, heart_study_text
 from radfed.tests.reference import delong_oracle, feature_tables, pooled_logit, pooled_rows

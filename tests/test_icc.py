@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from radfed.server.reproducibility import pooled_anova, reproducibility
+from radfed.server.stats.reproducibility import pooled_anova, reproducibility
 from radfed.shared.errors import FederationError
 from radfed.shared.reproducibility_stats import complete_ratings, site_icc_sums
 

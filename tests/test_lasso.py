@@ -18,7 +18,7 @@ from scipy.special import expit
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from radfed.server.lasso import (
+from radfed.server.stats.lasso import (
     FederatedLassoCV,
     LassoCVResult,
     choose_lambdas,

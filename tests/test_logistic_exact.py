@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from radfed.server.protocol import InProcessTransport
-from radfed.server.solvers import pooled_standardisation
-from radfed.server.study import FederatedStudy
+from radfed.server.federation.inprocess import InProcessTransport
+from radfed.server.stats.solvers import pooled_standardisation
+from radfed.server.study.driver import FederatedStudy
 from radfed.tests.reference import (
     assert_matches_logit,
     feature_tables,

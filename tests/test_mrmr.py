@@ -14,10 +14,11 @@ import pandas as pd
 import pytest
 from sklearn.feature_selection import f_classif
 
-from radfed.server.mrmr import MrmrResult, f_statistics, mrmr_federated, mrmr_select
+from radfed.server.stats.mrmr import MrmrResult, f_statistics, mrmr_federated, mrmr_select
+from radfed.shared.aggregate import sum_replies
 from radfed.shared.errors import PrivacyRefusal
 from radfed.shared.privacy import PrivacyPolicy
-from radfed.shared.selection_stats import answer, class_moments, sum_replies
+from radfed.shared.selection_stats import answer, class_moments
 from radfed.tests.reference import in_memory_ask
 
 COLUMNS = [

@@ -18,7 +18,7 @@ import statsmodels.api as sm
 from scipy.special import expit
 
 from radfed.experiments.heart_disease import read_hospital
-from radfed.server.nomogram import (
+from radfed.server.outputs.nomogram import (
     PROBABILITY_TICKS,
     NomogramScales,
     is_binary,

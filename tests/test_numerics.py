@@ -20,10 +20,10 @@ import pytest
 from scipy import optimize, stats
 from scipy.special import expit, logit
 
-from radfed.server import inference as inf
-from radfed.server.external import meta_analysis
-from radfed.server.protocol import InProcessTransport
-from radfed.server.solvers import combine_moments, pooled_standardisation
+from radfed.server.federation.inprocess import InProcessTransport
+from radfed.server.stats import inference as inf
+from radfed.server.stats.solvers import combine_moments, pooled_standardisation
+from radfed.server.study.external import meta_analysis
 from radfed.shared import evaluation_stats as es
 from radfed.shared.config import load_study
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import statsmodels.api as sm
 
-from radfed.server.protocol import InProcessTransport
-from radfed.server.study import FederatedStudy
+from radfed.server.federation.inprocess import InProcessTransport
+from radfed.server.study.driver import FederatedStudy
 from radfed.shared.messages import RADSCORE
 from radfed.tests.reference import (
     assert_matches_logit,

@@ -29,7 +29,7 @@ from scipy import stats
 from scipy.special import expit, logit
 from sklearn.metrics import roc_auc_score as mann_whitney_auc
 
-from radfed.server.plots import (
+from radfed.server.outputs.plots import (
     calibration_figure,
     decision_curve_figure,
     forest_figure,

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from radfed.client.site import SiteSettings, SiteWorker
-from radfed.server.protocol import InProcessTransport
-from radfed.server.study import FederatedStudy
+from radfed.server.federation.inprocess import InProcessTransport
+from radfed.server.study.driver import FederatedStudy
 from radfed.shared.config import load_study
 from radfed.shared.errors import FederationError, PrivacyRefusal
 from radfed.shared.evaluation_stats import BIN_EDGES, THRESHOLDS

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score as mann_whitney_auc
 
-from radfed.server.report import (
+from radfed.server.outputs.report import (
     ReportError,
     figures_from_dir,
     render_report,

@@ -23,8 +23,8 @@ import SimpleITK as sitk
 from radfed.client.dicom_export import SeriesInfo, write_series
 from radfed.client.extraction import extract_site, load_params
 from radfed.experiments.synth import reader_mask
-from radfed.server.protocol import InProcessTransport
-from radfed.server.study import FederatedStudy
+from radfed.server.federation.inprocess import InProcessTransport
+from radfed.server.study.driver import FederatedStudy
 from radfed.shared.config import load_study
 
 pg = pytest.importorskip("pingouin")
@@ -224,8 +224,8 @@ def test_scanner_batch_spanning_sites_equals_neurocombat_pooled(study):
 
 
 def test_icc_table_goes_into_the_report_and_tracking(study):
-    from radfed.server.report import render_report
-    from radfed.server.reproducibility import icc_rows, reproducibility_metrics
+    from radfed.server.outputs.report import render_report
+    from radfed.server.stats.reproducibility import icc_rows, reproducibility_metrics
 
     details = study[2].details["reproducibility"]
     html = render_report({"schema": "radfed.results/2", "reproducibility": details})

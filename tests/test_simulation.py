@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from radfed.server.protocol import InProcessTransport
-from radfed.server.simulation import run_in_simulation
-from radfed.server.study import FederatedStudy
+from radfed.server.federation.inprocess import InProcessTransport
+from radfed.server.federation.simulation import run_in_simulation
+from radfed.server.study.driver import FederatedStudy
 from radfed.tests.reference import (
     assert_matches_logit,
     assert_same_results,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from radfed.server.report import FIGURE_KINDS
-from radfed.server.runner import run_study
+from radfed.server.outputs.report import FIGURE_KINDS
+from radfed.server.study.runner import run_study
 from radfed.tests.test_report import SECTIONS, dump_dom
 
 

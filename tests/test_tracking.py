@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from radfed.server.runner import run_study
+from radfed.server.study.runner import run_study
 from radfed.shared.config import load_study
 from radfed.tests.conftest import heart_study_text
 from radfed.tests.reference import feature_tables, site_test_mask
@@ -62,7 +62,7 @@ def test_registered_model_predicts_from_raw_features_as_the_sites_did(pipeline_r
 
 
 def test_pipeline_refuses_a_hospital_it_never_saw(pipeline_run):
-    from radfed.server.pipeline_model import FittedPipeline
+    from radfed.server.tracking.pipeline_model import FittedPipeline
 
     config, result = pipeline_run
     pipeline = FittedPipeline(result.to_dict())

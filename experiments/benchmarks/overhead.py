@@ -11,14 +11,14 @@ its own process (timed whole, as ``/usr/bin/time -v``; the study's own time is m
 inside it):
 
 * ``pooled``: the study fitted on the pooled rows with the reference libraries
-  (:func:`radfed.server.pooled.equivalence`: neuroCombat, mRMR, scikit-learn LASSO at
+  (:func:`radfed.server.study.pooled.equivalence`: neuroCombat, mRMR, scikit-learn LASSO at
   the federated lambda and its CV curve, statsmodels logistic models; no evaluation),
   the baseline a single-centre analysis would pay;
-* ``inprocess``: :class:`~radfed.server.study.FederatedStudy` over the in-process
+* ``inprocess``: :class:`~radfed.server.study.driver.FederatedStudy` over the in-process
   transport (sites in the same process, records still Flower-encoded);
 * ``simulation``: Flower's Simulation Engine (Ray), one virtual SuperNode per site;
 * ``deployment``: a SuperLink and one SuperNode per site on 127.0.0.1
-  (:func:`radfed.server.deployment.run_in_local_deployment`, insecure, no tracking),
+  (:func:`radfed.deploy.local_federation.run_in_local_deployment`, insecure, no tracking),
   from starting the processes to the results written by the ServerApp.
 
 Printed: wall seconds, rounds, seconds per round, and each engine's time against the
@@ -86,15 +86,15 @@ def worker(engine: str, study: Path, out: Path) -> dict:
     import logging
 
     logging.disable(logging.WARNING)
-    from radfed.server.protocol import InProcessTransport
+    from radfed.server.federation.inprocess import InProcessTransport
     from radfed.server.results import StudyResult
-    from radfed.server.study import FederatedStudy
+    from radfed.server.study.driver import FederatedStudy
     from radfed.shared.config import load_study
 
     config = load_study(study)
     start = time.perf_counter()
     if engine == "pooled":
-        from radfed.server.pooled import equivalence
+        from radfed.server.study.pooled import equivalence
 
         # The pooled fit compares against a federated result: make it first, untimed.
         federated = FederatedStudy(config, InProcessTransport.from_study(config)).run()
@@ -105,11 +105,11 @@ def worker(engine: str, study: Path, out: Path) -> dict:
     if engine == "inprocess":
         result = FederatedStudy(config, InProcessTransport.from_study(config)).run()
     elif engine == "simulation":
-        from radfed.server.simulation import run_in_simulation
+        from radfed.server.federation.simulation import run_in_simulation
 
         result = run_in_simulation(config)
     elif engine == "deployment":
-        from radfed.server.deployment import run_in_local_deployment
+        from radfed.deploy.local_federation import run_in_local_deployment
 
         os.environ[TIMING_ENV] = "1"  # every ClientApp writes where its time went
         path = run_in_local_deployment(config, out, track=False)

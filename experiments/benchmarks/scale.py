@@ -88,7 +88,7 @@ def write_sites(root: Path, sites: int, patients: int, seed: int = 0) -> Path:
 
 def _count_bytes() -> dict[str, int]:
     """Count the encoded bytes of every record through radfed's transports."""
-    import radfed.server.protocol as protocol
+    from radfed.server.federation import encoded, inprocess
     from radfed.shared import messages
 
     counts = {"bytes": 0, "records": 0}
@@ -101,7 +101,8 @@ def _count_bytes() -> dict[str, int]:
         counts["bytes"] += sum(len(str(k)) + len(str(v)) for k, v in record["config"].items())
         return record
 
-    protocol.to_record = counting  # requests (Transport.ask) and in-process replies
+    encoded.to_record = counting  # requests (every encoded transport)
+    inprocess.to_record = counting  # in-process replies
     return counts
 
 
@@ -110,8 +111,8 @@ def worker(sites: int, patients: int, transport: str) -> dict:
     import logging
 
     logging.disable(logging.WARNING)
-    from radfed.server.protocol import InProcessTransport
-    from radfed.server.study import FederatedStudy
+    from radfed.server.federation.inprocess import InProcessTransport
+    from radfed.server.study.driver import FederatedStudy
     from radfed.shared.config import load_study
 
     with tempfile.TemporaryDirectory(prefix="radfed-scale-") as tmp:
@@ -119,7 +120,7 @@ def worker(sites: int, patients: int, transport: str) -> dict:
         counts = _count_bytes()
         start = time.perf_counter()
         if transport == "simulation":
-            from radfed.server.simulation import run_in_simulation
+            from radfed.server.federation.simulation import run_in_simulation
 
             result = run_in_simulation(config, cpus_per_site=max(0.01, 2 / sites))
         else:

@@ -118,7 +118,7 @@ def study_metrics(result: StudyResult) -> dict[str, float]:
             metrics[f"site/{site}/{split}/events"] = float(info[split]["events"])
     metrics.update({f"rounds/{phase}": float(n) for phase, n in result.rounds.items()})
     if result.details.get("reproducibility"):
-        from radfed.server.reproducibility import reproducibility_metrics
+        from radfed.server.stats.reproducibility import reproducibility_metrics
 
         metrics.update(reproducibility_metrics(result.details["reproducibility"]))
     return metrics
@@ -195,7 +195,7 @@ def check_tracking_store(config: StudyConfig) -> None:
     OutputError
         Naming the database or folder and the system's reason.
     """
-    from radfed.server.outputs import OutputError, check_writable
+    from radfed.server.outputs.run_folder import OutputError, check_writable
 
     path = local_store(config.tracking_uri)
     if path is None:
@@ -245,8 +245,8 @@ def log_study(result: StudyResult, config: StudyConfig, out_dir: Path) -> tuple[
     """
     import mlflow
 
-    from radfed.server.outputs import write_outputs
-    from radfed.server.reproducibility import icc_rows
+    from radfed.server.outputs.run_folder import write_outputs
+    from radfed.server.stats.reproducibility import icc_rows
 
     # Quiet MLflow's own start-up chatter (database migrations) on first use of a store.
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -269,6 +269,12 @@ def log_study(result: StudyResult, config: StudyConfig, out_dir: Path) -> tuple[
         rows = icc_rows(result.details.get("reproducibility") or {})
         if rows:  # the ICC table, one row per feature
             mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "reproducibility/icc.json")
+        equivalence = result.details.get("equivalence") or []
+        if equivalence:  # --pooled: the federated-versus-pooled table, and its verdict
+            keys = ("estimate", "max_abs_diff", "tolerance", "ok")
+            mlflow.log_table({k: [r[k] for r in equivalence] for k in keys}, "equivalence.json")
+            verdict = "ok" if all(r["ok"] for r in equivalence) else "differs"
+            mlflow.set_tag("radfed.pooled_equivalence", verdict)
         errors = result.federation.get("errors")
         if errors:  # a figure or the report could not be made: the run says so
             mlflow.set_tag("radfed.errors", "; ".join(errors)[:5000])
@@ -302,7 +308,7 @@ class _DropMessages(logging.Filter):
 
 
 def _log_model(result: StudyResult, out_dir: Path, config: StudyConfig) -> None:
-    from radfed.server.pipeline_model import log_pipeline_model
+    from radfed.server.tracking.pipeline_model import log_pipeline_model
 
     name = registered_model_name(config.name)
     # MLflow's notes a user cannot act on: the model is radfed's own class (pickled by

@@ -3,7 +3,7 @@
 Reads the parent runs of one experiment (tag ``radfed.kind`` = ``"study"``; runs from
 before that tag count when they are not nested, i.e. have no ``mlflow.parentRunId``),
 takes the metrics named ``{model}/{split}/{metric}/{site}`` (see
-:mod:`radfed.server.tracking`) and lays them out as a table: rows ``(model, split,
+:mod:`radfed.server.tracking.runs`) and lays them out as a table: rows ``(model, split,
 site)``, one column per run, oldest first, then one difference column per run against a
 baseline run. A metric a parent run lacks is taken from its nested runs (the
 ``external`` runs of held-out sites), so ``split="external"`` compares external
@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from radfed.server.plots import model_color
+from radfed.server.outputs.plots import model_color
 from radfed.server.results import POOLED
 from radfed.shared.errors import RadfedError
 

@@ -62,6 +62,7 @@ import tomli_w
 
 from radfed.shared.config import StudyConfig
 from radfed.shared.errors import FederationError, StudyConfigError
+from radfed.shared.messages import PROGRESS
 
 log = logging.getLogger(__name__)
 
@@ -601,8 +602,7 @@ def stop_run(connection: Connection, run_id: int) -> None:
 
 
 #: The marker of the ServerApp's progress lines (phase, rounds done), relayed to the
-#: coordinator's log while a run goes on (written by radfed.server.flower_transport).
-PROGRESS = "progress: "
+#: coordinator's log while a run goes on (written by radfed.server.federation.flower).
 
 
 def _relay_progress(log_path: Path, offset: int) -> int:
@@ -909,7 +909,11 @@ class LocalFederation:
 
 
 def run_config_for(
-    config: StudyConfig, out_dir: Path, track: bool, connect_timeout: float | None = None
+    config: StudyConfig,
+    out_dir: Path,
+    track: bool,
+    connect_timeout: float | None = None,
+    pooled: bool = False,
 ) -> dict[str, Any]:
     """The run config of the radfed app (keys of ``deploy/flower_app/pyproject.toml``)."""
     if config.source is None:
@@ -920,6 +924,7 @@ def run_config_for(
         "study": str(Path(config.source).resolve()),
         "out": str(Path(out_dir).resolve()),
         "track": bool(track),
+        "pooled": bool(pooled),
     }
     if connect_timeout is not None:
         values["connect-timeout"] = float(connect_timeout)
@@ -934,6 +939,7 @@ def run_in_local_deployment(
     connect_timeout: float | None = None,
     sites: Sequence[SiteNode] | None = None,
     work_dir: Path | None = None,
+    pooled: bool = False,
 ) -> Path:
     """Run ``config`` in a local Flower Deployment Engine; return the path of results.json.
 
@@ -947,8 +953,9 @@ def run_in_local_deployment(
     ----------
     timeout : float, optional
         Seconds for the whole run; None: the study's (``[federation] timeout``, else
-        derived from its expected rounds: :func:`radfed.server.runner.run_timeout`);
-        0: no overall limit (every round is still limited by ``round_timeout``).
+        derived from its expected rounds:
+        :func:`radfed.server.federation.timeouts.run_timeout`); 0: no overall limit
+        (every round is still limited by ``round_timeout``).
     connect_timeout : float, optional
         Seconds the ServerApp waits for every study site to connect (run config
         ``connect-timeout``; default: the app's, 120 s).
@@ -957,6 +964,9 @@ def run_in_local_deployment(
         rules as the site's own).
     work_dir : Path, optional
         Folder for Flower's state (``FLWR_HOME``); default: a temporary folder, removed.
+    pooled : bool
+        The ServerApp also fits the pooled reference and records the equivalence table
+        with the run (results.json, report, MLflow), as ``radfed run --pooled`` does.
 
     Raises
     ------
@@ -965,11 +975,11 @@ def run_in_local_deployment(
         of the ServerApp, SuperLink and SuperNode logs.
     """
     if timeout is None:
-        from radfed.server.runner import run_timeout
+        from radfed.server.federation.timeouts import run_timeout
 
         timeout = run_timeout(config)
     out_dir = Path(out_dir).resolve()
-    run_config = run_config_for(config, out_dir, track, connect_timeout)
+    run_config = run_config_for(config, out_dir, track, connect_timeout, pooled)
     log_dir = out_dir / LOG_DIR
     log_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / RESULTS

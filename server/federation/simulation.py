@@ -11,7 +11,7 @@ from flwr.simulation import run_simulation
 
 from radfed.client.app import make_client_app
 from radfed.client.site import SiteSettings
-from radfed.server.app import make_server_app, serve_study
+from radfed.server.federation.server_app import make_server_app, serve_study
 from radfed.server.results import StudyResult
 from radfed.shared.config import StudyConfig
 from radfed.shared.errors import FederationError

@@ -1,8 +1,9 @@
 """The federated phases of a study, each driving its rounds through a transport.
 
-Every phase pairs site statistics (answered at the sites) with the coordinator solvers of
-:mod:`radfed.harmonization.combat`, :mod:`radfed.server.mrmr`, :mod:`radfed.server.lasso`
-and :mod:`radfed.server.solvers`; none of them knows which transport carries it.
+Every phase pairs site statistics (answered at the sites) with the coordinator solvers
+of :mod:`radfed.harmonization.combat`, :mod:`radfed.server.stats.mrmr`,
+:mod:`radfed.server.stats.lasso` and :mod:`radfed.server.stats.solvers`; none of them
+knows which transport carries it.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from radfed.harmonization.combat import (
     solve_location,
     solve_pooled_variance,
 )
-from radfed.server.lasso import LassoCVResult, lasso_cv
-from radfed.server.mrmr import MrmrResult, mrmr_federated
-from radfed.server.protocol import Transport
+from radfed.server.federation.transport import Transport
 from radfed.server.results import LogisticFit
-from radfed.server.solvers import LogisticSpec, fit_logistic_many, pooled_standardisation
+from radfed.server.stats.lasso import LassoCVResult, lasso_cv
+from radfed.server.stats.mrmr import MrmrResult, mrmr_federated
+from radfed.server.stats.solvers import LogisticSpec, fit_logistic_many, pooled_standardisation
 from radfed.shared.config import HarmonizationConfig
 from radfed.shared.errors import FederationError
 from radfed.shared.messages import RADSCORE

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from radfed.server.protocol import Transport
+from radfed.server.federation.transport import Transport
 from radfed.server.results import LogisticFit
+from radfed.shared.aggregate import sum_replies
 from radfed.shared.errors import FederationError
 from radfed.shared.logistic import NewtonPieces, newton_step
 
@@ -218,16 +219,6 @@ def _fit(
 
 
 def _sum_pieces(replies, name: str) -> NewtonPieces:
-    pieces = [
-        NewtonPieces(
-            np.asarray(r[f"{name}_hessian"], dtype=float),
-            np.asarray(r[f"{name}_gradient"], dtype=float),
-            float(r[f"{name}_deviance"]),
-            int(r[f"{name}_n"]),
-        )
-        for r in replies
-    ]
-    total = pieces[0]
-    for p in pieces[1:]:
-        total = total + p
-    return total
+    keys = [f"{name}_{piece}" for piece in ("hessian", "gradient", "deviance", "n")]
+    total = sum_replies(replies, keys)
+    return NewtonPieces(total[keys[0]], total[keys[1]], float(total[keys[2]]), int(total[keys[3]]))

@@ -1,7 +1,9 @@
 """The Flower ServerApp: a thin shell that runs the study driver over the Grid.
 
 Run configuration (``flwr run ... --run-config``): ``study`` (path of the study file on
-the coordinator), ``out`` (output folder), ``track`` (log to MLflow, default true).
+the coordinator), ``out`` (output folder), ``track`` (log to MLflow, default true),
+``pooled`` (add the pooled reference fit; only where the coordinator may read every
+site's folder, as in a local test federation).
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from radfed.server.flower_transport import GridTransport
+from radfed.server.federation.flower import GridTransport
 from radfed.server.results import StudyResult
-from radfed.server.runner import record_result
-from radfed.server.study import FederatedStudy
+from radfed.server.study.driver import FederatedStudy
+from radfed.server.study.record import finish_run
 from radfed.shared.config import StudyConfig, load_study
 
 
@@ -51,7 +53,13 @@ def _deployment_main(grid: Grid, context: Context) -> None:
     result = serve_study(
         grid, config, engine="deployment", connect_timeout=float(cfg.get("connect-timeout", 120.0))
     )
-    record_result(result, config, Path(str(cfg["out"])), track=bool(cfg.get("track", True)))
+    finish_run(
+        result,
+        config,
+        Path(str(cfg["out"])),
+        track=bool(cfg.get("track", True)),
+        pooled=bool(cfg.get("pooled", False)),
+    )
 
 
 app = make_server_app(_deployment_main)

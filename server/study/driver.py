@@ -20,11 +20,16 @@ from typing import Any
 import numpy as np
 
 import radfed
-from radfed.server.evaluation import evaluate_models
-from radfed.server.external import external_validation
-from radfed.server.phases import fit_combat, fit_standardised, screen_clinical, select_radiomics
-from radfed.server.protocol import Transport
+from radfed.server.federation.transport import Transport
 from radfed.server.results import LogisticFit, StudyResult
+from radfed.server.stats.evaluation import evaluate_models
+from radfed.server.study.external import external_validation
+from radfed.server.study.phases import (
+    fit_combat,
+    fit_standardised,
+    screen_clinical,
+    select_radiomics,
+)
 from radfed.shared.config import StudyConfig
 from radfed.shared.errors import FederationError
 from radfed.shared.messages import RADSCORE, Payload
@@ -121,7 +126,9 @@ class FederatedStudy:
         self._phase("evaluate")
         performance, evaluation, cutoffs = evaluate_models(transport, fitted.models, cfg.outcome)
         fitted.details["evaluation"] = evaluation
-        fitted.details["external"] = external_validation(cfg, transport, fitted, cutoffs)
+        fitted.details["external"] = external_validation(
+            cfg, transport, fitted, cutoffs, refit=lambda sub: FederatedStudy(cfg, sub).fit()
+        )
         return self._result(fitted, performance)
 
     def fit(self) -> FittedStudy:
@@ -193,7 +200,7 @@ class FederatedStudy:
 
     def _reproducibility(self, features: list[str], comparisons: list[str]) -> Any:
         """ICC of every feature across readers; the features below the threshold go."""
-        from radfed.server.reproducibility import reproducibility
+        from radfed.server.stats.reproducibility import reproducibility
 
         sel = self.config.selection
         replies = self.transport.ask(

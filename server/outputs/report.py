@@ -472,7 +472,7 @@ def _cohort(results: Mapping[str, Any]) -> Markup:
 
 def _reproducibility(results: Mapping[str, Any]) -> Markup:
     """The ICC filter: subjects per comparison, the features dropped and why."""
-    from radfed.server.reproducibility import icc_rows
+    from radfed.server.stats.reproducibility import icc_rows
 
     repro = results.get("reproducibility") or {}
     parts = []

@@ -151,8 +151,8 @@ def write_figures(result: StudyResult, folder: Path) -> dict[str, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    from radfed.server import plots
-    from radfed.server.nomogram import NomogramScales, save_nomogram
+    from radfed.server.outputs import plots
+    from radfed.server.outputs.nomogram import NomogramScales, save_nomogram
 
     data = result.to_dict()
     thresholds = data.get("evaluation", {}).get("thresholds", [])
@@ -204,7 +204,7 @@ def write_outputs(result: StudyResult, out_dir: Path) -> dict[str, Path]:
     dict
         ``results``, ``figures`` (the folder) and ``report`` paths.
     """
-    from radfed.server.report import write_report
+    from radfed.server.outputs.report import write_report
 
     out_dir = Path(out_dir)
     # results.json first, so what was computed is kept whatever fails after it.

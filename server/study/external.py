@@ -18,18 +18,19 @@ held-out sites are summarised by a random-effects meta-analysis on the logit sca
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from radfed.server import inference
-from radfed.server.evaluation import THRESHOLDS, evaluate_models, external_metrics
-from radfed.server.protocol import Transport
+from radfed.server.federation.transport import Transport
+from radfed.server.stats import inference
+from radfed.server.stats.evaluation import THRESHOLDS, evaluate_models, external_metrics
 from radfed.shared.config import StudyConfig
 from radfed.shared.errors import FederationError
 
 if TYPE_CHECKING:
-    from radfed.server.study import FittedStudy
+    from radfed.server.study.driver import FittedStudy
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,16 @@ SCALARS = ("n", "events", "status", "reason", "auc", "auc_ci", "brier")
 
 
 def external_validation(
-    config: StudyConfig, transport: Transport, fitted: FittedStudy, cutoffs: dict[str, int]
+    config: StudyConfig,
+    transport: Transport,
+    fitted: FittedStudy,
+    cutoffs: dict[str, int],
+    refit: Callable[[Transport], FittedStudy],
 ) -> dict[str, Any]:
     """Validation-only sites with the study's models, then leave-one-site-out.
+
+    ``refit(transport)`` fits the study's pipeline on ``transport.sites`` (the driver's
+    :meth:`~radfed.server.study.driver.FederatedStudy.fit`); each held-out fit uses it.
 
     Returns
     -------
@@ -70,20 +78,23 @@ def external_validation(
     out["status"], out["reason"] = "ran", None
     for held in training:
         log.info("leave-one-site-out: fitting without %s", held)
-        out["held_out"][held] = hold_out(config, transport, held)
+        out["held_out"][held] = hold_out(config, transport, held, refit)
     out["meta"] = meta_analysis(out["held_out"], list(fitted.models))
     return out
 
 
-def hold_out(config: StudyConfig, transport: Transport, held: str) -> dict[str, Any]:
+def hold_out(
+    config: StudyConfig,
+    transport: Transport,
+    held: str,
+    refit: Callable[[Transport], FittedStudy],
+) -> dict[str, Any]:
     """Fit the pipeline without ``held`` and evaluate it on all of ``held``'s patients."""
-    from radfed.server.study import FederatedStudy
-
     others = [s for s in transport.sites if s != held]
     sub = transport.subset(others)
     entry: dict[str, Any] = {"training_sites": others}
     try:
-        fitted = FederatedStudy(config, sub).fit()
+        fitted = refit(sub)
         sub.step = "evaluate"
         performance, _, cutoffs = evaluate_models(sub, fitted.models, config.outcome, curves=False)
         sub.step = "external"

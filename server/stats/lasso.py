@@ -49,7 +49,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from radfed.shared.selection_stats import PROB_CLIP, sum_replies
+from radfed.shared.aggregate import sum_replies
+from radfed.shared.selection_stats import PROB_CLIP
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from radfed.server.plots import save_figure
+from radfed.server.outputs.plots import save_figure
 from radfed.server.results import LogisticFit
 
 #: Probabilities labelled on the probability axis when they fall within its range.

@@ -617,7 +617,7 @@ def random_effects(
     one study, τ² = 0 and the heterogeneity statistics (and an HKSJ interval) are NaN.
 
     The defaults (DL, Wald) are the classical ones; the study's summary of external AUCs
-    (:func:`radfed.server.external.meta_analysis`) uses REML with HKSJ.
+    (:func:`radfed.server.study.external.meta_analysis`) uses REML with HKSJ.
 
     Parameters
     ----------
@@ -737,7 +737,7 @@ def random_effects_auc(
     auc : ndarray of shape (k,)
         Study AUCs, strictly between 0 and 1 (an AUC of 0 or 1 has no logit, and its
         DeLong variance is 0: such a study must be left out or corrected by the caller,
-        as :func:`radfed.server.external.meta_analysis` does).
+        as :func:`radfed.server.study.external.meta_analysis` does).
     var : ndarray of shape (k,)
         Their variances (e.g. DeLong), positive.
     level : float, default 0.95

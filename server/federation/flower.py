@@ -14,10 +14,9 @@ from collections.abc import Mapping
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from radfed.server.deployment import PROGRESS  # the marker wait_for_run relays
-from radfed.server.protocol import Transport
+from radfed.server.federation.encoded import EncodedTransport
 from radfed.shared.errors import FederationError
-from radfed.shared.messages import CONFIG, from_record, to_record
+from radfed.shared.messages import CONFIG, PROGRESS, from_record, to_record
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,7 @@ def _ensure_log_output() -> None:
         radfed_log.setLevel(logging.INFO)
 
 
-class GridTransport(Transport):
+class GridTransport(EncodedTransport):
     """Send each round's requests through a Flower ``Grid`` and wait for the replies.
 
     Parameters

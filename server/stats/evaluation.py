@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from radfed.server import inference
-from radfed.server.protocol import Transport
+from radfed.server.federation.transport import Transport
 from radfed.server.results import POOLED, LogisticFit
-from radfed.server.solvers import LogisticSpec, fit_logistic_many, spread
+from radfed.server.stats import inference
+from radfed.server.stats.solvers import LogisticSpec, fit_logistic_many, spread
 from radfed.shared.errors import FederationError
 from radfed.shared.evaluation_stats import BIN_EDGES, THRESHOLDS
 from radfed.shared.messages import LINEAR_PREDICTOR as LP

@@ -1,9 +1,10 @@
-"""The protocol runner: moves requests to sites and aggregates back, over a transport.
+"""The transport interface: one federated round is ``ask(task, payload, sites)``.
 
-The study driver only ever calls :meth:`Transport.ask`. Three transports implement it:
-:class:`InProcessTransport` (sites in this process), and the Flower Simulation and
-Deployment Engines (:mod:`radfed.server.flower_transport`), which carry the same
-encoded records as Flower messages.
+The statistics and the study driver only ever call :meth:`Transport.ask`, so this module
+imports neither Flower nor the site code. The transports live beside it:
+:mod:`~radfed.server.federation.inprocess` (sites in this process) and
+:mod:`~radfed.server.federation.flower` (the Simulation and Deployment Engines); both
+carry requests as encoded Flower records (:mod:`~radfed.server.federation.encoded`).
 """
 
 from __future__ import annotations
@@ -11,14 +12,12 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from flwr.app import RecordDict
-
-from radfed.client.site import SiteSettings, SiteWorker
-from radfed.shared.config import StudyConfig
 from radfed.shared.errors import FederationError
-from radfed.shared.messages import Payload, from_record, to_record
+
+if TYPE_CHECKING:  # the encoding (and Flower) belong to the transports, not here
+    from radfed.shared.messages import Payload
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +46,8 @@ class Transport(ABC):
         return list(self.sites)
 
     @abstractmethod
-    def _exchange(self, requests: Mapping[str, RecordDict]) -> dict[str, RecordDict]:
-        """Deliver one encoded request per site and collect the encoded replies."""
+    def _deliver(self, request: Payload, sites: list[str]) -> dict[str, Payload]:
+        """Deliver ``request`` to each of ``sites`` and collect the replies that came."""
 
     def ask(
         self,
@@ -67,12 +66,8 @@ class Transport(ABC):
         request = {"task": task, **self.context, **(payload or {})}
         if self.protocol is not None:
             request["protocol"] = self.protocol
-        encoded = to_record(request)
         self.rounds[self.step] += 1
-        replies = {
-            site: from_record(rec)
-            for site, rec in self._exchange(dict.fromkeys(targets, encoded)).items()
-        }
+        replies = self._deliver(request, targets)
         missing = set(targets) - set(replies)
         errors = [f"{s}: no reply" for s in sorted(missing)]
         errors += [f"{s}: {r['error']}" for s, r in replies.items() if "error" in r]
@@ -104,44 +99,5 @@ class SiteSubset(Transport):
     def reachable(self) -> list[str]:
         return self.parent.reachable
 
-    def _exchange(self, requests: Mapping[str, RecordDict]) -> dict[str, RecordDict]:
-        return self.parent._exchange(requests)
-
-
-class InProcessTransport(Transport):
-    """All sites in this Python process: tests, notebooks and single-machine runs.
-
-    Requests and replies still go through the Flower record encoding, so what a site
-    receives is exactly what it would receive over the network.
-    """
-
-    name = "inprocess"
-
-    def __init__(self, workers: Mapping[str, SiteWorker]) -> None:
-        super().__init__()
-        self.workers = dict(workers)
-        self.sites = list(self.workers)
-
-    @property
-    def reachable(self) -> list[str]:
-        return list(self.workers)
-
-    @classmethod
-    def from_study(
-        cls, config: StudyConfig, jobs: int = 1, progress: bool = False
-    ) -> InProcessTransport:
-        """One worker per study site, each enforcing the study's privacy rules."""
-        return cls(
-            {
-                s.name: SiteWorker(
-                    SiteSettings(s.name, s.path, config.privacy, jobs=jobs, progress=progress)
-                )
-                for s in config.sites
-            }
-        )
-
-    def _exchange(self, requests: Mapping[str, RecordDict]) -> dict[str, RecordDict]:
-        return {
-            site: to_record(self.workers[site].handle(from_record(rec)))
-            for site, rec in requests.items()
-        }
+    def _deliver(self, request: Payload, sites: list[str]) -> dict[str, Payload]:
+        return self.parent._deliver(request, sites)

@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from radfed.shared.selection_stats import sum_replies
+from radfed.shared.aggregate import sum_replies
 
 #: mrmr-selection's floor on |r| in the redundancy denominator.
 FLOOR = 0.001

@@ -1,0 +1,1 @@
+"""How requests reach the sites: the transport interface, its transports, the ServerApp."""

@@ -1,0 +1,1 @@
+"""What a run leaves for people: the run folder, figures, nomogram, report, comparisons."""

@@ -1,0 +1,1 @@
+"""MLflow: study runs, their artifacts and the registered pipeline model."""
