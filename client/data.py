@@ -146,19 +146,10 @@ MISSING = ["", "NA", "N/A", "NaN", "nan", "?"]
 
 
 def _read_feature_file(path: Path) -> pd.DataFrame:
-    if path.suffix == ".parquet":
-        frame = pd.read_parquet(path)
-    else:
-        # Missing-value markers apply to data columns only: a patient called "NA" stays
-        # "NA"; floats are read exactly as written.
-        header = pd.read_csv(path, nrows=0).columns
-        frame = pd.read_csv(
-            path,
-            dtype={"patient_id": str},
-            keep_default_na=False,
-            na_values={c: MISSING for c in header if c != "patient_id"},
-            float_precision="round_trip",
-        )
+    try:
+        frame = _read_frame(path)
+    except (OSError, ValueError) as exc:  # pandas/pyarrow parser errors, bad encodings
+        raise SiteDataError(f"cannot read {path}: {' '.join(str(exc).split())}") from exc
     if "patient_id" not in frame.columns:
         if frame.index.name == "patient_id":
             frame = frame.reset_index()
@@ -175,6 +166,21 @@ def _read_feature_file(path: Path) -> pd.DataFrame:
             f"{path}: duplicated patient_id(s) {sorted(set(frame.loc[dup, 'patient_id']))[:5]}"
         )
     return frame.set_index("patient_id")
+
+
+def _read_frame(path: Path) -> pd.DataFrame:
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    # Missing-value markers apply to data columns only: a patient called "NA" stays
+    # "NA"; floats are read exactly as written.
+    header = pd.read_csv(path, nrows=0).columns
+    return pd.read_csv(
+        path,
+        dtype={"patient_id": str},
+        keep_default_na=False,
+        na_values={c: MISSING for c in header if c != "patient_id"},
+        float_precision="round_trip",
+    )
 
 
 def load_feature_site(site_dir: Path, spec: TableSpec) -> SiteTable:

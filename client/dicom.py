@@ -118,7 +118,7 @@ def read_header(path: Path, folder: Path, role: str = "image"):
         return pydicom.dcmread(path, stop_before_pixels=True)
     except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError) as exc:
         name = str(path.relative_to(folder)) if path.is_relative_to(folder) else path.name
-        raise CaseError(f"{name} is not a DICOM file ({_short(exc)})", role, name) from exc
+        raise CaseError(f"{name} is not a DICOM file ({short_error(exc)})", role, name) from exc
 
 
 def _slice_header(path: Path, folder: Path) -> SliceHeader:
@@ -326,7 +326,7 @@ def _fmt(values: Sequence) -> str:
     return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
 
 
-def _short(exc: BaseException, limit: int = 160) -> str:
+def short_error(exc: BaseException, limit: int = 160) -> str:
     text = re.sub(r"\s+", " ", str(exc)).strip() or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -357,7 +357,7 @@ def _short_itk(exc: BaseException) -> str:
     text = str(exc)
     if "ERROR:" in text:
         text = text.rsplit("ERROR:", 1)[1]
-    return _short(RuntimeError(text))
+    return short_error(RuntimeError(text))
 
 
 def _read_multiframe(series: DicomSeries) -> sitk.Image:
@@ -370,7 +370,7 @@ def _read_multiframe(series: DicomSeries) -> sitk.Image:
         volume = hd.imread(str(path)).get_volume()
     except Exception as exc:  # highdicom raises ValueError/RuntimeError/... with a reason
         raise CaseError(
-            f"cannot read this multi-frame object as a volume ({_short(exc)})", file=name
+            f"cannot read this multi-frame object as a volume ({short_error(exc)})", file=name
         ) from exc
     array, affine = np.asarray(volume.array, dtype=np.float32), np.array(volume.affine)
     if array.ndim != 3:

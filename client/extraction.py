@@ -21,7 +21,6 @@ pyradiomics 3.0.1 (``numpy.float`` in ``firstorder._moment(moment=1)``) is never
 from __future__ import annotations
 
 import functools
-import gzip
 import hashlib
 import importlib.util
 import json
@@ -30,12 +29,12 @@ import math
 import os
 import re
 import secrets
-import struct
+import signal
 import sys
+import threading
 import warnings
-import zlib
 from collections.abc import Iterator, Mapping
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from importlib import metadata, resources
@@ -50,6 +49,7 @@ import yaml
 from tqdm import tqdm
 
 from radfed.client.case_error import CaseError
+from radfed.client.image_files import read_image, short_error
 from radfed.client.manifest import READER_COLUMNS, RowProblem, read_manifest
 from radfed.shared.errors import RadfedError, StudyConfigError
 
@@ -57,13 +57,51 @@ PACKAGED_PARAMS = ("default", "fast", "2d")
 CACHE_FORMAT = "radfed-features-cache/1"
 SIDECAR_FORMAT = "radfed-features/1"
 _HASH_CHUNK = 1 << 20
-_NIFTI2_HEADER = 540  # bytes; a NIfTI-1 header (348) fits in it
 
 log = logging.getLogger(__name__)
 
 
 class ParamsError(StudyConfigError):
     """A pyradiomics parameter file is missing, not valid YAML, or rejected by pyradiomics."""
+
+
+class ExtractionInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM stopped :func:`extract_site`; no table was made.
+
+    Every case that finished before the signal is in the feature cache, so the same call
+    again extracts only the missing cases. A subclass of KeyboardInterrupt: code that
+    handles Ctrl-C handles it too, and ``except Exception`` does not swallow it.
+
+    Attributes
+    ----------
+    signum : int
+        The signal (``signal.SIGINT`` or ``signal.SIGTERM``).
+    kept, total : int
+        Cases whose features are in the cache (from before and from this run) / cases
+        to extract in all (readable files).
+    cache : Path or None
+        The feature cache folder; None when the cache was off.
+    """
+
+    def __init__(self, signum: int, kept: int, total: int, cache: Path | None) -> None:
+        super().__init__(signum, kept, total, cache)
+        self.signum, self.kept, self.total, self.cache = signum, kept, total, cache
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention: 128 + the signal number (130 SIGINT, 143 SIGTERM)."""
+        return 128 + int(self.signum)
+
+    def __str__(self) -> str:
+        if self.cache is None:
+            return (
+                f"interrupted: {self.total} cases not extracted (the cache is off, nothing "
+                "was kept); run the same command again to start over"
+            )
+        return (
+            f"interrupted: {self.kept} of {self.total} cases kept in {self.cache}; "
+            "run the same command again to finish"
+        )
 
 
 # --------------------------------------------------------------------------- parameters
@@ -299,7 +337,7 @@ def extract_case(
     if image_path.is_dir():
         image, series = read_series(image_path, series_uid)
     else:
-        image = _read_image(image_path, "image")
+        image = read_image(image_path, "image")
     mask, label = load_mask(mask_path, image, series, MaskChoice(label, roi), params.label, role)
     if not is_dicom_file(mask_path):  # DICOM masks are built on the image grid
         mask = _mask_channel(mask, params)
@@ -316,7 +354,7 @@ def extract_case(
             warnings.simplefilter("ignore")
             raw = extractor.execute(image, mask, label=label)
     except Exception as exc:  # pyradiomics raises bare ValueError/RuntimeError/...
-        reason = _short(str(exc)) or type(exc).__name__
+        reason = short_error(str(exc)) or type(exc).__name__
         which = role if "mask" in reason.lower() else "image"
         raise CaseError(f"pyradiomics failed: {reason}", which) from exc
     return _to_float_features(raw)
@@ -341,81 +379,6 @@ def _check_2d(mask: sitk.Image, label: int, params: ExtractionParams, role: str)
             f"{slices} slices",
             role,
         )
-
-
-def _read_image(path: Path, role: str) -> sitk.Image:
-    _check_nifti_complete(path, role)
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        raise CaseError(f"cannot read {role}: {_short(str(exc))}", role) from exc
-
-
-def _check_nifti_complete(path: Path, role: str) -> None:
-    """Refuse a truncated NIfTI file.
-
-    ITK's NIfTI reader silently fills missing voxel data with zeros (an interrupted copy
-    or download then yields plausible but wrong features), so check the data length
-    promised by the header and the gzip stream's integrity ourselves.
-    """
-    name = path.name.lower()
-    if not name.endswith((".nii", ".nii.gz")):
-        return
-    opener = gzip.open if name.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as handle:
-            header = handle.read(_NIFTI2_HEADER)
-            size = len(header)
-            while chunk := handle.read(_HASH_CHUNK):
-                size += len(chunk)
-    except EOFError as exc:
-        raise CaseError(
-            f"cannot read {role}: file is truncated (compressed data ends early)", role
-        ) from exc
-    except (gzip.BadGzipFile, zlib.error) as exc:
-        raise CaseError(
-            f"cannot read {role}: corrupt compressed file ({_short(str(exc))})", role
-        ) from exc
-    except OSError as exc:
-        raise CaseError(f"cannot read {role}: {exc.strerror or exc}", role) from exc
-    expected = _nifti_expected_size(header)
-    if expected is not None and size < expected:
-        raise CaseError(
-            f"cannot read {role}: file is truncated ({size} bytes, the header promises {expected})",
-            role,
-        )
-
-
-def _nifti_expected_size(header: bytes) -> int | None:
-    """Header + voxel bytes of a single-file NIfTI-1/2, or None if not such a header."""
-    for order in "<>":
-        if len(header) >= 348 and struct.unpack(f"{order}i", header[:4])[0] == 348:
-            if header[344:347] != b"n+1":  # .hdr/.img pair: the data is elsewhere
-                return None
-            ndim, *dims = struct.unpack(f"{order}8h", header[40:56])
-            bitpix = struct.unpack(f"{order}h", header[72:74])[0]
-            offset = int(struct.unpack(f"{order}f", header[108:112])[0])
-            break
-        if len(header) >= 540 and struct.unpack(f"{order}i", header[:4])[0] == 540:
-            if header[4:7] != b"n+2":
-                return None
-            ndim, *dims = struct.unpack(f"{order}8q", header[16:80])
-            bitpix = struct.unpack(f"{order}h", header[14:16])[0]
-            offset = struct.unpack(f"{order}q", header[168:176])[0]
-            break
-    else:
-        return None
-    if not 1 <= ndim <= 7 or bitpix <= 0:
-        return None
-    return offset + math.prod(max(d, 1) for d in dims[:ndim]) * bitpix // 8
-
-
-def _short(message: str, limit: int = 200) -> str:
-    """First useful line of a (SimpleITK/ITK) error message, without source locations."""
-    if "ERROR:" in message:
-        message = message.rsplit("ERROR:", 1)[1]
-    message = re.sub(r"\s+", " ", message).strip()
-    return message if len(message) <= limit else message[: limit - 3] + "..."
 
 
 def _mask_channel(mask: sitk.Image, params: ExtractionParams) -> sitk.Image:
@@ -480,8 +443,16 @@ def _check_mask_label(mask: sitk.Image, label: int, role: str = "mask") -> None:
 
 
 def _check_not_blank(image: sitk.Image) -> None:
-    """A constant image is a failed export; normalisation would also divide by 0 SD."""
+    """A constant image is a failed export; normalisation would also divide by 0 SD.
+    NaN or infinite voxels (a failed conversion) would turn every feature into NaN."""
     values = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(values.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(values)))
+        if bad:
+            raise CaseError(
+                f"image holds {bad} voxel(s) that are NaN or infinite (a failed export?)",
+                role="image",
+            )
     if values.size and values.min() == values.max():
         raise CaseError(f"image is blank (every voxel is {values.flat[0]:g})", role="image")
 
@@ -544,12 +515,76 @@ def cache_key(
                 parts.append("folder:" + folder.hexdigest())
             else:
                 parts.append(file_sha256(path))
+                # A header with its voxels in another file (.hdr/.img, .mhd/.raw,
+                # .nhdr/.raw): the voxels count too (the key of a file alone is kept).
+                parts += [f"data:{file_sha256(data)}" for data in _detached_data(path)]
         except OSError as exc:
             raise CaseError(f"cannot read {role}: {exc.strerror or exc}", role) from exc
     parts += [params.settings_hash, _engine_versions()]
     if any(choice):
         parts.append("choice:" + "\0".join(choice))
+    extra = _extra_versions(params, image_path, mask_path)
+    if extra:  # only where they matter, so the keys of plain cases stay as they were
+        parts.append(extra)
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+_DATA_FILE_FIELD = {
+    ".mhd": re.compile(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", re.MULTILINE),
+    ".nhdr": re.compile(r"^\s*data ?file\s*:\s*(.+?)\s*$", re.MULTILINE | re.IGNORECASE),
+}
+
+
+def _detached_data(path: Path) -> list[Path]:
+    """The files holding the voxels of a detached-header image, in a stable order.
+
+    Analyze/NIfTI pairs (``.hdr`` with ``.img`` or ``.img.gz``); MetaImage ``.mhd`` and
+    NRRD ``.nhdr`` by the data file their header names (one file, or ``LIST`` and the
+    names after it). Other files hold their own voxels: none.
+    """
+    suffix = path.suffix.lower()
+    if suffix == ".hdr":
+        stem = path.name[: -len(path.suffix)]
+        return [p for ext in (".img", ".img.gz") if (p := path.with_name(stem + ext)).is_file()]
+    field = _DATA_FILE_FIELD.get(suffix)
+    if field is None:
+        return []
+    with open(path, "rb") as handle:
+        header = handle.read(1 << 16).decode("latin-1")
+    match = field.search(header)
+    if match is None:
+        return []
+    value = match.group(1)
+    if value.upper() == "LOCAL":
+        return []
+    names = [value]
+    if value.split()[0].upper() == "LIST":
+        names = [line.strip() for line in header[match.end() :].splitlines() if line.strip()]
+    return [f for name in names if (f := path.parent / name).is_file()]
+
+
+def _extra_versions(params: ExtractionParams, image_path: str | Path, mask_path: str | Path) -> str:
+    """Versions of the libraries only some cases use: the DICOM readers (series, SEG,
+    RTSTRUCT) and the packages of pyradiomics' LBP filters."""
+    from radfed.client.masks import is_dicom_file
+
+    names: list[str] = []
+    if Path(image_path).is_dir() or is_dicom_file(Path(mask_path)):
+        names += ["pydicom", "highdicom"]
+    image_types = params.settings.get("imageType") or {}
+    if "LBP2D" in image_types:
+        names += ["scikit-image"]
+    if "LBP3D" in image_types:
+        names += ["scipy", "trimesh"]
+    return ";".join(f"{name}={_version(name)}" for name in names)
+
+
+@functools.cache
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "?"
 
 
 def _cache_path(cache_dir: Path, key: str) -> Path:
@@ -571,8 +606,10 @@ def _cache_get(cache_dir: Path, key: str) -> dict[str, float] | None:
         return None
 
 
-def _cache_put(cache_dir: Path, key: str, features: Mapping[str, float]) -> None:
-    """Write one entry atomically: a reader sees the old state or the whole new file."""
+def _cache_put(cache_dir: Path, key: str, features: Mapping[str, float]) -> bool:
+    """Write one entry atomically: a reader sees the old state or the whole new file.
+
+    Returns False (after a warning) when the entry could not be written."""
     entry = {
         "format": CACHE_FORMAT,
         "key": key,
@@ -583,6 +620,8 @@ def _cache_put(cache_dir: Path, key: str, features: Mapping[str, float]) -> None
         _atomic_write_text(_cache_path(cache_dir, key), json.dumps(entry, allow_nan=False))
     except OSError as exc:  # a full or read-only cache must not stop the extraction
         log.warning("cannot write feature cache in %s: %s", cache_dir, exc)
+        return False
+    return True
 
 
 def _temp_path(path: Path) -> Path:
@@ -746,6 +785,12 @@ def extract_site(
     if use_cache:
         features, keys, todo = _lookup_cache(cases, params, cache, problems)
     n_cached = len(features)
+    if progress and n_cached:
+        print(
+            f"reusing {n_cached} case{'s' * (n_cached != 1)} extracted before; "
+            f"extracting {len(todo)}",
+            file=sys.stderr,
+        )
 
     bar = tqdm(
         total=len(features) + len(todo),
@@ -755,15 +800,26 @@ def extract_site(
         desc=f"extract {manifest.site_dir.name}",
         disable=not progress,
     )
-    with bar:
-        for case, done in _run_cases(todo, params, jobs):
-            if isinstance(done, CaseError):
-                problems.append(_case_problem(case, done))
-            else:
-                features[case.key] = done
-                if use_cache:
-                    _cache_put(cache, keys[case.key], done)
-            bar.update()
+    kept = n_cached  # cases whose features are in the cache
+    with _StopSignals() as stop, bar:
+        running = _run_cases(todo, params, jobs, stop)
+        try:
+            for case, done in running:
+                if isinstance(done, CaseError):
+                    problems.append(_case_problem(case, done))
+                else:
+                    features[case.key] = done
+                    if use_cache:
+                        kept += _cache_put(cache, keys[case.key], done)
+                bar.update()
+        except (_Stop, KeyboardInterrupt) as exc:
+            running.close()  # cancels queued cases and ends the worker processes now
+            signum = stop.signum or getattr(exc, "signum", None) or signal.SIGINT
+            raise ExtractionInterrupted(
+                signum, kept if use_cache else 0, n_cached + len(todo), cache if use_cache else None
+            ) from None
+        finally:
+            running.close()
 
     main = {k[1]: v for k, v in features.items() if k[0] == "mask"}
     order = [c.patient_id for c in cases if c.role == "mask" and c.patient_id in main]
@@ -843,14 +899,69 @@ def _case_problem(case: _Case, error: CaseError) -> RowProblem:
     return RowProblem(case.line, case.patient_id, file, reason)
 
 
+class _Stop(BaseException):
+    """Raised inside the extraction loop when SIGINT/SIGTERM asked it to stop."""
+
+
+class _StopSignals:
+    """Turn SIGINT and SIGTERM into an orderly stop of :func:`extract_site`.
+
+    The handlers only take note of the signal; the loop acts on it between cases, so a
+    finished case is always written to the cache whole. The exception: a case computed
+    in this process (``jobs=1``) is abandoned at once (``abort_case``). Installed only in
+    the main thread and only over Python's default handlers: a caller's own handlers
+    stay in charge (their KeyboardInterrupt is handled the same way).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.abort_case = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+            for signum, default in defaults.items():
+                if signal.getsignal(signum) is default:
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+        if self.abort_case:
+            self.abort_case = False
+            raise _Stop
+
+
 def _run_cases(
-    cases: list[_Case], params: ExtractionParams, jobs: int | None
+    cases: list[_Case], params: ExtractionParams, jobs: int | None, stop: _StopSignals
 ) -> Iterator[tuple[_Case, dict[str, float] | CaseError]]:
-    """Yield ``(case, features or CaseError)`` as cases finish."""
+    """Yield ``(case, features or CaseError)`` as cases finish.
+
+    Raises :class:`_Stop` once ``stop`` has seen a signal, after yielding the cases that
+    had finished by then. Closing the generator early (a signal, an error in the caller)
+    cancels the queued cases and terminates the worker processes: the cases in flight
+    are abandoned rather than waited for.
+    """
     workers = min(max(1, int(jobs)) if jobs else os.cpu_count() or 1, len(cases))
     if workers <= 1:
         for case in cases:
-            yield case, _run_case(case.image_path, case.mask_path, params, case.options())
+            if stop.signum:
+                raise _Stop
+            stop.abort_case = True
+            try:
+                done = _run_case(case.image_path, case.mask_path, params, case.options())
+            finally:
+                stop.abort_case = False
+            yield case, done
+        if stop.signum:
+            raise _Stop
         return
 
     # spawn, not fork: safe when the caller has threads (tqdm, Flower, Ray) and on macOS.
@@ -860,25 +971,66 @@ def _run_cases(
         initializer=_init_worker,
         initargs=(workers,),
     )
+    finished = False
     try:
         futures: dict[Future, _Case] = {
             pool.submit(_run_case, c.image_path, c.mask_path, params, c.options()): c for c in cases
         }
-        for future in as_completed(futures):
-            try:
-                yield futures[future], future.result()
-            except BrokenProcessPool:
-                yield (
-                    futures[future],
-                    CaseError("extraction process died (out of memory?); retry with fewer --jobs"),
-                )
+        pending = set(futures)
+        while pending:
+            if stop.signum:
+                for future in pending:
+                    future.cancel()  # queued cases never start
+                for future in [f for f in futures if f in pending and f.done()]:
+                    if not future.cancelled():
+                        yield futures[future], _outcome(future)  # finished: keep it
+                raise _Stop
+            # A short timeout: the signal handlers only take note, this loop acts.
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=lambda f: futures[f].line):
+                yield futures[future], _outcome(future)
+        finished = True
+        if stop.signum:  # after the last case: still an interrupted command
+            raise _Stop
     finally:
-        # On Ctrl-C or an error in the caller, do not wait for queued cases.
-        pool.shutdown(wait=True, cancel_futures=True)
+        if finished:
+            pool.shutdown(wait=True)
+        else:
+            _terminate_pool(pool)
+
+
+def _outcome(future: Future) -> dict[str, float] | CaseError:
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        return CaseError("extraction process died (out of memory?); retry with fewer --jobs")
+
+
+def _terminate_pool(pool: ProcessPoolExecutor) -> None:
+    """Cancel the queued cases and end the worker processes without waiting for them."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14: does all of this
+    if terminate is not None:
+        terminate()
+        return
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=10)
 
 
 def _init_worker(workers: int) -> None:
-    """Quiet pyradiomics and share the cores between workers instead of oversubscribing."""
+    """Quiet pyradiomics and share the cores between workers instead of oversubscribing.
+
+    Workers ignore SIGINT: Ctrl-C in a terminal reaches the whole process group, and the
+    main process decides (it keeps the finished cases, then terminates the workers).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _quiet_pyradiomics()
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, (os.cpu_count() or 1) // workers))
 
@@ -894,7 +1046,7 @@ def _run_case(
     except CaseError as exc:
         return exc
     except Exception as exc:  # a bug must not lose the other cases
-        return CaseError(f"unexpected error: {type(exc).__name__}: {_short(str(exc))}")
+        return CaseError(f"unexpected error: {type(exc).__name__}: {short_error(str(exc))}")
 
 
 def _feature_table(features: Mapping[str, Mapping[str, float]], order: list[str]) -> pd.DataFrame:
@@ -998,6 +1150,7 @@ def read_features(path: str | Path) -> tuple[pd.DataFrame, dict]:
 
 __all__ = [
     "CaseError",
+    "ExtractionInterrupted",
     "ExtractionParams",
     "ExtractionResult",
     "ParamsError",

@@ -278,8 +278,11 @@ def resolve_path(site: Path, text: str) -> Path:
 
 def _file_reason(site: Path, text: str, folder_ok: bool = False) -> str | None:
     path = resolve_path(site, text)
-    if not path.exists():
-        return "file not found"
+    try:
+        if not path.exists():
+            return "file not found"
+    except OSError as exc:  # a name too long for the file system, a permission
+        return f"cannot check the file: {exc.strerror or exc}"
     if folder_ok and path.is_dir():
         return None
     if not path.is_file():

@@ -94,9 +94,9 @@ def load_mask(
 def _label_map(
     path: Path, choice: MaskChoice, default_label: int, role: str
 ) -> tuple[sitk.Image, int]:
-    from radfed.client.extraction import _read_image
+    from radfed.client.image_files import read_image
 
-    mask = _read_image(path, role)
+    mask = read_image(path, role)
     if choice.roi is not None:
         if not path.name.lower().endswith(".seg.nrrd"):
             raise CaseError(

@@ -32,7 +32,9 @@ import radfed
 from radfed.client.data import SiteTable, TableSpec
 from radfed.client.site_state import SiteState, default_state_dir, protocol_hash
 from radfed.client.table_cache import cached_site_table
+from radfed.client.validate import reason_counts
 from radfed.shared import evaluation_stats as es
+from radfed.shared.config import SITE_BATCH
 from radfed.shared.errors import PrivacyRefusal, RadfedError
 from radfed.shared.logistic import design, newton_pieces
 from radfed.shared.messages import LINEAR_PREDICTOR as LP
@@ -45,7 +47,6 @@ log = logging.getLogger(__name__)
 TRAIN, TEST = "train", "test"
 SPLITS = (TRAIN, TEST)
 SUBSETS = (TRAIN, TEST, "all")
-SITE_BATCH = "site"
 #: Derived column prefix: a power of a model's logit p ("cal:nomogram:2"), for the
 #: smooth calibration curve (logistic fits only).
 CALIBRATION = "cal:"
@@ -364,6 +365,8 @@ class Site:
             self._sent(f"all {k}", v)
         self._sent("excluded", shown)
         return {
+            # Patients per kind of reason (no values, no ids), small counts merged.
+            "exclusions": self.policy.suppress(reason_counts(self.table.problems)),
             "site": self.settings.name,
             **counts,
             "n_excluded": shown,
@@ -459,6 +462,10 @@ class Site:
         ``min_cell`` (``{subset}_tp_exact`` and ``_fp_exact`` mark the thresholds whose
         counts are exact). A subset with one class only is reported as undefined, and one whose
         counts are below the site's minimum cell as refused, each with its reason.
+        For rms ``val.prob``'s indices: each model's log-likelihood sum, its smooth
+        calibration curve fitted here (4 coefficients, within the parameter limit) and
+        the ICI of that curve (a mean over the split); no quantile or maximum of the
+        patients' errors leaves the site.
         """
         models = _names(request["models"], "models")
         subsets = [_subset(s) for s in _names(request.get("subsets", list(SPLITS)), "subsets")]
@@ -470,6 +477,10 @@ class Site:
             # Each model's calibration intercept and slope is a fit here: on a split too
             # small for all of them (parameter rule) they are not fitted, the rest is sent.
             fit_calibration = 2 * len(models) <= self.policy.max_param_fraction * counts["n"]
+            # The site's own smooth calibration curves (val.prob's ICI, E50, E90, Emax)
+            # are fits too, counted with the intercepts and slopes.
+            n_curve = (es.CURVE_DEGREE + 1) * len(models)
+            fit_curves = 2 * len(models) + n_curve <= self.policy.max_param_fraction * counts["n"]
             reply.update({f"{subset}_status": status, f"{subset}_reason": reason})
             if status == "refused":
                 continue
@@ -497,6 +508,12 @@ class Site:
                 if fit_calibration
                 else np.full((len(models), 2), np.nan)
             )
+            curves = np.full((len(models), es.CURVE_DEGREE + 1), np.nan)
+            if fit_curves:
+                curves = np.array(
+                    [es.calibration_curve_fit(y, x[:, j]) for j in range(len(models))]
+                )
+            errors = [es.calibration_errors(x[:, j], curves[j]) for j in range(len(models))]
             reply.update(
                 {
                     f"{subset}_auc": roc.auc,
@@ -514,6 +531,12 @@ class Site:
                     f"{subset}_hl_statistic": np.array([h.statistic for h in hl]),
                     f"{subset}_hl_df": np.array([h.df for h in hl], dtype=float),
                     f"{subset}_hl_p": np.array([h.pvalue for h in hl]),
+                    # val.prob's R² (with n and events) and ICI: sums over the subset.
+                    f"{subset}_loglik": np.array(
+                        [es.log_likelihood(y, P[:, j]) for j in range(len(models))]
+                    ),
+                    f"{subset}_ici": np.array([float(np.mean(e)) for e in errors]),
+                    **{f"{subset}_curve_{k}": curves[:, k] for k in range(curves.shape[1])},
                 }
             )
             self._sent(f"{subset} smallest count at a threshold or bin", _smallest(tp, fp, bin_n))

@@ -33,8 +33,7 @@ import pandas as pd
 
 from radfed.client.data import FEATURE_FILES, MANIFEST, TableSpec, text_columns
 from radfed.client.manifest import MISSING_TOKENS, RowProblem, _numeric_reason, read_manifest
-from radfed.client.site import SITE_BATCH
-from radfed.shared.config import StudyConfig
+from radfed.shared.config import SITE_BATCH, StudyConfig
 from radfed.shared.errors import SiteDataError
 
 
@@ -201,6 +200,14 @@ def _validate_manifest(site: Path, spec: TableSpec | None) -> SiteValidation:
     ]
     n_rows = _count_manifest_rows(site)
     return SiteValidation(site, MANIFEST, n_rows, kept, excluded, notes)
+
+
+def reason_counts(problems: list[RowProblem]) -> Counter[str]:
+    """Patients per kind of reason (values left out), each patient once per reason."""
+    counts: Counter[str] = Counter()
+    for patient in _group(problems):
+        counts.update(dict.fromkeys(patient.kinds, 1))
+    return counts
 
 
 def _group(problems: list[RowProblem]) -> list[PatientProblems]:

@@ -893,6 +893,14 @@ class LocalFederation:
             lines = [f"{p.name} exited with code {p.popen.returncode}" for p in dead]
             raise FederationError("; ".join(lines) + "\n" + self.log_tails(dead))
 
+    def check_superlink(self) -> None:
+        """Raise :class:`FederationError` if the SuperLink has exited (a study that drops
+        a failing site carries on without a SuperNode; the ServerApp notices it)."""
+        dead = [p for p in [self.superlink] if p is not None and not p.running()]
+        if dead:
+            lines = [f"{p.name} exited with code {p.popen.returncode}" for p in dead]
+            raise FederationError("; ".join(lines) + "\n" + self.log_tails(dead))
+
     def log_tails(
         self, processes: Iterable[ManagedProcess] | None = None, lines: int = TAIL_LINES
     ) -> str:
@@ -994,7 +1002,9 @@ def run_in_local_deployment(
             run_config,
             log_path=log_dir / SERVERAPP_LOG,
             timeout=timeout,
-            check_alive=federation.check_alive,
+            check_alive=federation.check_superlink
+            if config.on_site_failure == "drop"
+            else federation.check_alive,
             diagnostics=federation.log_tails,
         )
     if not results.is_file() or results.stat().st_mtime < started - 1:

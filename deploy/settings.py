@@ -110,6 +110,10 @@ VARIABLES: tuple[Variable, ...] = (
              "Host headers the server answers"),
     Variable("RADFED_DATA", (COMPOSE,), "",
              "site stack: the data folder on the hospital's host, mounted read-only at /data"),
+    Variable("RADFED_SITE_IMAGE", (COMPOSE,), "radfed-site:0.1.0",
+             "site stack: the site image the coordinator published, e.g. "
+             "`registry.example.org/radfed-site:0.1.0@sha256:...` (pinned by digest); "
+             "the default is the tag `docker load` gives the archive"),
     Variable("RADFED_PUBLIC_PORT", (COMPOSE,), "443",
              "coordinator stack: the gateway's published port (the sites' one outbound port)"),
 )  # fmt: skip

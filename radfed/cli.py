@@ -124,6 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         pooled=args.pooled,
         timeout=args.timeout,
+        resume=args.resume,
     )
     print(result.summary())
     return _print_outputs(result.federation)
@@ -310,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
         "./features-SITE.parquet when the site folder is read-only",
     )
     p.add_argument(
-        "--cache", help="feature cache folder (default $RADFED_CACHE or ~/.cache/radfed/features)"
+        "--cache",
+        help="feature cache folder (default $RADFED_CACHE or ~/.cache/radfed/features); "
+        "each case is kept there as it finishes, so an interrupted extraction resumes",
     )
     p.set_defaults(func=cmd_extract)
 
@@ -361,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
         "writes into a new folder TIME-ID there, and DIR/latest points at the newest",
     )
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the newest unfinished in-process run under the output root from its "
+        "last completed phase (after the coordinator was stopped or killed)",
+    )
     p.add_argument(
         "--pooled",
         action="store_true",

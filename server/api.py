@@ -852,7 +852,9 @@ def evaluate(
 
     Returns ``performance[model][site or "pooled"][subset]``: n, events, AUC with its
     DeLong CI, Brier score, calibration intercept, slope and Hosmer-Lemeshow test,
-    sensitivity and specificity at the pooled Youden cut-off, decision curves.
+    sensitivity and specificity at the pooled Youden cut-off, decision curves, and rms
+    ``val.prob``'s ``dxy``, ``r2``, ``brier_scaled`` and ``calibration.ici``, ``e50``,
+    ``e90``, ``emax`` (docs/python-api.md, "val.prob's indices").
     """
     from radfed.server.stats.evaluation import evaluate_models
 

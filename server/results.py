@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 SCHEMA = "radfed.results/2"
 INTERCEPT = "(Intercept)"
@@ -68,9 +67,13 @@ class LogisticFit:
 
     @property
     def pvalues(self) -> np.ndarray:
+        from scipy import stats  # here: 3 s of imports that `radfed extract` never needs
+
         return 2 * stats.norm.sf(np.abs(self.zvalues))
 
     def conf_int(self, alpha: float = 0.05) -> np.ndarray:
+        from scipy import stats
+
         q = stats.norm.ppf(1 - alpha / 2)
         return np.column_stack([self.coef - q * self.se, self.coef + q * self.se])
 
@@ -327,8 +330,33 @@ class StudyResult:
             parts.append(
                 "Federated versus pooled (reference libraries):\n" + head + "\n" + "\n".join(rows)
             )
+        excluded = self.exclusion_table()
+        if excluded:
+            parts.append(excluded)
         parts.append("Federated rounds: " + ", ".join(f"{k}={v}" for k, v in self.rounds.items()))
         return "\n\n".join(parts)
+
+    def exclusion_table(self) -> str:
+        """Each site's patients kept out, per kind of reason ('' when none was)."""
+        lines = []
+        for site, info in self.sites.items():
+            reasons = info.get("exclusions") or {}
+            n = info.get("n_excluded")
+            if not reasons and not n:
+                continue
+            total = f"{n} excluded" if n is not None else "fewer than the site's minimum cell"
+            lines.append(f"  {site}: {total}")
+            lines += [
+                f"    {'<min_cell' if count < 0 else count:>9}  {reason}"
+                for reason, count in by_count(reasons)
+            ]
+        if not lines:
+            return ""
+        return (
+            "Patients kept out, per site and reason (a patient with several reasons is "
+            "counted under each; the list of patients stays at the site: radfed validate):\n"
+            + "\n".join(lines)
+        )
 
     def __str__(self) -> str:
         return self.summary()
@@ -369,3 +397,8 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_finite(v) for v in obj]
     return obj
+
+
+def by_count(counts: dict[str, int]) -> list[tuple[str, int]]:
+    """Reasons by their count, largest first; a withheld count (-1) last."""
+    return sorted(counts.items(), key=lambda kv: (kv[1] < 0, -kv[1], kv[0]))

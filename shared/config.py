@@ -29,6 +29,13 @@ A study file is TOML::
     timeout = 3600               # seconds for a whole Flower run; default from the
                                  # expected rounds (see expected_rounds); 0: no limit
     round_timeout = 600          # seconds a round may wait for the sites' replies
+    on_site_failure = "stop"     # a site that does not answer within round_timeout:
+                                 # "stop" the run, or "drop" it (the fit restarts
+                                 # without it, recorded in results.json and MLflow)
+
+    [nomogram]                   # how the chart names its predictors (optional)
+    labels = { cobb_angle = "Cobb angle (deg)" }   # axis titles instead of column names
+    levels = { sex = ["female", "male"] }          # a 0/1 predictor's two level names
 
     [[sites]]
     name = "hospital_a"
@@ -64,6 +71,7 @@ from pathlib import Path
 from typing import Any
 
 from radfed.shared.errors import StudyConfigError
+from radfed.shared.messages import RADSCORE
 from radfed.shared.privacy import PrivacyPolicy
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -85,13 +93,20 @@ KNOWN = {
     "tracking": {"uri", "experiment", "enabled"},
     "privacy": {"min_cell", "max_param_fraction"},
     "validation": {"leave_one_site_out"},
-    "federation": {"timeout", "round_timeout"},
+    "federation": {"timeout", "round_timeout", "on_site_failure"},
     "sites": {"name", "path", "role"},
+    "nomogram": {"labels", "levels"},
 }
 #: Overrides ``[tracking] uri`` of every study file (set by the coordinator image).
 TRACKING_URI_ENV = "RADFED_TRACKING_URI"
 ROLES = ("training", "validation")
+#: ComBat's batch when the study names none: each site is one batch.
+SITE_BATCH = "site"
 LOSO_CHOICES = ("auto", True, False)
+#: What a study does when a site stops answering (``[federation] on_site_failure``).
+SITE_FAILURE_POLICIES = ("stop", "drop")
+#: Training sites a fit needs; with fewer left, ``on_site_failure = "drop"`` stops.
+MIN_TRAINING_SITES = 2
 
 
 @dataclass(frozen=True)
@@ -111,7 +126,7 @@ class HarmonizationConfig:
     ``categorical`` are one-hot encoded with the federation's levels."""
 
     method: str = "combat"  # "combat" or "none"
-    batch: str = "site"
+    batch: str = SITE_BATCH
     covariates: tuple[str, ...] = ()
     categorical: tuple[str, ...] = ()
     parametric: bool = True
@@ -158,6 +173,12 @@ class StudyConfig:
     timeout: float | None = None
     #: Seconds one round may wait for the sites' replies (a per-round inactivity limit).
     round_timeout: float = 600.0
+    #: A site silent for ``round_timeout``: "stop" the run, or "drop" the site (the
+    #: whole fit restarts without it, and the run records it).
+    on_site_failure: str = "stop"
+    #: The nomogram's axis titles and 0/1 level names (``[nomogram]``).
+    nomogram_labels: dict[str, str] = field(default_factory=dict)
+    nomogram_levels: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def site_names(self) -> list[str]:
@@ -360,6 +381,8 @@ def _check_outcome_use(
 
 
 def _resolve(path: str, base: Path) -> Path:
+    if "\x00" in path:
+        raise StudyConfigError(f"path {path!r} holds a NUL character (\\x00)")
     p = Path(path).expanduser()
     return p if p.is_absolute() else (base / p).resolve()
 
@@ -496,6 +519,11 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
             raise StudyConfigError(f"[federation]: {key} must be seconds >= 0, got {value!r}")
     if limits.get("round_timeout") == 0:
         raise StudyConfigError("[federation]: round_timeout must be > 0")
+    on_failure = federation.get("on_site_failure", "stop")
+    if not isinstance(on_failure, str) or on_failure not in SITE_FAILURE_POLICIES:
+        raise StudyConfigError(
+            f'[federation]: on_site_failure must be "stop" or "drop", got {on_failure!r}'
+        )
 
     return StudyConfig(
         name=name,
@@ -517,7 +545,44 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
         source=source,
         timeout=float(limits["timeout"]) if "timeout" in limits else None,
         round_timeout=float(limits.get("round_timeout", 600.0)),
+        on_site_failure=on_failure,
+        **_nomogram(data.get("nomogram", {}), [RADSCORE, *clinical]),
     )
+
+
+def _nomogram(table: dict[str, Any], predictors: list[str]) -> dict[str, Any]:
+    """``[nomogram]``: axis titles and the level names of 0/1 predictors."""
+    _check_keys(table, "nomogram")
+    labels, levels = table.get("labels", {}), table.get("levels", {})
+    examples = {"labels": '{ sex = "Sex" }', "levels": '{ sex = ["female", "male"] }'}
+    for key, value in (("labels", labels), ("levels", levels)):
+        if not isinstance(value, dict):
+            raise StudyConfigError(
+                f"[nomogram]: {key} must be a table such as {examples[key]}, got {value!r}"
+            )
+        unknown = sorted(set(value) - set(predictors))
+        if unknown:
+            raise StudyConfigError(
+                f"[nomogram]: {key} for {unknown}, which no model uses; "
+                f"the predictors are {predictors}"
+            )
+    for name, text in labels.items():
+        if not isinstance(text, str) or not text.strip():
+            raise StudyConfigError(f"[nomogram]: labels.{name} must be text, got {text!r}")
+    for name, names in levels.items():
+        if (
+            not isinstance(names, list)
+            or len(names) != 2
+            or not all(isinstance(n, str) and n.strip() for n in names)
+        ):
+            raise StudyConfigError(
+                f"[nomogram]: levels.{name} must name the levels of 0 and 1, "
+                f'e.g. ["female", "male"], got {names!r}'
+            )
+    return {
+        "nomogram_labels": {k: v.strip() for k, v in labels.items()},
+        "nomogram_levels": {k: (v[0].strip(), v[1].strip()) for k, v in levels.items()},
+    }
 
 
 def _harmonization(table: dict[str, Any]) -> HarmonizationConfig:
@@ -527,7 +592,7 @@ def _harmonization(table: dict[str, Any]) -> HarmonizationConfig:
         raise StudyConfigError(
             f"[harmonization]: method must be 'combat' or 'none', got {method!r}"
         )
-    batch = table.get("batch", "site")
+    batch = table.get("batch", SITE_BATCH)
     if not isinstance(batch, str) or not batch:
         raise StudyConfigError("[harmonization]: batch must be 'site' or a column name")
     covariates = _string_list(table, "covariates", "[harmonization]")
@@ -562,7 +627,7 @@ def _selection(table: dict[str, Any]) -> SelectionConfig:
     icc = cfg.icc_threshold
     if isinstance(icc, bool) or not isinstance(icc, (int, float)) or not 0 <= icc <= 1:
         raise StudyConfigError(f"[selection]: icc_threshold must be in [0, 1], got {icc!r}")
-    if cfg.icc_type not in {"ICC2", "ICC3"}:
+    if not isinstance(cfg.icc_type, str) or cfg.icc_type not in {"ICC2", "ICC3"}:
         raise StudyConfigError(
             f"[selection]: icc_type must be 'ICC2' or 'ICC3', got {cfg.icc_type!r}"
         )
@@ -581,9 +646,11 @@ def load_study(path: str | Path) -> StudyConfig:
     if not path.is_file():
         raise StudyConfigError(f"study file not found: {path}")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise StudyConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise StudyConfigError(f"{path}: not UTF-8 text (TOML must be UTF-8): {exc}") from exc
     try:
         return parse_study(data, path.parent, source=path)
     except StudyConfigError as exc:

@@ -19,6 +19,9 @@ function                  returns
 :func:`calibration_fit`   calibration intercept and slope (rms ``val.prob``)
 :func:`calibration_in_the_large`  intercept of ``y ~ offset(logit p)``
 :func:`brier`             mean squared error of the predicted risks
+:func:`log_likelihood`    Σ y log p + (1 - y) log(1 - p), p clipped (Nagelkerke R²)
+:func:`calibration_curve_fit`  the site's own smooth calibration curve (cubic in logit p)
+:func:`calibration_errors`     ``|c(p) - p|`` of each patient for a calibration curve
 ========================  ==========================================================
 
 Undefined results are NaN, never an exception: an AUC, its covariance and the
@@ -576,6 +579,76 @@ def brier(y: np.ndarray, p: np.ndarray) -> float:
     if len(y) == 0:
         return float("nan")
     return float(np.mean((p - y) ** 2))
+
+
+def log_likelihood(y: np.ndarray, p: np.ndarray) -> float:
+    """Log-likelihood of the outcomes under the predicted risks, as they are.
+
+    ``Σ y log p + (1 - y) log(1 - p)`` with ``p`` clipped to ``[PROB_EPS, 1 - PROB_EPS]``
+    like the calibration fits (a prediction of exactly 0 or 1 would make it infinite).
+    Summed over sites with ``n`` and events it gives the pooled Nagelkerke R²
+    (:func:`radfed.server.stats.inference.nagelkerke_r2`). 0.0 when there is no patient.
+    """
+    y = _outcome(y)
+    p = np.clip(_probabilities(y, p), PROB_EPS, 1.0 - PROB_EPS)
+    return float(np.sum(np.where(y, np.log(p), np.log1p(-p))))
+
+
+#: Degree of the smooth calibration curve's polynomial in the linear predictor (logit p),
+#: the coordinator's :data:`radfed.server.stats.evaluation.CURVE_DEGREE` too.
+CURVE_DEGREE = 3
+
+
+def curve_design(lp: np.ndarray, degree: int = CURVE_DEGREE) -> np.ndarray:
+    """Columns ``1, lp, lp², ..., lp^degree`` of the calibration curve's logistic fit."""
+    lp = np.asarray(lp, dtype=float)
+    return np.column_stack([lp**k for k in range(degree + 1)])
+
+
+def calibration_curve_fit(y: np.ndarray, lp: np.ndarray, degree: int = CURVE_DEGREE) -> np.ndarray:
+    """The smooth calibration curve on this site's rows: logistic regression of ``y`` on
+    ``1, lp, lp², lp³`` (``lp`` the model's linear predictor, logit p).
+
+    The same fit the coordinator makes federatedly over several sites' rows (and over one
+    external site's); here one site's own, so that its ICI, E50, E90 and Emax use its own
+    curve, as rms ``val.prob`` on its data would.
+
+    Returns
+    -------
+    ndarray of shape (degree + 1,)
+        Coefficients; NaN when the fit does not exist (one class only, separation,
+        a singular design such as all predictions equal).
+    """
+    y = _outcome(y)
+    lp = np.asarray(lp, dtype=float)
+    nan = np.full(degree + 1, np.nan)
+    if len(y) <= degree + 1 or y.all() or not y.any() or not np.all(np.isfinite(lp)):
+        return nan
+    start = np.zeros(degree + 1)
+    start[1] = 1.0
+    beta = fit_newton(curve_design(lp, degree), y, start)
+    return nan if beta is None else beta
+
+
+def calibration_errors(lp: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    """``|c(p_i) - p_i|`` of each patient, ``c = expit(coef · (1, lp, lp², ...))`` the
+    calibration curve and ``p = expit(lp)``: Austin & Steyerberg's (2019) absolute
+    calibration errors, whose mean is the ICI (rms ``val.prob``'s Eavg), median E50,
+    90th percentile E90 and maximum Emax. NaN where ``coef`` is NaN."""
+    lp = np.asarray(lp, dtype=float)
+    coef = np.asarray(coef, dtype=float)
+    eta = curve_design(lp, len(coef) - 1) @ coef
+    return np.abs(_expit(eta) - _expit(lp))
+
+
+def _expit(v: np.ndarray) -> np.ndarray:
+    out = np.empty_like(np.asarray(v, dtype=float))
+    v = np.asarray(v, dtype=float)
+    pos = v >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-v[pos]))
+    e = np.exp(v[~pos])
+    out[~pos] = e / (1.0 + e)
+    return out
 
 
 # ----------------------------------------------------------- the site's disclosure grids

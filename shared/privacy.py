@@ -122,6 +122,22 @@ class PrivacyPolicy:
                     f"minimum cell size {self.min_cell}",
                 )
 
+    def suppress(self, counts: Mapping[str, int], other: str = "other reasons") -> dict[str, int]:
+        """Counts safe to publish: each below ``min_cell`` goes into ``other``, and so do
+        the smallest others until ``other`` passes too (complementary suppression: its
+        total, else known as a difference, may not be small). -1 marks a withheld count.
+        """
+        shown = {k: int(v) for k, v in counts.items() if int(v) > 0}
+        merged = sum(v for v in shown.values() if self.small(v))
+        shown = {k: v for k, v in shown.items() if not self.small(v)}
+        while self.small(merged) and shown:
+            smallest = min(shown, key=lambda k: (shown[k], k))
+            merged += shown.pop(smallest)
+        ordered = dict(sorted(shown.items(), key=lambda kv: (-kv[1], kv[0])))
+        if merged:
+            ordered[other] = -1 if self.small(merged) else merged
+        return ordered
+
     def check_parameters(self, n_params: int, n_rows: int, context: str) -> None:
         """Refuse fitting more than ``max_param_fraction`` parameters per patient."""
         if n_params > self.max_param_fraction * n_rows:

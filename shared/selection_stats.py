@@ -34,7 +34,7 @@ import numpy as np
 from scipy.special import expit
 
 from radfed.shared.logistic import design
-from radfed.shared.privacy import PrivacyPolicy
+from radfed.shared.privacy import PrivacyPolicy, refuse
 
 #: glmnet's clamp on held-out probabilities in cv.glmnet's binomial deviance.
 PROB_CLIP = 1e-5
@@ -327,8 +327,12 @@ def answer(
         training rows, or coefficients it judges crafted (a standardisation unlike its
         data, a saturated or concentrated linear predictor).
     """
-    step = request["step"]
+    step = str(request.get("step"))[:40]  # hostile: any type
     y = np.asarray(y)
+    if isinstance(step, str) and step in STEPS:
+        k = 0 if folds is None else int(np.max(folds, initial=0)) + 1
+        k = int(n_folds) if n_folds is not None else k
+        request = _checked_request(request, step, np.shape(X)[1], k)
     if step == "mrmr_moments":
         reply = class_moments(
             X,
@@ -368,6 +372,58 @@ def answer(
             k,
         )
     raise ValueError(f"unknown selection step {str(step)[:40]!r}")
+
+
+STEPS = ("mrmr_moments", "mrmr_cross", "lasso_irls")
+#: Each numeric field of a request: its rank, and whether it is required, per step.
+_FIELDS = {
+    "mrmr_moments": {"classes": (1, True), "center": (1, False), "scale": (1, False)},
+    "mrmr_cross": {"columns": (1, True), "center": (1, True), "scale": (1, False)},
+    "lasso_irls": {
+        "problem_folds": (1, True),
+        "beta": (2, True),
+        "center": (1, True),
+        "scale": (1, True),
+    },
+}
+
+
+def _checked_request(request: Mapping[str, Any], step: str, p: int, k: int) -> dict[str, Any]:
+    """The request's fields for ``step`` as finite numbers of the right shape: a hostile
+    field (text, nested junk, NaN or inf, a column or fold the site lacks) is refused."""
+    out = dict(request)
+    context = f"selection step {step}"
+    for key, (ndim, required) in _FIELDS[step].items():
+        if key not in request:
+            if required:
+                raise refuse("shape", context, f"the request lacks field {key!r}")
+            continue
+        value = request[key]
+        try:
+            array = np.asarray(value, dtype=float)
+        except (TypeError, ValueError):
+            array = np.empty(0)
+            ndim = -1  # refused below
+        if key == "beta":
+            array = np.atleast_2d(array)
+        sizes = {"center": p, "scale": p, "beta": p + 1}
+        if (
+            isinstance(value, (str, bytes, dict))
+            or array.ndim != ndim
+            or (key in sizes and array.shape[-1] != sizes[key])
+        ):
+            raise refuse("shape", context, f"request field {key!r} is not a vector of numbers")
+        if not np.all(np.isfinite(array)):
+            raise refuse("standardisation", context, f"request field {key!r} must be finite")
+        limit = {"columns": p - 1, "problem_folds": k}.get(key)
+        if limit is not None:
+            if np.any((array < 0) | (array > limit) | (array != np.round(array))):
+                raise refuse("shape", context, f"request field {key!r} names no column or fold")
+            array = array.astype(int)
+        out[key] = array if key != "classes" else list(array)
+    if not isinstance(request.get("gram", False), (bool, np.bool_)):
+        raise refuse("shape", context, "request field 'gram' must be true or false")
+    return out
 
 
 def _check_folds(policy: PrivacyPolicy, folds: np.ndarray, k: int, n_params: int) -> None:

@@ -649,3 +649,15 @@ def test_missing_params_file(tmp_path):
         load_params(tmp_path / "nope.yaml")
     with pytest.raises(ParamsError, match="not found"):
         load_params("fastest")
+
+
+def test_an_image_with_nan_voxels_is_a_case_error(tmp_path):
+    # NRRD keeps NaN (ITK's NIfTI reader does not return it).
+    image, _ = _synthetic_case(tmp_path, "nan")
+    values = sitk.GetArrayFromImage(image).astype(np.float32)
+    values[3, 4, 5] = np.nan
+    broken = sitk.GetImageFromArray(values)
+    broken.CopyInformation(image)
+    sitk.WriteImage(broken, str(tmp_path / "nan_img.nrrd"))
+    with pytest.raises(CaseError, match=r"image holds 1 voxel\(s\) that are NaN or infinite"):
+        extract_case(tmp_path / "nan_img.nrrd", tmp_path / "nan_seg.nii.gz", load_params("fast"))

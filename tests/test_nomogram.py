@@ -191,3 +191,39 @@ def test_figure_png_and_svg(heart_fit: LogisticFit, tmp_path: Path) -> None:
     assert {"age", "Max heart rate", "ST depression", "Probability of heart disease"} <= words
     assert "0.5" in words  # probability tick labels are text too
     assert "age" in scales.table() and "Probability of heart disease" in str(scales)
+
+
+def test_binary_axes_show_their_level_names(heart_fit: LogisticFit, tmp_path: Path) -> None:
+    levels = {"sex": ("female", "male"), "exang": ("no", "yes")}
+    scales = NomogramScales.from_fit(heart_fit, levels=levels, labels=LABELS)
+    assert scales.variable("sex").tick_labels() == ["female", "male"]
+    assert scales.variable("exang").tick_labels() == ["no", "yes"]
+    assert scales.variable("age").levels == ()  # names only for 0/1 predictors
+    # The names change the labels, never the points.
+    plain = NomogramScales.from_fit(heart_fit, labels=LABELS)
+    assert scales.points({c: 1.0 for c in COLUMNS}) == plain.points({c: 1.0 for c in COLUMNS})
+    root = ET.parse(save_nomogram(scales, tmp_path / "named")[1]).getroot()
+    words = {"".join(e.itertext()).strip() for e in root.iter() if e.tag.endswith("text")}
+    assert {"female", "male", "no", "yes"} <= words
+
+
+def test_study_file_nomogram_section_is_checked(tmp_path: Path) -> None:
+    from radfed.shared.config import parse_study
+    from radfed.shared.errors import StudyConfigError
+
+    base = {
+        "study": {"name": "s", "outcome": "y", "clinical": ["age", "sex"]},
+        "sites": [{"name": "a", "path": "a"}, {"name": "b", "path": "b"}],
+    }
+    names = {"labels": {"age": "Age (years)"}, "levels": {"sex": ["female", "male"]}}
+    config = parse_study({**base, "nomogram": names}, tmp_path)
+    assert config.nomogram_levels == {"sex": ("female", "male")}
+    assert config.nomogram_labels == {"age": "Age (years)"}
+    for bad, message in (
+        ({"levels": {"sex": ["female"]}}, r"levels.sex must name the levels of 0 and 1"),
+        ({"levels": {"weight": ["a", "b"]}}, r"levels for \['weight'\], which no model uses"),
+        ({"labels": "Age"}, r"labels must be a table such as"),
+        ({"colours": {}}, r"colours"),
+    ):
+        with pytest.raises(StudyConfigError, match=message):
+            parse_study({**base, "nomogram": bad}, tmp_path)

@@ -15,6 +15,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from radfed.server.federation.encoded import EncodedTransport
+from radfed.server.federation.transport import UNAVAILABLE
 from radfed.shared.errors import FederationError
 from radfed.shared.messages import CONFIG, PROGRESS, from_record, to_record
 
@@ -24,6 +25,11 @@ MESSAGE_TYPE = "query"
 POLL_SECONDS = 0.1
 #: A progress line every this many rounds within a phase (and one when a phase ends).
 PROGRESS_EVERY = 10
+#: Flower's error codes (``flwr.common.constant.ErrorCode``) that mean the site is gone,
+#: not that it refused: message or reply unavailable (expired, node removed), node
+#: unavailable (no heartbeat), ClientApp process crashed. Such a site failed (see
+#: ``[federation] on_site_failure``) like one that did not reply within round_timeout.
+UNAVAILABLE_CODES = {3, 4, 5, 8}
 
 
 def _ensure_log_output() -> None:
@@ -51,7 +57,8 @@ class GridTransport(EncodedTransport):
         Seconds to wait for all expected SuperNodes to connect.
     reply_timeout : float or None
         Seconds to wait for the replies of one round (None: until every site replies);
-        a site that has not replied by then fails the round ("no reply").
+        a site that has not replied by then failed (``SiteFailure``: the study's
+        ``on_site_failure`` decides), as does one Flower reports unavailable.
     """
 
     name = "flower"
@@ -68,6 +75,7 @@ class GridTransport(EncodedTransport):
         super().__init__()
         self.grid = grid
         self.reply_timeout = reply_timeout
+        self.reply_wait = reply_timeout
         self.hello_timeout = hello_timeout
         self.name = engine
         if engine == "deployment":
@@ -130,7 +138,8 @@ class GridTransport(EncodedTransport):
         deployment Grid sleeps 3 s between pulls, which a study of many short rounds
         (Newton, LASSO paths) would pay at every round.
         """
-        pending = set(self.grid.push_messages(messages))
+        # A message Flower could not push has no id (None): it gets no reply.
+        pending = {m for m in self.grid.push_messages(messages) if m is not None}
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
@@ -180,15 +189,20 @@ class GridTransport(EncodedTransport):
     def _exchange(self, requests: Mapping[str, RecordDict]) -> dict[str, RecordDict]:
         if requests:
             self._progress(requests)
-        site_of = {node: site for site, node in self.node_of.items()}
         messages = [self._message(rec, self.node_of[site]) for site, rec in requests.items()]
         replies: dict[str, RecordDict] = {}
-        for reply in self._send_and_receive(messages, timeout=self.reply_timeout):
-            site = site_of[reply.metadata.src_node_id]
+        received = self._send_and_receive(messages, timeout=self.reply_timeout)
+        # By the message replied to (pushing set each message's id): the SuperLink
+        # itself sends a gone node's error.
+        site_of = {m.metadata.message_id: s for m, s in zip(messages, requests, strict=True)}
+        site_of_node = {node: site for site, node in self.node_of.items()}
+        for reply in received:
+            meta = reply.metadata
+            site = site_of.get(meta.reply_to_message_id) or site_of_node[meta.src_node_id]
             if reply.has_error():
-                replies[site] = to_record(
-                    {"error": f"Flower error {reply.error.code}: {reply.error.reason}"}
-                )
+                error = f"Flower error {reply.error.code}: {reply.error.reason}"
+                gone = {UNAVAILABLE: error} if reply.error.code in UNAVAILABLE_CODES else {}
+                replies[site] = to_record({"error": error, **gone})
             else:
                 replies[site] = reply.content
         return replies

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections import Counter
-from typing import TYPE_CHECKING
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from radfed.shared.errors import FederationError
 
@@ -20,6 +21,65 @@ if TYPE_CHECKING:  # the encoding (and Flower) belong to the transports, not her
     from radfed.shared.messages import Payload
 
 log = logging.getLogger(__name__)
+
+#: The key of a reply a transport makes up for a site that could not be reached (its
+#: value says why, e.g. Flower's "node unavailable"): the site failed, it did not refuse.
+UNAVAILABLE = "unavailable"
+#: What a user can do about a site that stopped answering.
+ADVICE = (
+    "restart the site's SuperNode (or ask the hospital to), or set "
+    'on_site_failure = "drop" in the study\'s [federation] section to continue '
+    "without it (the fit then restarts on the remaining sites)"
+)
+
+
+class SiteFailure(FederationError):
+    """Sites stopped answering during a round: no reply within the wait, or unreachable.
+
+    Unlike a refusal (a site answering with an error), the site is gone: the study's
+    ``[federation] on_site_failure`` policy decides whether the run stops or continues
+    without it. ``failures`` maps each failed site to the reason; ``phase``, ``task``
+    and ``round`` (the round's number within its phase) say where it happened.
+    """
+
+    def __init__(
+        self,
+        failures: dict[str, str],
+        task: str,
+        phase: str,
+        round_: int,
+        time: str | None = None,
+    ) -> None:
+        self.failures = dict(failures)
+        self.task, self.phase, self.round = task, phase, round_
+        self.time = time or datetime.now(UTC).isoformat(timespec="seconds")
+        super().__init__(f"{self.what}: {ADVICE}")
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.failures)
+
+    @property
+    def what(self) -> str:
+        """What happened, without advice: the sites, why, the phase, task and round."""
+        who = "; ".join(f"site {s!r} stopped answering ({why})" for s, why in self.failures.items())
+        return (
+            f"{who}, in phase {self.phase!r} (task {self.task!r}, round {self.round} of the phase)"
+        )
+
+    def records(self) -> list[dict[str, Any]]:
+        """One ``{site, phase, round, task, reason, time}`` per failed site (results.json)."""
+        return [
+            {
+                "site": site,
+                "phase": self.phase,
+                "round": self.round,
+                "task": self.task,
+                "reason": why,
+                "time": self.time,
+            }
+            for site, why in self.failures.items()
+        ]
 
 
 class Transport(ABC):
@@ -39,6 +99,13 @@ class Transport(ABC):
         # parameter rule on the smallest site), once the split is known; fits beyond it
         # are spread over several requests.
         self.param_budget: dict[str, float] = {}
+        #: Seconds a round waits for a site's reply (None: no limit), for messages.
+        self.reply_wait: float | None = None
+        #: Sites that stopped answering in this run, with the failure: later rounds
+        #: that include them fail at once instead of waiting again.
+        self.failed: dict[str, SiteFailure] = {}
+        #: Put before ``step`` where a failure is recorded (a leave-one-site-out refit).
+        self.scope = ""
 
     @property
     def reachable(self) -> list[str]:
@@ -59,28 +126,62 @@ class Transport(ABC):
 
         Raises
         ------
+        SiteFailure
+            When sites did not reply (within ``reply_wait``) or could not be reached,
+            and no site refused; also at once, without sending, when a site already
+            failed earlier in the run.
         FederationError
             When any site refuses or fails; the message lists every such site and why.
         """
         targets = list(sites or self.sites)
+        gone = [s for s in targets if s in self.failed]
+        if gone:
+            first = self.failed[gone[0]]
+            raise SiteFailure(
+                {
+                    s: f"it stopped answering earlier, in phase {self.failed[s].phase!r}"
+                    for s in gone
+                },
+                task,
+                self.scope + self.step,
+                self.rounds[self.step],
+                first.time,
+            )
         request = {"task": task, **self.context, **(payload or {})}
         if self.protocol is not None:
             request["protocol"] = self.protocol
         self.rounds[self.step] += 1
         replies = self._deliver(request, targets)
-        missing = set(targets) - set(replies)
-        errors = [f"{s}: no reply" for s in sorted(missing)]
-        errors += [f"{s}: {r['error']}" for s, r in replies.items() if "error" in r]
-        if errors:
+        failures = {s: self._silence() for s in targets if s not in replies}
+        failures |= {s: str(r[UNAVAILABLE]) for s, r in replies.items() if UNAVAILABLE in r}
+        errors = [f"{s}: {r['error']}" for s, r in replies.items() if "error" in r]
+        errors = [e for e in errors if e.partition(":")[0] not in failures]
+        if errors:  # a refusal stops the study whatever failed beside it
+            errors += [f"{s}: {why}" for s, why in failures.items()]
             raise FederationError(
                 f"task {task!r} failed at {len(errors)} site(s):\n  " + "\n  ".join(errors)
             )
+        if failures:
+            failure = SiteFailure(failures, task, self.scope + self.step, self.rounds[self.step])
+            for site in failures:
+                self.failed[site] = failure
+            log.warning("%s", failure.what)
+            raise failure
         return {site: replies[site] for site in targets}
 
-    def subset(self, sites: list[str]) -> Transport:
+    def _silence(self) -> str:
+        """Why a site counts as failed when its reply did not come."""
+        if self.reply_wait is None:
+            return "no reply"
+        return f"no reply within {self.reply_wait:g} s, the study's [federation] round_timeout"
+
+    def subset(self, sites: list[str], scope: str = "") -> Transport:
         """A transport over some of these sites, with its own context and round counts
-        (a leave-one-site-out fit); it delivers through this one."""
-        return SiteSubset(self, sites)
+        (a leave-one-site-out fit); it delivers through this one. ``scope`` names the
+        fit in the phase of a failure ("leave-one-site-out without a: ")."""
+        sub = SiteSubset(self, sites)
+        sub.scope = scope
+        return sub
 
 
 class SiteSubset(Transport):
@@ -94,6 +195,8 @@ class SiteSubset(Transport):
         self.parent = parent
         self.name = parent.name
         self.sites = list(sites)
+        self.reply_wait = parent.reply_wait
+        self.failed = parent.failed  # one run's failed sites, whichever fit noticed them
 
     @property
     def reachable(self) -> list[str]:

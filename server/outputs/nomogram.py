@@ -95,6 +95,8 @@ class VariableAxis:
         Values labelled on the axis, ascending.
     points_per_lp : float
         Points per unit of linear predictor (shared by all axes: 100 / R).
+    levels : tuple of str
+        A 0/1 predictor's level names, shown at 0 and 1 instead of the numbers.
     """
 
     name: str
@@ -105,6 +107,7 @@ class VariableAxis:
     binary: bool
     ticks: tuple[float, ...]
     points_per_lp: float
+    levels: tuple[str, ...] = ()
 
     @property
     def shift(self) -> float:
@@ -125,6 +128,8 @@ class VariableAxis:
         return (self.coef * np.asarray(value, dtype=float) - self.shift) * self.points_per_lp
 
     def tick_labels(self) -> list[str]:
+        if self.binary and len(self.levels) == 2:
+            return [self.levels[int(t)] for t in self.ticks]
         if self.binary or len(self.ticks) < 2:
             return [f"{t:g}" for t in self.ticks]
         step = min(np.diff(self.ticks))
@@ -167,6 +172,7 @@ class NomogramScales:
         fit: LogisticFit,
         ranges: Mapping[str, tuple[float, float]] | None = None,
         labels: Mapping[str, str] | None = None,
+        levels: Mapping[str, Sequence[str]] | None = None,
         outcome: str | None = None,
         probabilities: Sequence[float] | None = None,
         linear_predictor: bool = False,
@@ -182,6 +188,8 @@ class NomogramScales:
             (see the module docstring).
         labels : mapping of str to str, optional
             Text shown for a predictor instead of its column name.
+        levels : mapping of str to (str, str), optional
+            Names of a 0/1 predictor's levels, shown at 0 and 1 (``[nomogram] levels``).
         outcome : str, optional
             For the "Probability of ..." axis; ``fit.outcome`` by default.
         probabilities : sequence of float, optional
@@ -197,8 +205,8 @@ class NomogramScales:
             For a range or label naming no predictor, an empty or non-finite range, or a
             model in which no predictor moves the linear predictor.
         """
-        ranges, labels = dict(ranges or {}), dict(labels or {})
-        unknown = sorted((set(ranges) | set(labels)) - set(fit.columns))
+        ranges, labels, levels = dict(ranges or {}), dict(labels or {}), dict(levels or {})
+        unknown = sorted((set(ranges) | set(labels) | set(levels)) - set(fit.columns))
         if unknown:
             raise ValueError(f"ranges/labels for unknown predictors {unknown}; has {fit.columns}")
         beta = np.asarray(fit.coef_per_unit, dtype=float)
@@ -255,6 +263,7 @@ class NomogramScales:
                 binary=spans[j][3],
                 ticks=axes_ticks[j],
                 points_per_lp=per_lp,
+                levels=tuple(levels.get(name, ())) if spans[j][3] else (),
             )
             for j, name in enumerate(fit.columns)
         )

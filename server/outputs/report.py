@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from radfed.server.results import INTERCEPT, POOLED
+from radfed.server.results import INTERCEPT, POOLED, by_count
 from radfed.shared.errors import RadfedError
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,9 @@ tr.undefined td { color:var(--muted); }
 .na { color:var(--muted); }
 sup.approx { color:var(--warn); font-weight:600; line-height:0; }
 .bad { color:var(--warn); font-weight:600; }
+div.warnbox { border:2px solid var(--warn); background:#fff7ed; border-radius:4px;
+              padding:.6rem 1rem; margin:1.2rem 0 0; }
+div.warnbox h2 { color:var(--warn); border:0; padding:0; margin:0 0 .3rem; }
 .good { color:var(--ok); }
 pre.formula { white-space:pre-wrap; overflow-wrap:anywhere; background:#f6f8fa;
               border:1px solid var(--line); padding:.6rem .8rem; font-size:13px; }
@@ -437,6 +440,42 @@ def _header(results: Mapping[str, Any]) -> Markup:
     )
 
 
+def _dropped_sites(results: Mapping[str, Any]) -> Markup:
+    """A warning box naming each site that stopped answering, its phase and what followed."""
+    dropped = (results.get("federation") or {}).get("dropped_sites") or []
+    if not dropped:
+        return Markup("")
+    items = _join(
+        _tag(
+            "li",
+            Markup(
+                f"<strong>{_e(d.get('site'))}</strong> stopped answering in phase "
+                f"<strong>{_e(d.get('phase'))}</strong> (task {_e(d.get('task'))}, round "
+                f"{_e(d.get('round'))}, {_e(d.get('time'))}): {_e(d.get('reason'))}. "
+                f"{_e(str(d.get('action') or '').capitalize())}."
+            ),
+        )
+        for d in dropped
+    )
+    rounds = (results.get("rounds") or {}).get("abandoned")
+    note = (
+        f" The {rounds} round(s) of the abandoned attempt are counted apart (abandoned)."
+        if rounds
+        else ""
+    )
+    restarted = any(str(d.get("action", "")).startswith("the fit restarted") for d in dropped)
+    text = (
+        "The models were fitted without these sites: following the study's [federation] "
+        "on_site_failure policy, the fit was restarted from its first phase on the "
+        f"remaining sites, so no estimate mixes site sets.{note}"
+        if restarted
+        else "Only external validation lost these sites; the models were fitted on all "
+        "training sites."
+    )
+    box = _tag("h2", "Warning: sites stopped answering during the run") + _para(text)
+    return Markup('<div class="warnbox" role="alert">') + box + _tag("ul", items) + Markup("</div>")
+
+
 def _settings(results: Mapping[str, Any]) -> Markup:
     settings = results.get("settings")
     if not settings:
@@ -467,7 +506,25 @@ def _cohort(results: Mapping[str, Any]) -> Markup:
             totals[i] = None if v is None or totals[i] is None else totals[i] + v
         rows.append(row)
     rows.append(([Markup("<strong>total</strong>"), *(_int(t) for t in totals)], "pooled"))
-    return _table(head, rows)
+    return _join([_table(head, rows), _exclusions(sites)])
+
+
+def _exclusions(sites: Mapping[str, Any]) -> Markup:
+    """Each site's patients kept out, per kind of reason, as the site published them."""
+    rows = [
+        [site, reason, "fewer than the site's minimum cell" if count < 0 else _int(count)]
+        for site, info in sites.items()
+        for reason, count in by_count(info.get("exclusions") or {})
+    ]
+    if not rows:
+        return Markup("")
+    note = _tag(
+        "p",
+        "Patients kept out, per site and kind of reason: a patient with several reasons "
+        "is counted under each; the patients themselves stay at the site "
+        "(radfed validate lists them there).",
+    )
+    return _join([note, _table(["site", "reason", "patients"], rows, left=2)])
 
 
 def _reproducibility(results: Mapping[str, Any]) -> Markup:
@@ -745,6 +802,72 @@ def _calibration(results: Mapping[str, Any]) -> Markup:
         + _para(
             "Calibration intercept and slope: logistic regression of the outcome on the "
             "linear predictor (ideal 0 and 1). HL: Hosmer-Lemeshow goodness-of-fit test.",
+            "note",
+        )
+        + _val_prob(results)
+    )
+
+
+def _val_prob_cells(m: Mapping[str, Any], approx: _Approx) -> list[Any]:
+    cal = m.get("calibration") or {}
+    why = m.get("reason") if m.get("status", "ok") != "ok" else None
+    errors_why = why or cal.get("errors_reason")
+    errors = approx.mark(m, "calibration_errors")
+    # A site's ICI is its exact mean (its bounds coincide); pooled it is approximate.
+    ici_bounds = (cal.get("errors_bounds") or {}).get("ici") or [None, None]
+    ici_mark = errors if ici_bounds[0] != ici_bounds[1] else Markup("")
+    return [
+        _int(m.get("n")),
+        _with_ci(m.get("dxy"), m.get("dxy_ci"), reason=why) + approx.mark(m, "dxy"),
+        _f(m.get("r2"), reason=why),
+        _f(m.get("brier_scaled"), reason=why),
+        _f(cal.get("ici"), reason=errors_why) + ici_mark,
+        _f(cal.get("e50"), reason=errors_why) + errors,
+        _f(cal.get("e90"), reason=errors_why) + errors,
+        _f(cal.get("emax"), reason=errors_why) + errors,
+        _status_note(m),
+    ]
+
+
+_VAL_PROB_HEAD = [
+    "n",
+    "Dxy [95% CI]",
+    "R²",
+    "scaled Brier",
+    "ICI",
+    "E50",
+    "E90",
+    "Emax",
+    "note",
+]
+
+
+def _val_prob(results: Mapping[str, Any]) -> Markup:
+    """rms val.prob's indices per model, site and split."""
+    performance = results.get("performance") or {}
+    rows = []
+    approx = _Approx()
+    for model in _model_order(performance):
+        for site, split, m in _rows_per_site(results, performance[model]):
+            if "dxy" not in m and m.get("status", "ok") == "ok":
+                continue  # a run recorded before these indices existed
+            rows.append(([model, site, split, *_val_prob_cells(m, approx)], _row_class(site, m)))
+    if not rows:
+        return Markup("")
+    return Markup(
+        _tag("h3", "Validation indices (rms val.prob)")
+        + _table(["model", "site", "split", *_VAL_PROB_HEAD], rows, left=3, note_last=True)
+        + approx.footnotes()
+        + _para(
+            "Dxy = 2 (AUC − ½), its CI from the AUC's. R²: Nagelkerke's, of the predictions "
+            "as they are (from their log-likelihood). Scaled Brier: Brier / (ē (1 − ē)), ē "
+            "the event rate; 1 minus it is the Brier skill. ICI, E50, E90, Emax: mean, "
+            "median, 90th percentile and maximum of |c(p) − p| over the patients, c the "
+            "smooth calibration curve (the site's own at a site, the pooled one pooled; "
+            "Austin & Steyerberg 2019). At a site the ICI is exact; E50, E90 and Emax, and "
+            "all four pooled, come from the patients' 0.01 risk cells (merged to each "
+            "site's minimum cell size) and are approximate, with bounds in results.json "
+            "(calibration.errors_bounds).",
             "note",
         )
     )
@@ -1108,7 +1231,8 @@ def render_report(
         toc_items.append(_tag("li", _tag("a", title, href=f"#{anchor}") + sub))
     toc = Markup('<nav class="toc" aria-label="Contents"><h2>Contents</h2>')
     toc += _tag("ol", _join(toc_items)) + Markup("</nav>")
-    body = _header(results) + _join(_section(a, t, c) for a, t, c in sections)
+    body = _header(results) + _dropped_sites(results)
+    body += _join(_section(a, t, c) for a, t, c in sections)
     title = f"radfed report: {results.get('study', '?')}"
     return (
         "<!DOCTYPE html>\n"

@@ -191,7 +191,14 @@ def write_figures(result: StudyResult, folder: Path) -> dict[str, Path]:
     if data.get("external", {}).get("held_out") or data.get("external", {}).get("validation"):
         save("forest", plots.forest_figure(data["external"]))
     chart = "nomogram" if "nomogram" in result.models else next(iter(result.models))
-    scales = NomogramScales.from_fit(result.models[chart], outcome=result.outcome)
+    fit = result.models[chart]
+    display = data.get("nomogram_display") or {}  # the study's [nomogram] names
+    scales = NomogramScales.from_fit(
+        fit,
+        outcome=result.outcome,
+        labels={k: v for k, v in display.get("labels", {}).items() if k in fit.columns},
+        levels={k: v for k, v in display.get("levels", {}).items() if k in fit.columns},
+    )
     figures["nomogram"] = save_nomogram(scales, folder / "nomogram")[0]
     return figures
 

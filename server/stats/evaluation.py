@@ -13,6 +13,35 @@ other federated fit.
 The cut-off of each model is Youden's (sensitivity + specificity - 1 largest) on the
 pooled training data, searched on the threshold grid; sensitivity, specificity and
 accuracy at it follow from the threshold counts.
+
+rms ``val.prob``'s other indices (:func:`val_prob_indices`), per site and split and
+pooled, with no further request:
+
+- **Dxy** = 2 (AUC - 1/2), its CI from the AUC's (DeLong at a site; the pooled AUC's
+  Hanley-McNeil CI, and as approximate as the pooled AUC);
+- **Nagelkerke R²** of the predictions as they are, from the summed log-likelihood
+  ``Σ y log p + (1 - y) log(1 - p)`` (p clipped at the site's ``PROB_EPS``), n and
+  events: exact, per site and pooled. (rms ``val.prob`` prints the R² of the
+  *recalibrated* predictions, its logistic fit of y on logit p; the two agree when the
+  calibration intercept is 0 and the slope 1.)
+- **scaled Brier** = Brier / (ē (1 - ē)) and the **Brier skill** 1 - that: exact.
+- **ICI, E50, E90, Emax** (Austin & Steyerberg, Stat Med 2019; val.prob's Eavg, E90,
+  Emax) of ``|c(p) - p|``, ``c`` the smooth calibration curve (logistic on a cubic
+  polynomial of logit p). At a site: its own curve, fitted at the site in the same
+  request when its parameter limit allows (6 parameters per model with the
+  calibration slope: 54 patients for three models); the site's ICI is exact (its mean
+  over its patients); E50, E90 and Emax are single patients' values, so the site does
+  not send them: the coordinator computes them from the site's threshold counts
+  (patients per 0.01 risk cell, cells merged to the site's minimum cell size) with the
+  site's curve coefficients. Pooled: the pooled curve over all sites' threshold counts,
+  ICI included. These are **approximate**: each patient is known only by its risk
+  cell, so the estimate spreads a cell's patients uniformly over it, and the bounds
+  (``errors_bounds``) put every patient at the best and the worst point of its cell —
+  the true value always lies within them
+  (:func:`~radfed.server.stats.inference.calibration_errors_from_cells`). No request
+  was added: beyond the existing evaluate reply a site sends its curve's four
+  coefficients, its log-likelihood sum and its ICI per model. Accuracy measured on the
+  heart-disease hospitals: docs/python-api.md, "val.prob's indices".
 """
 
 from __future__ import annotations
@@ -146,6 +175,109 @@ def missing_metrics(n: int | None, events: int | None, status: str, reason: str)
     return {"n": n, "events": events, "status": status, "reason": reason, "auc": NAN}
 
 
+ERRORS_METHOD = (
+    "|c(p) - p| of the smooth calibration curve c over the patients, each known by its "
+    "0.01 risk cell (cells merged to each site's minimum cell size): estimate with a "
+    "cell's patients spread uniformly, bounds with each at its cell's best and worst point"
+)
+
+
+def risk_cells(reply: Payload, subset: str, j: int) -> tuple[np.ndarray, ...]:
+    """Patients of one site's ``subset`` per risk cell, from its threshold counts.
+
+    Returns ``(lo, hi, count)``: ``count`` patients have ``lo <= p < hi``. The cells are
+    the 0.01 steps of :data:`THRESHOLDS` where the site sent exact counts, and the merged
+    cells where it did not, for its events and non-events separately (each merged its
+    own cells); every count is exact.
+    """
+    bounds = np.concatenate([[0.0], THRESHOLDS, [1.0]])
+    lo, hi, count = [], [], []
+    for key, total in (
+        ("tp", int(reply[f"{subset}_events"])),
+        ("fp", int(reply[f"{subset}_n"]) - int(reply[f"{subset}_events"])),
+    ):
+        cum = np.concatenate([[total], np.asarray(reply[f"{subset}_{key}"][j], float), [0]])
+        exact = np.concatenate([[True], _exact(reply, subset, j, key), [True]])
+        edges = np.flatnonzero(exact)
+        lo.append(bounds[edges[:-1]])
+        hi.append(bounds[edges[1:]])
+        count.append(np.round(cum[edges[:-1]] - cum[edges[1:]]).astype(np.int64))
+    return np.concatenate(lo), np.concatenate(hi), np.concatenate(count)
+
+
+def val_prob_indices(
+    n: int,
+    events: int,
+    auc: float,
+    auc_ci: list[float],
+    brier: float,
+    loglik: float,
+    curve: np.ndarray | None,
+    cells: tuple[np.ndarray, ...],
+    ici: float | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """rms ``val.prob``'s Dxy, R², scaled Brier and the calibration errors of one
+    metrics entry. ``ici``: the exact ICI a site sent (else estimated from ``cells``).
+
+    Returns the top-level entries and the calibration entries."""
+    top = {
+        "dxy": float(inference.somers_dxy(auc)),
+        "dxy_ci": [float(inference.somers_dxy(c)) for c in auc_ci],
+        "r2": inference.nagelkerke_r2(loglik, n, events),
+        "brier_scaled": inference.scaled_brier(brier, n, events),
+    }
+    top["brier_skill"] = 1.0 - top["brier_scaled"]
+    if curve is None or not np.all(np.isfinite(curve)):
+        errors = dict.fromkeys(("ici", "e50", "e90", "emax"), NAN)
+        return top, {**errors, "errors_bounds": None, "errors_method": None}
+    e = inference.calibration_errors_from_cells(np.asarray(curve, float), *cells)
+    bounds = {k: list(v) for k, v in e.bounds.items()}
+    if ici is not None and math.isfinite(ici):
+        bounds["ici"] = [ici, ici]
+    else:
+        ici = e.ici
+    cal = {
+        "ici": float(ici),
+        "e50": e.e50,
+        "e90": e.e90,
+        "emax": e.emax,
+        "errors_bounds": bounds,
+        "errors_method": ERRORS_METHOD,
+    }
+    return top, cal
+
+
+def _site_curve(reply: Payload, subset: str, j: int) -> np.ndarray | None:
+    keys = [f"{subset}_curve_{k}" for k in range(CURVE_DEGREE + 1)]
+    if not all(k in reply for k in keys):
+        return None  # a site of an older radfed: no val.prob indices from it
+    return np.array([float(reply[k][j]) for k in keys])
+
+
+def _reply_val_prob(
+    reply: Payload, subset: str, j: int, auc: float, auc_ci: list[float], brier: float
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    n, events = int(reply[f"{subset}_n"]), int(reply[f"{subset}_events"])
+    loglik = float(reply[f"{subset}_loglik"][j]) if f"{subset}_loglik" in reply else NAN
+    ici = float(reply[f"{subset}_ici"][j]) if f"{subset}_ici" in reply else None
+    curve = _site_curve(reply, subset, j)
+    top, cal = val_prob_indices(
+        n, events, auc, auc_ci, brier, loglik, curve, risk_cells(reply, subset, j), ici
+    )
+    approximate = {}
+    if cal["errors_bounds"] is None:
+        cal["errors_reason"] = (
+            "the site's smooth calibration curve was not fitted (too few patients for its "
+            "parameters, or no finite fit)"
+        )
+    else:
+        approximate["calibration_errors"] = (
+            "E50, E90 and Emax from the site's risk cells (0.01 wide, merged to its minimum "
+            "cell size) with its own curve; bounds in errors_bounds"
+        )
+    return top, cal, approximate
+
+
 def site_metrics(reply: Payload, subset: str, j: int, cutoff: int | None) -> dict[str, Any]:
     """Metrics of model ``j`` on one site's ``subset``, from its evaluate reply."""
     status = reply.get(f"{subset}_status", "refused")
@@ -171,6 +303,10 @@ def site_metrics(reply: Payload, subset: str, j: int, cutoff: int | None) -> dic
             "the site merged threshold cells around the cut-off (minimum cell size): "
             "sensitivity, specificity and accuracy interpolate its counts"
         )
+    auc_ci = list(inference.auc_ci(auc, var))
+    brier = float(reply[f"{subset}_brier"][j])
+    indices, errors, approx_errors = _reply_val_prob(reply, subset, j, auc, auc_ci, brier)
+    approximate.update(approx_errors)
     return {
         "n": n,
         "events": events,
@@ -178,8 +314,9 @@ def site_metrics(reply: Payload, subset: str, j: int, cutoff: int | None) -> dic
         "reason": None,
         "auc": auc,
         "auc_se": math.sqrt(var),
-        "auc_ci": list(inference.auc_ci(auc, var)),
-        "brier": float(reply[f"{subset}_brier"][j]),
+        "auc_ci": auc_ci,
+        "brier": brier,
+        **indices,
         **at_cutoff,
         "calibration": {
             "intercept": float(reply[f"{subset}_cal_intercept"][j]),
@@ -188,6 +325,7 @@ def site_metrics(reply: Payload, subset: str, j: int, cutoff: int | None) -> dic
             "hl_df": int(reply[f"{subset}_hl_df"][j]),
             "hl_p": float(reply[f"{subset}_hl_p"][j]),
             "bins": _bins(reply, subset, j),
+            **errors,
         },
         **_curves(tp, fp, n, events),
         "thresholds_exact": exact.tolist(),
@@ -237,10 +375,13 @@ def pooled_metrics(
     j: int,
     cutoff: int | None,
     calibration: tuple[float, float] | None = None,
+    curve: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Metrics of model ``j`` on all sites' ``subset`` together, from the summed replies.
 
     Sites whose subset could not be evaluated are left out and named in ``reason``.
+    ``curve``: the pooled smooth calibration curve's coefficients (for the ICI, E50,
+    E90 and Emax over all sites' risk cells).
     """
     ok = {s: r for s, r in replies.items() if r.get(f"{subset}_status") == "ok"}
     left_out = sorted(set(replies) - set(ok))
@@ -262,6 +403,26 @@ def pooled_metrics(
     auc = pooled_auc(rows, subset, j)
     se = inference.hanley_mcneil_se(auc, events, n - events)
     intercept, slope = calibration if calibration else (NAN, NAN)
+    auc_ci = list(inference.auc_ci(auc, se**2))
+    brier = sum(float(r[f"{subset}_brier"][j]) * int(r[f"{subset}_n"]) for r in rows) / n
+    loglik = (
+        sum(float(r[f"{subset}_loglik"][j]) for r in rows)
+        if all(f"{subset}_loglik" in r for r in rows)
+        else NAN
+    )
+    cells = [risk_cells(r, subset, j) for r in rows]
+    indices, errors = val_prob_indices(
+        n,
+        events,
+        auc,
+        auc_ci,
+        brier,
+        loglik,
+        curve,
+        tuple(np.concatenate(parts) for parts in zip(*cells, strict=True)),
+    )
+    if errors["errors_bounds"] is None:
+        errors["errors_reason"] = "the pooled smooth calibration curve was not fitted"
     return {
         "n": n,
         "events": events,
@@ -269,8 +430,9 @@ def pooled_metrics(
         "reason": note,
         "auc": auc,
         "auc_se": se,
-        "auc_ci": list(inference.auc_ci(auc, se**2)),
-        "brier": sum(float(r[f"{subset}_brier"][j]) * int(r[f"{subset}_n"]) for r in rows) / n,
+        "auc_ci": auc_ci,
+        "brier": brier,
+        **indices,
         **_at_cutoff(tp, fp, n, events, cutoff),
         "calibration": {
             "intercept": intercept,
@@ -279,9 +441,15 @@ def pooled_metrics(
             "hl_df": hl.df,
             "hl_p": hl.pvalue,
             "bins": {"edges": BIN_EDGES.tolist(), **{k: v.tolist() for k, v in bins.items()}},
+            **errors,
         },
         **_curves(tp, fp, n, events),
         "approximate": {
+            "dxy": "2 (pooled AUC - 1/2): as approximate as the pooled AUC; its CI from the "
+            "pooled AUC's Hanley-McNeil CI",
+            "calibration_errors": "ICI, E50, E90 and Emax of the pooled curve over the sites' "
+            "risk cells (0.01 wide, merged to each site's minimum cell size); bounds in "
+            "errors_bounds",
             "auc": "pairs within a site exact; pairs across sites compared on the sites' "
             "threshold counts (0.01 grid, merged to each site's minimum cell size)",
             "net_benefit": "summed threshold counts, interpolated where a site merged cells",
@@ -391,6 +559,7 @@ def _curve(fit: LogisticFit, rows: list[Payload], subset: str, j: int) -> dict[s
     return {
         "status": "ok",
         "method": f"logistic recalibration on a degree-{CURVE_DEGREE} polynomial of logit p",
+        "coef": [float(c) for c in fit.coef],
         "predicted": expit(lp).tolist(),
         "observed": expit(eta).tolist(),
         "lower": expit(eta - 1.959964 * se).tolist(),
@@ -431,7 +600,10 @@ def evaluate_models(
         for s in subsets:
             cal = calibration[s].get(m, {})
             slope = (cal["intercept"], cal["slope"]) if "slope" in cal else None
-            performance[m][POOLED][s] = pooled_metrics(replies, s, j, cutoffs.get(m), slope)
+            coef = cal.get("curve", {}).get("coef")
+            performance[m][POOLED][s] = pooled_metrics(
+                replies, s, j, cutoffs.get(m), slope, None if coef is None else np.asarray(coef)
+            )
             if "curve" in cal and "calibration" in performance[m][POOLED][s]:
                 performance[m][POOLED][s]["calibration"]["curve"] = cal["curve"]
     evaluation = {

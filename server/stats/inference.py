@@ -18,6 +18,11 @@ function                            reference
 :func:`net_benefit`                 dcurves ``dca`` (binary outcome)
 :func:`auc_from_counts`             trapezoidal ROC area over the threshold grid
 :func:`hosmer_lemeshow_from_bins`   Hosmer-Lemeshow chi-square on fixed risk bins
+:func:`somers_dxy`                  rms ``val.prob``'s Dxy, 2 (AUC - 1/2)
+:func:`nagelkerke_r2`               rms ``val.prob``'s R² formula, on the predictions
+:func:`scaled_brier`                Brier / (ē (1 - ē)); 1 minus it the Brier skill
+:func:`calibration_errors_from_cells`  ICI, E50, E90, Emax (Austin & Steyerberg 2019)
+                                    with bounds, from patients counted in risk cells
 :func:`random_effects`              random-effects meta-analysis: DerSimonian-Laird or
                                     REML τ², Wald or Hartung-Knapp-Sidik-Jonkman CI
 :func:`random_effects_auc`          the same on the logit-AUC scale (Debray et al.)
@@ -40,6 +45,7 @@ from scipy.special import expit, logit
 from radfed.shared.evaluation_stats import HosmerLemeshow, with_validation_df
 
 __all__ = [
+    "CalibrationErrors",
     "Cutoff",
     "DeLongTest",
     "HosmerLemeshow",
@@ -47,14 +53,18 @@ __all__ = [
     "auc_ci",
     "auc_from_counts",
     "auc_grid_error_bound",
+    "calibration_errors_from_cells",
     "clopper_pearson",
     "delong_test",
     "hanley_mcneil_se",
     "hosmer_lemeshow_from_bins",
+    "nagelkerke_r2",
     "net_benefit",
     "net_benefit_treat_all",
     "random_effects",
     "random_effects_auc",
+    "scaled_brier",
+    "somers_dxy",
     "tau2_reml",
     "youden_cutoff",
 ]
@@ -401,6 +411,142 @@ def hosmer_lemeshow_from_bins(
         raise ValueError("n, observed and expected must be vectors of the same length")
     hl = HosmerLemeshow.from_groups(n, observed, expected)
     return with_validation_df(hl) if validation else hl
+
+
+# ------------------------------------------------------------- val.prob's indices
+
+
+def somers_dxy(auc: Number) -> Number:
+    """Somers' rank correlation Dxy between predictions and a binary outcome,
+    ``2 (AUC - 1/2)`` (rms ``val.prob``'s Dxy); applied to an AUC's CI limits it gives
+    the Dxy's CI."""
+    return 2.0 * (np.asarray(auc, dtype=float) - 0.5) if np.ndim(auc) else 2.0 * (auc - 0.5)
+
+
+def nagelkerke_r2(loglik: float, n: int, events: int) -> float:
+    """Nagelkerke's R² of predicted risks from their log-likelihood.
+
+    ``LR = 2 (L - L0)`` with ``L = Σ y log p + (1 - y) log(1 - p)`` (the predictions as
+    they are, not refitted) and ``L0`` the log-likelihood of the event rate ē for
+    everyone, ``n (ē log ē + (1 - ē) log(1 - ē))``; then
+    ``R² = (1 - exp(-LR / n)) / (1 - exp(2 L0 / n))`` — rms's formula (``lrm``'s
+    "R2", which ``val.prob`` reports). Negative when the predictions fit worse than the
+    event rate alone. NaN for one class only or no patient.
+    """
+    n, events = float(n), float(events)
+    if n <= 0 or events <= 0 or events >= n or not np.isfinite(loglik):
+        return float("nan")
+    rate = events / n
+    l0 = events * np.log(rate) + (n - events) * np.log1p(-rate)
+    lr = 2.0 * (float(loglik) - l0)
+    return float(-np.expm1(-lr / n) / -np.expm1(2.0 * l0 / n))
+
+
+def scaled_brier(brier: float, n: int, events: int) -> float:
+    """The Brier score over its value for a model predicting the event rate ē to
+    everyone, ``Brier / (ē (1 - ē))``; ``1 -`` it is the Brier skill (scaled Brier of
+    Steyerberg). NaN for one class only or no patient."""
+    n, events = float(n), float(events)
+    if n <= 0 or events <= 0 or events >= n or not np.isfinite(brier):
+        return float("nan")
+    rate = events / n
+    return float(brier) / (rate * (1.0 - rate))
+
+
+class CalibrationErrors(NamedTuple):
+    """Austin & Steyerberg's summaries of ``|c(p) - p|`` over the patients, each with
+    bounds ``(low, high)`` that hold whatever the patients' positions in their cells."""
+
+    ici: float
+    e50: float
+    e90: float
+    emax: float
+    bounds: dict[str, tuple[float, float]]
+
+
+#: Predicted risks are never nearer 0 or 1 than this in the cells' evaluation (the
+#: sites' clipping, :data:`radfed.shared.evaluation_stats.PROB_EPS`).
+_CELL_EPS = 1e-8
+#: Spacing in p of the points where |c(p) - p| is evaluated inside a cell.
+CELL_STEP = 5e-4
+
+
+def _curve_error(coef: np.ndarray, p: np.ndarray) -> np.ndarray:
+    lp = logit(p)
+    eta = np.polyval(np.asarray(coef, dtype=float)[::-1], lp)
+    return np.abs(expit(eta) - p)
+
+
+def calibration_errors_from_cells(
+    coef: np.ndarray, lo: np.ndarray, hi: np.ndarray, count: np.ndarray
+) -> CalibrationErrors:
+    """ICI, E50, E90 and Emax of a calibration curve over patients known only by the
+    risk cell ``[lo, hi)`` each lies in (``count`` patients per cell).
+
+    ``c(p) = expit(coef · (1, l, l², l³))`` with ``l = logit p`` (the smooth calibration
+    curve) and ``e(p) = |c(p) - p|``. Estimates spread each cell's patients uniformly over
+    it: the ICI is the mean of ``e`` over the cells' points (spaced :data:`CELL_STEP`
+    apart), E50 and E90 quantiles of that mixture, Emax the largest ``e`` at the centre
+    of a cell that holds patients (a merged cell in the tails can hide the true maximum:
+    the cubic curve may turn where no patient lies). Bounds: each patient's ``e`` lies
+    between the
+    smallest and the largest ``e`` of its cell (searched on points spaced
+    :data:`CELL_STEP` in p and 200 steps in logit p), and the mean, R's type-7 quantiles
+    (rms ``val.prob``'s) and the maximum are monotone in every patient's ``e``, so the
+    summaries of the cells' minima and maxima bound the summaries of the patients.
+    NaN when there is no patient or ``coef`` is not finite.
+    """
+    coef = np.asarray(coef, dtype=float)
+    lo, hi = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
+    count = np.asarray(count, dtype=np.int64)
+    keep = count > 0
+    lo, hi, count = lo[keep], hi[keep], count[keep]
+    n = int(count.sum())
+    nan = float("nan")
+    if n == 0 or not np.all(np.isfinite(coef)):
+        return CalibrationErrors(nan, nan, nan, nan, {k: (nan, nan) for k in _ERRORS})
+    lo = np.clip(lo, _CELL_EPS, 1.0 - _CELL_EPS)
+    hi = np.clip(hi, _CELL_EPS, 1.0 - _CELL_EPS)
+    means, mins, maxs, values, weights = [], [], [], [], []
+    centres = _curve_error(coef, (lo + hi) / 2)
+    for a, b, c in zip(lo, hi, count, strict=True):
+        steps = max(int(np.ceil((b - a) / CELL_STEP)), 1)
+        mid = a + (np.arange(steps) + 0.5) * (b - a) / steps
+        e_mid = _curve_error(coef, mid)
+        ends = np.concatenate(
+            [np.linspace(a, b, steps + 1), expit(np.linspace(logit(a), logit(b), 201))]
+        )
+        e_all = np.concatenate([e_mid, _curve_error(coef, ends)])
+        means.append(e_mid.mean())
+        mins.append(e_all.min())
+        maxs.append(e_all.max())
+        values.append(e_mid)
+        weights.append(np.full(steps, c / steps))
+    means, mins, maxs = np.array(means), np.array(mins), np.array(maxs)
+    v, w = np.concatenate(values), np.concatenate(weights)
+    order = np.argsort(v, kind="stable")
+    v, cdf = v[order], np.cumsum(w[order]) / n
+
+    def mixture_quantile(q: float) -> float:
+        return float(v[min(np.searchsorted(cdf, q - 1e-12), len(v) - 1)])
+
+    low, high = np.repeat(mins, count), np.repeat(maxs, count)
+    bounds = {
+        "ici": (float(count @ mins / n), float(count @ maxs / n)),
+        "e50": (float(np.quantile(low, 0.5)), float(np.quantile(high, 0.5))),
+        "e90": (float(np.quantile(low, 0.9)), float(np.quantile(high, 0.9))),
+        "emax": (float(mins.max()), float(maxs.max())),
+    }
+    return CalibrationErrors(
+        ici=float(count @ means / n),
+        e50=mixture_quantile(0.5),
+        e90=mixture_quantile(0.9),
+        emax=float(centres.max()),
+        bounds=bounds,
+    )
+
+
+_ERRORS = ("ici", "e50", "e90", "emax")
 
 
 # --------------------------------------------------------------------- meta-analysis

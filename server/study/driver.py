@@ -12,7 +12,9 @@ number of federated rounds of each phase is recorded.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -20,9 +22,10 @@ from typing import Any
 import numpy as np
 
 import radfed
-from radfed.server.federation.transport import Transport
+from radfed.server.federation.transport import SiteFailure, Transport
 from radfed.server.results import LogisticFit, StudyResult
 from radfed.server.stats.evaluation import evaluate_models
+from radfed.server.study.checkpoint import Checkpoint
 from radfed.server.study.external import external_validation
 from radfed.server.study.phases import (
     fit_combat,
@@ -30,7 +33,7 @@ from radfed.server.study.phases import (
     screen_clinical,
     select_radiomics,
 )
-from radfed.shared.config import StudyConfig
+from radfed.shared.config import MIN_TRAINING_SITES, StudyConfig
 from radfed.shared.errors import FederationError
 from radfed.shared.messages import RADSCORE, Payload
 
@@ -106,9 +109,13 @@ class FederatedStudy:
         every site of the study; the pipeline is fitted on the training sites.
     """
 
-    def __init__(self, config: StudyConfig, transport: Transport) -> None:
+    def __init__(
+        self, config: StudyConfig, transport: Transport, checkpoint: Checkpoint | None = None
+    ) -> None:
         self.config = config
         self.transport = transport
+        # Completed phases on disk: a restarted coordinator resumes after the last one.
+        self.checkpoint = checkpoint
         transport.protocol = config.protocol()
 
     def _phase(self, name: str) -> None:
@@ -116,20 +123,128 @@ class FederatedStudy:
         log.info("phase: %s", name)
 
     def run(self) -> StudyResult:
-        """Fit on the training sites, evaluate, then validate externally."""
+        """Fit on the training sites, evaluate, then validate externally.
+
+        A training site that stops answering (:class:`SiteFailure`) stops the run
+        (``[federation] on_site_failure = "stop"``), or (``"drop"``) the whole fit
+        starts again from the first phase without it: every exact step depends on the
+        site set of the steps before it (ComBat, standardisation, folds, LASSO), so
+        only a fit from the start on the remaining sites gives a pooled analysis of
+        them. The result records each dropped site (``federation["dropped_sites"]``)
+        and the abandoned rounds (``rounds["abandoned"]``). Validation-only and
+        held-out sites failing during external validation only fail their entries.
+        """
         cfg, transport = self.config, self.transport
         unreachable = sorted(set(cfg.site_names) - set(transport.reachable))
         if unreachable:
             raise FederationError(f"the transport cannot reach site(s) {unreachable}")
+        dropped: list[dict[str, Any]] = []
+        abandoned = 0
+        active = self
+        saved = self.checkpoint.load("fit") if self.checkpoint else None
+        if saved is not None:  # a resumed run: the fit and its evaluation are done
+            fitted, performance, cutoffs, active_config, state = saved
+            active = FederatedStudy(active_config, transport)
+            transport.sites, transport.context = state["sites"], state["context"]
+            transport.param_budget, transport.rounds = state["budget"], Counter(state["rounds"])
+            dropped, abandoned = state["dropped"], state["abandoned"]
+        while saved is None:
+            try:
+                fitted, performance, cutoffs = active._fit_and_evaluate()
+                break
+            except SiteFailure as failure:
+                active = FederatedStudy(self._without(failure, active.config, dropped), transport)
+                abandoned += sum(transport.rounds.values())
+                transport.rounds = Counter()
+        if saved is None and self.checkpoint:
+            state = {
+                "sites": list(transport.sites),
+                "context": transport.context,
+                "budget": transport.param_budget,
+                "rounds": dict(transport.rounds),
+                "dropped": dropped,
+                "abandoned": abandoned,
+            }
+            self.checkpoint.save("fit", (fitted, performance, cutoffs, active.config, state))
+        fitted.details["external"] = external_validation(
+            active.config,
+            transport,
+            fitted,
+            cutoffs,
+            refit=lambda sub: FederatedStudy(active.config, sub).fit(),
+            checkpoint=self.checkpoint,
+        )
+        for site, failure in transport.failed.items():  # during external validation
+            if site not in {d["site"] for d in dropped}:
+                record = next(r for r in failure.records() if r["site"] == site)
+                action = (
+                    "its external validation is marked failed"
+                    if site in cfg.validation_sites
+                    else "the leave-one-site-out entries that need it are marked failed "
+                    "(the main fit, finished before, keeps it)"
+                )
+                dropped.append({**record, "action": action})
+        result = self._result(fitted, performance)
+        if abandoned:
+            result.rounds["abandoned"] = abandoned
+        if dropped:
+            result.federation["dropped_sites"] = dropped
+        return result
+
+    def _fit_and_evaluate(self) -> tuple[FittedStudy, dict[str, Any], dict[str, int]]:
+        """The pipeline on the training sites, from the first phase, and its evaluation.
+
+        Raises
+        ------
+        SiteFailure
+            A training site stopped answering, here or in a round whose failure a
+            phase recorded without raising (a calibration curve).
+        """
+        cfg, transport = self.config, self.transport
         transport.sites = cfg.training_sites
+        transport.context, transport.param_budget = {}, {}
         fitted = self.fit()
         self._phase("evaluate")
         performance, evaluation, cutoffs = evaluate_models(transport, fitted.models, cfg.outcome)
+        for site in cfg.training_sites:
+            if site in transport.failed:
+                raise transport.failed[site]
         fitted.details["evaluation"] = evaluation
-        fitted.details["external"] = external_validation(
-            cfg, transport, fitted, cutoffs, refit=lambda sub: FederatedStudy(cfg, sub).fit()
+        return fitted, performance, cutoffs
+
+    def _without(
+        self, failure: SiteFailure, config: StudyConfig, dropped: list[dict[str, Any]]
+    ) -> StudyConfig:
+        """The study without the failed sites, when the policy and the sites left allow.
+
+        Raises
+        ------
+        SiteFailure
+            The policy is ``"stop"`` (its message names the site, phase and wait, and
+            what to do).
+        FederationError
+            Fewer than :data:`MIN_TRAINING_SITES` training sites would remain.
+        """
+        if self.config.on_site_failure != "drop":
+            raise failure
+        left = [s for s in config.training_sites if s not in failure.failures]
+        if len(left) < MIN_TRAINING_SITES:
+            raise FederationError(
+                f'{failure.what}; on_site_failure = "drop" would leave {len(left)} training '
+                f"site(s) ({', '.join(left) or 'none'}), fewer than the {MIN_TRAINING_SITES} "
+                "a federated fit needs: restart the site's SuperNode and run the study again"
+            ) from failure
+        action = f"the fit restarted from the first phase on {', '.join(left)}"
+        dropped += [{**r, "action": action} for r in failure.records()]
+        log.warning(
+            '%s: on_site_failure = "drop": %s (%d round(s) of the failed attempt abandoned)',
+            failure.what,
+            action,
+            sum(self.transport.rounds.values()),
         )
-        return self._result(fitted, performance)
+        return dataclasses.replace(
+            config, sites=tuple(s for s in config.sites if s.name not in failure.failures)
+        )
 
     def fit(self) -> FittedStudy:
         """The pipeline on ``transport.sites``: consistency, split, ComBat, selection,
@@ -259,6 +374,9 @@ class FederatedStudy:
                 "n_excluded": described[site]["n_excluded"]
                 if described[site]["n_excluded"] >= 0
                 else None,
+                # Patients per kind of reason, as the site published them (-1: fewer
+                # than its minimum cell size, merged into "other reasons").
+                "exclusions": dict(described[site].get("exclusions") or {}),
                 **{
                     subset: {
                         "n": split[site][f"n_{subset}"],

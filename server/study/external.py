@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from radfed.server.federation.transport import Transport
+from radfed.server.federation.transport import SiteFailure, Transport
 from radfed.server.stats import inference
 from radfed.server.stats.evaluation import THRESHOLDS, evaluate_models, external_metrics
 from radfed.shared.config import StudyConfig
 from radfed.shared.errors import FederationError
 
 if TYPE_CHECKING:
+    from radfed.server.study.checkpoint import Checkpoint
     from radfed.server.study.driver import FittedStudy
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ def external_validation(
     fitted: FittedStudy,
     cutoffs: dict[str, int],
     refit: Callable[[Transport], FittedStudy],
+    checkpoint: Checkpoint | None = None,
 ) -> dict[str, Any]:
     """Validation-only sites with the study's models, then leave-one-site-out.
 
@@ -64,6 +66,7 @@ def external_validation(
         out["validation"] = external_metrics(
             transport, fitted.models, config.validation_sites, cutoffs, config.outcome
         )
+        _mark_failed_sites(out["validation"], transport)
     training = list(transport.sites)
     if not config.runs_leave_one_site_out:
         out["status"] = "skipped"
@@ -77,8 +80,17 @@ def external_validation(
         return out
     out["status"], out["reason"] = "ran", None
     for held in training:
+        key = f"held_out-{held}"
+        saved = checkpoint.load(key) if checkpoint else None
+        if saved is not None:  # a resumed run: this refit is done, with its rounds
+            out["held_out"][held], rounds = saved
+            transport.rounds["external"] += rounds
+            continue
         log.info("leave-one-site-out: fitting without %s", held)
+        before = transport.rounds["external"]
         out["held_out"][held] = hold_out(config, transport, held, refit)
+        if checkpoint:
+            checkpoint.save(key, (out["held_out"][held], transport.rounds["external"] - before))
     out["meta"] = meta_analysis(out["held_out"], list(fitted.models))
     return out
 
@@ -91,7 +103,7 @@ def hold_out(
 ) -> dict[str, Any]:
     """Fit the pipeline without ``held`` and evaluate it on all of ``held``'s patients."""
     others = [s for s in transport.sites if s != held]
-    sub = transport.subset(others)
+    sub = transport.subset(others, scope=f"leave-one-site-out without {held}: ")
     entry: dict[str, Any] = {"training_sites": others}
     try:
         fitted = refit(sub)
@@ -111,10 +123,22 @@ def hold_out(
         }
     except FederationError as exc:
         log.warning("leave-one-site-out without %s failed: %s", held, exc)
-        entry.update({"status": "failed", "reason": str(exc), "metrics": {}})
+        reason = exc.what if isinstance(exc, SiteFailure) else str(exc)
+        entry.update({"status": "failed", "reason": reason, "metrics": {}})
     finally:
         transport.rounds["external"] += sum(sub.rounds.values())
+    _mark_failed_sites({held: entry}, transport)
     return entry
+
+
+def _mark_failed_sites(entries: dict[str, dict[str, Any]], transport: Transport) -> None:
+    """A site that stopped answering while it was validated fails its entry, with the
+    reason, also where a round's failure was recorded without stopping (a calibration
+    curve), so that the entry does not look complete."""
+    for site, entry in entries.items():
+        failure = transport.failed.get(site)
+        if failure is not None:
+            entry.update(status="failed", reason=failure.what)
 
 
 def meta_analysis(

@@ -22,6 +22,11 @@ def finish_run(
     """Add the pooled equivalence table (with ``pooled``), then :func:`record_result`."""
     if pooled:
         add_equivalence(result, config)
+    if config.nomogram_labels or config.nomogram_levels:
+        result.details["nomogram_display"] = {
+            "labels": dict(config.nomogram_labels),
+            "levels": {k: list(v) for k, v in config.nomogram_levels.items()},
+        }
     return record_result(result, config, out_dir, track=track)
 
 

@@ -9,9 +9,11 @@ from radfed.server.federation.inprocess import InProcessTransport
 from radfed.server.federation.timeouts import expected_rounds, run_timeout
 from radfed.server.outputs.run_folder import point_latest, record_failure
 from radfed.server.results import StudyResult
+from radfed.server.study.checkpoint import Checkpoint, unfinished_run
 from radfed.server.study.driver import FederatedStudy
 from radfed.server.study.record import finish_run, prepare_output
 from radfed.shared.config import StudyConfig
+from radfed.shared.errors import RadfedError
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,7 @@ def run_study(
     pooled: bool = False,
     timeout: float | None = None,
     new_folder: bool = True,
+    resume: bool = False,
 ) -> StudyResult:
     """Run ``config`` over ``transport`` and record the result in ``out_dir``.
 
@@ -41,11 +44,26 @@ def run_study(
     (``new_folder=False``: into ``out_dir`` itself); the folder is
     ``result.federation["output_dir"]``. Write permissions (and a local MLflow store's)
     are checked before the first round.
+
+    An in-process run keeps its completed phases in the run folder
+    (:mod:`~radfed.server.study.checkpoint`); with ``resume``, the newest unfinished run
+    under ``out_dir`` continues from its last completed phase, in its own folder.
     """
     if transport not in TRANSPORTS:
         raise ValueError(f"unknown transport {transport!r}; choose one of {TRANSPORTS}")
     root = Path(out_dir)
-    out_dir = prepare_output(config, root, track=track, new_folder=new_folder)
+    if resume:
+        if transport != "inprocess":
+            raise RadfedError(
+                "--resume continues in-process runs; a Flower run restarts from the start"
+            )
+        out_dir = unfinished_run(root)
+        if out_dir is None:
+            raise RadfedError(f"no unfinished run under {root} to resume")
+        prepare_output(config, out_dir, track=track, new_folder=False)
+        log.warning("resuming the run in %s", out_dir.resolve())
+    else:
+        out_dir = prepare_output(config, root, track=track, new_folder=new_folder)
     try:
         result = _run_over(config, transport, out_dir, track, jobs, progress, pooled, timeout)
     except BaseException as exc:  # the run's folder says why it holds no results
@@ -67,9 +85,13 @@ def _run_over(
     timeout: float | None,
 ) -> StudyResult:
     """Run the study over ``transport`` and record it in the run folder ``out_dir``."""
+    checkpoint = None
     if transport == "inprocess":
+        checkpoint = Checkpoint(out_dir, config)
         result = FederatedStudy(
-            config, InProcessTransport.from_study(config, jobs=jobs, progress=progress)
+            config,
+            InProcessTransport.from_study(config, jobs=jobs, progress=progress),
+            checkpoint=checkpoint,
         ).run()
     elif transport == "simulation":
         from radfed.server.federation.simulation import run_in_simulation
@@ -96,4 +118,6 @@ def _run_over(
     else:
         raise ValueError(f"unknown transport {transport!r}; choose one of {TRANSPORTS}")
     finish_run(result, config, Path(out_dir), track=track, pooled=pooled)
+    if checkpoint is not None:
+        checkpoint.clear()  # the results are kept: nothing left to resume
     return result

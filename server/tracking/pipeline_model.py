@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from radfed.client.data import canonical_text
-from radfed.client.site import SITE_BATCH
 from radfed.server.results import LogisticFit
+from radfed.shared.config import SITE_BATCH
 from radfed.shared.logistic import design
 from radfed.shared.messages import RADSCORE
 

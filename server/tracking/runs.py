@@ -9,7 +9,10 @@ Metric keys ``{model}/{split}/{metric}/{site}``:
 - ``model``: ``radiomics``, ``clinical``, ``nomogram``;
 - ``split``: ``train``, ``test``, ``external`` (all patients of a site not used to fit);
 - ``metric``: ``auc``, ``auc_ci_low``, ``auc_ci_high``, ``brier``, ``accuracy``,
-  ``sensitivity``, ``specificity``, ``cal_intercept``, ``cal_slope``, ``hl_p``;
+  ``sensitivity``, ``specificity``, ``cal_intercept``, ``cal_slope``, ``hl_p``, and rms
+  ``val.prob``'s ``dxy``, ``dxy_ci_low``, ``dxy_ci_high``, ``r2`` (Nagelkerke),
+  ``brier_scaled`` (Brier / (ē (1 - ē))), ``ici``, ``e50``, ``e90``, ``emax``
+  (approximate where results.json says so);
 - ``site``: a hospital, or ``pooled`` (all training sites together).
 
 Also ``{model}/external/auc/random_effects`` and ``{model}/external/i2/random_effects``
@@ -52,6 +55,15 @@ SCALARS = {
     "cal_intercept": ("calibration", "intercept"),
     "cal_slope": ("calibration", "slope"),
     "hl_p": ("calibration", "hl_p"),
+    "dxy": ("dxy",),
+    "dxy_ci_low": ("dxy_ci", 0),
+    "dxy_ci_high": ("dxy_ci", 1),
+    "r2": ("r2",),
+    "brier_scaled": ("brier_scaled",),
+    "ici": ("calibration", "ici"),
+    "e50": ("calibration", "e50"),
+    "e90": ("calibration", "e90"),
+    "emax": ("calibration", "emax"),
 }
 
 
@@ -138,7 +150,12 @@ def held_out_metrics(site: str, entry: Mapping[str, Any]) -> dict[str, float]:
 
 def tags_of(result: StudyResult) -> dict[str, str]:
     fed = result.federation
+    # Sites that stopped answering (on_site_failure): "site (phase, round N)", ...
+    dropped = ", ".join(
+        f"{d['site']} ({d['phase']}, round {d['round']})" for d in fed.get("dropped_sites", [])
+    )
     return {
+        **({"radfed.dropped_sites": dropped} if dropped else {}),
         "radfed.kind": "study",
         "radfed.study": result.study,
         "radfed.transport": result.transport,
@@ -269,6 +286,11 @@ def log_study(result: StudyResult, config: StudyConfig, out_dir: Path) -> tuple[
         rows = icc_rows(result.details.get("reproducibility") or {})
         if rows:  # the ICC table, one row per feature
             mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "reproducibility/icc.json")
+        exclusions = {
+            s: i.get("exclusions") for s, i in result.sites.items() if i.get("exclusions")
+        }
+        if exclusions:  # patients kept out per site and kind of reason
+            mlflow.log_dict(exclusions, "exclusions.json")
         equivalence = result.details.get("equivalence") or []
         if equivalence:  # --pooled: the federated-versus-pooled table, and its verdict
             keys = ("estimate", "max_abs_diff", "tolerance", "ok")
