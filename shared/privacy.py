@@ -88,7 +88,11 @@ class PrivacyPolicy:
     max_scale_ratio: float = 10.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.min_cell, bool) or int(self.min_cell) != self.min_cell:
+        if (
+            isinstance(self.min_cell, bool)
+            or not isinstance(self.min_cell, (int, float))
+            or int(self.min_cell) != self.min_cell
+        ):
             raise ValueError(f"min_cell must be a whole number, got {self.min_cell!r}")
         if self.min_cell < 1:
             raise ValueError(f"min_cell must be at least 1, got {self.min_cell}")

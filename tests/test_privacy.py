@@ -122,3 +122,11 @@ def _write(heart_dir, sites):
     path = heart_dir / "study.toml"
     path.write_text(heart_study_text(sites))
     return path
+
+
+@pytest.mark.parametrize("bad", [None, "3", 2.5, True, 0, [3]])
+def test_a_policy_refuses_a_min_cell_that_is_not_a_whole_number(bad):
+    from radfed.shared.privacy import PrivacyPolicy
+
+    with pytest.raises(ValueError, match="min_cell must be"):
+        PrivacyPolicy(min_cell=bad)
