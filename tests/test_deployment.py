@@ -60,7 +60,13 @@ def test_flower_app_is_a_valid_fab():
         "serverapp": "radfed.server.federation.server_app:app",
         "clientapp": "radfed.client.app:app",
     }
-    assert app["config"] == {"study": "", "out": "", "track": True, "connect-timeout": 120.0}
+    assert app["config"] == {
+        "study": "",
+        "out": "",
+        "track": True,
+        "pooled": False,
+        "connect-timeout": 120.0,
+    }
     assert "flwr==1.41.0" in config["project"]["dependencies"]
 
     import io
