@@ -12,6 +12,7 @@ written with (known to the test, not read back from the headers).
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import SimpleITK as sitk
 
 from radfed.client.dicom_export import SeriesInfo, write_series
 from radfed.client.extraction import extract_site, load_params
+from radfed.client.site_state import default_state_dir
 from radfed.experiments.synth import reader_mask
 from radfed.server.federation.inprocess import InProcessTransport
 from radfed.server.study.driver import FederatedStudy
@@ -88,6 +90,12 @@ def study(tmp_path_factory):
                     "age": int(rng.integers(30, 80)),
                 }
             )
+        # A fixed site secret: the study's splits and folds are then always the same.
+        # (With some draws the LASSO path of these 20-odd patients per site nears
+        # separation and a site rightly refuses it under the concentration rule.)
+        state = default_state_dir(site, folder.resolve())
+        state.mkdir(parents=True, exist_ok=True)
+        (state / "secret.key").write_bytes(hashlib.sha256(f"repro-{site}".encode()).digest())
         with open(folder / "manifest.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
