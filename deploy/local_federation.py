@@ -888,15 +888,15 @@ class LocalFederation:
 
     def check_alive(self) -> None:
         """Raise :class:`FederationError` if the SuperLink or a SuperNode has exited."""
-        dead = [p for p in self.processes if not p.running()]
-        if dead:
-            lines = [f"{p.name} exited with code {p.popen.returncode}" for p in dead]
-            raise FederationError("; ".join(lines) + "\n" + self.log_tails(dead))
+        self._check_running(self.processes)
 
     def check_superlink(self) -> None:
         """Raise :class:`FederationError` if the SuperLink has exited (a study that drops
         a failing site carries on without a SuperNode; the ServerApp notices it)."""
-        dead = [p for p in [self.superlink] if p is not None and not p.running()]
+        self._check_running([self.superlink] if self.superlink else [])
+
+    def _check_running(self, processes: Iterable[ManagedProcess]) -> None:
+        dead = [p for p in processes if not p.running()]
         if dead:
             lines = [f"{p.name} exited with code {p.popen.returncode}" for p in dead]
             raise FederationError("; ".join(lines) + "\n" + self.log_tails(dead))

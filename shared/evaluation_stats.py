@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+from scipy.special import expit
 
 from radfed.shared.logistic import fit_newton
 
@@ -594,8 +595,8 @@ def log_likelihood(y: np.ndarray, p: np.ndarray) -> float:
     return float(np.sum(np.where(y, np.log(p), np.log1p(-p))))
 
 
-#: Degree of the smooth calibration curve's polynomial in the linear predictor (logit p),
-#: the coordinator's :data:`radfed.server.stats.evaluation.CURVE_DEGREE` too.
+#: Degree of the smooth calibration curve's polynomial in the linear predictor (logit p):
+#: the sites' own curves and the coordinator's pooled one.
 CURVE_DEGREE = 3
 
 
@@ -638,17 +639,7 @@ def calibration_errors(lp: np.ndarray, coef: np.ndarray) -> np.ndarray:
     lp = np.asarray(lp, dtype=float)
     coef = np.asarray(coef, dtype=float)
     eta = curve_design(lp, len(coef) - 1) @ coef
-    return np.abs(_expit(eta) - _expit(lp))
-
-
-def _expit(v: np.ndarray) -> np.ndarray:
-    out = np.empty_like(np.asarray(v, dtype=float))
-    v = np.asarray(v, dtype=float)
-    pos = v >= 0
-    out[pos] = 1.0 / (1.0 + np.exp(-v[pos]))
-    e = np.exp(v[~pos])
-    out[~pos] = e / (1.0 + e)
-    return out
+    return np.abs(expit(eta) - expit(lp))
 
 
 # ----------------------------------------------------------- the site's disclosure grids

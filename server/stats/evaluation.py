@@ -53,13 +53,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from scipy.special import expit
 
 from radfed.server.federation.transport import Transport
 from radfed.server.results import POOLED, LogisticFit
 from radfed.server.stats import inference
 from radfed.server.stats.solvers import LogisticSpec, fit_logistic_many, spread
 from radfed.shared.errors import FederationError
-from radfed.shared.evaluation_stats import BIN_EDGES, THRESHOLDS
+from radfed.shared.evaluation_stats import BIN_EDGES, CURVE_DEGREE, THRESHOLDS, curve_design
 from radfed.shared.messages import LINEAR_PREDICTOR as LP
 from radfed.shared.messages import Payload
 
@@ -71,8 +72,6 @@ CUTOFF_RULE = (
     "the 0.01 grid of the sites' threshold counts (each site merges thresholds until "
     "every count passes its minimum cell size)"
 )
-#: Degree of the calibration curve's polynomial in logit p.
-CURVE_DEGREE = 3
 CURVE_POINTS = 60
 NAN = float("nan")
 
@@ -549,12 +548,9 @@ def _curve(fit: LogisticFit, rows: list[Payload], subset: str, j: int) -> dict[s
     a = THRESHOLDS[lo[-1]] if len(lo) else THRESHOLDS[0]
     b = THRESHOLDS[hi[0]] if len(hi) else THRESHOLDS[-1]
     lp = np.linspace(np.log(a / (1 - a)), np.log(b / (1 - b)), CURVE_POINTS)
-    X = np.column_stack([lp**k for k in range(CURVE_DEGREE + 1)])
+    X = curve_design(lp)
     eta = X @ fit.coef
     se = np.sqrt(np.einsum("ij,jk,ik->i", X, fit.cov, X))
-
-    def expit(v: np.ndarray) -> np.ndarray:
-        return 1.0 / (1.0 + np.exp(-v))
 
     return {
         "status": "ok",

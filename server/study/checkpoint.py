@@ -65,10 +65,6 @@ class Checkpoint:
             self.folder.mkdir(parents=True, exist_ok=True)
             _write(marker, json.dumps({"study_digest": self.digest}).encode())
 
-    def keys(self) -> list[str]:
-        """The phases saved so far."""
-        return sorted(p.stem for p in self.folder.glob("*.pkl"))
-
     def load(self, key: str) -> Any | None:
         """What phase ``key`` produced, or None when it has not completed."""
         path = self.folder / f"{key}.pkl"
@@ -104,9 +100,9 @@ def unfinished_run(root: Path) -> Path | None:
     """The newest run folder under ``root`` with checkpoints and no results.json."""
     if not Path(root).is_dir():
         return None
-    runs = sorted(
-        (p for p in Path(root).iterdir() if not p.is_symlink() and (p / FOLDER).is_dir()),
-        key=lambda p: p.name,
-    )
-    runs = [p for p in runs if not (p / "results.json").is_file()]
-    return runs[-1] if runs else None
+    runs = [
+        p
+        for p in Path(root).iterdir()
+        if not p.is_symlink() and (p / FOLDER).is_dir() and not (p / "results.json").is_file()
+    ]
+    return max(runs, key=lambda p: p.name, default=None)
