@@ -27,7 +27,7 @@ from radfed.server.study.driver import FederatedStudy
 from radfed.server.tracking.runs import tags_of
 from radfed.shared.config import load_study, parse_study
 from radfed.shared.errors import FederationError, StudyConfigError
-from radfed.shared.messages import to_record
+from radfed.shared.messages import from_record, to_record
 from radfed.tests.conftest import heart_study_text
 from radfed.tests.reference import assert_same_results
 
@@ -74,6 +74,26 @@ def failing_run(config, failing, from_round, **kwargs):
         InProcessTransport.from_study(config).workers, failing, from_round, **kwargs
     )
     return FederatedStudy(config, transport).run(), transport
+
+
+def first_refit_round(config, failing: str) -> int:
+    """The round (counted as ``FailingTransport`` counts them) at which ``failing`` is
+    first asked for a leave-one-site-out refit: its second ``describe``. The main fit's
+    rounds depend on the sites' own splits and folds, so they are counted, not fixed."""
+
+    class Counting(FailingTransport):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.describes: list[int] = []
+
+        def _exchange(self, requests):
+            if failing in requests and from_record(requests[failing])["task"] == "describe":
+                self.describes.append(self.seen + 1)
+            return super()._exchange(requests)
+
+    transport = Counting(InProcessTransport.from_study(config).workers, failing, 10**9)
+    FederatedStudy(config, transport).run()
+    return transport.describes[1]
 
 
 def as_json(result) -> dict:
@@ -336,11 +356,11 @@ def test_a_validation_site_failing_fails_its_entry_only(heart_dir):
 
 
 def test_a_training_site_failing_during_leave_one_site_out_fails_those_entries(heart_dir):
-    """va stops answering in the first refit (after the main fit's 34 rounds): the main
+    """va stops answering in the first refit (after the main fit's rounds): the main
     fit is kept, the refits that need va fail at once (one wait), and va's own entry
     fails."""
     config = write_study(heart_dir, SITES, policy="drop", loso=True)
-    result, transport = failing_run(config, "va", from_round=35)
+    result, transport = failing_run(config, "va", from_round=first_refit_round(config, "va"))
     results = as_json(result)
     assert transport.asked_after_failure == 1
     assert results["federation"]["sites"] == SITES
