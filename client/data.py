@@ -40,7 +40,8 @@ class TableSpec:
 
     ``features`` are names or glob patterns; ``numeric`` other numeric columns (for
     example ComBat covariates that are not clinical variables); ``labels`` text columns
-    (a batch column, categorical covariates), kept as strings.
+    (a batch column, categorical covariates, categorical clinical variables), kept as
+    strings; ``categorical`` the clinical variables read as labels, not numbers.
     """
 
     outcome: str
@@ -48,11 +49,13 @@ class TableSpec:
     features: tuple[str, ...] = ()
     numeric: tuple[str, ...] = ()
     labels: tuple[str, ...] = ()
+    categorical: tuple[str, ...] = ()
 
     @property
     def numeric_columns(self) -> list[str]:
-        """Outcome, clinical and extra numeric columns, each once, in order."""
-        return list(dict.fromkeys([self.outcome, *self.clinical, *self.numeric]))
+        """Outcome, numeric clinical and extra numeric columns, each once, in order."""
+        clinical = [c for c in self.clinical if c not in self.categorical]
+        return list(dict.fromkeys([self.outcome, *clinical, *self.numeric]))
 
 
 @dataclass

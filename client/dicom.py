@@ -118,7 +118,9 @@ def read_header(path: Path, folder: Path, role: str = "image"):
         return pydicom.dcmread(path, stop_before_pixels=True)
     except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError) as exc:
         name = str(path.relative_to(folder)) if path.is_relative_to(folder) else path.name
-        raise CaseError(f"{name} is not a DICOM file ({short_error(exc)})", role, name) from exc
+        # pydicom's advice to its programmers ("Use force=True ...") is no help here.
+        reason = short_error(ValueError(str(exc).split(" Use force=True")[0]))
+        raise CaseError(f"{name} is not a DICOM file ({reason})", role, name) from exc
 
 
 def _slice_header(path: Path, folder: Path) -> SliceHeader:

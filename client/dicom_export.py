@@ -2,8 +2,12 @@
 
 One single-frame file per slice, 16-bit signed stored values with a rescale slope and
 intercept chosen so the stored integers hold the image exactly when its values are
-whole numbers in the int16 range (else to 1/1000 of the range); the geometry is written
-with Python's shortest decimal spelling of each number.
+whole numbers in the int16 range (else to 1/60000 of the range); the geometry is written
+as conformant Decimal Strings (at most 16 characters): Python's shortest decimal spelling
+of each number when it fits, else its closest 16-character spelling. A grid whose numbers
+have short spellings (spacing 0.9765625, origin on a 1/64 mm grid ...) is then read back
+bit for bit; another (a float32 NIfTI spacing such as 0.9765620231628418) is read back
+to about 1e-14 relative, as from a scanner's own headers.
 """
 
 from __future__ import annotations
@@ -42,9 +46,20 @@ class SeriesInfo:
         self.frame_of_reference_uid = self.frame_of_reference_uid or generate_uid()
 
 
+#: Longest Decimal String (DS) value the DICOM standard allows (PS3.5 6.2).
+DS_MAX_CHARS = 16
+
+
 def _ds(value: float) -> str:
+    """A conformant DS value: Python's shortest spelling of ``value`` when it fits in 16
+    characters, else the closest spelling in 16 characters (pydicom's
+    ``format_number_as_ds``: as many significant digits as fit), as a scanner writes it.
+    """
+    from pydicom.valuerep import format_number_as_ds
+
     text = repr(float(value))
-    return text[:-2] if text.endswith(".0") else text
+    text = text[:-2] if text.endswith(".0") else text
+    return text if len(text) <= DS_MAX_CHARS else format_number_as_ds(float(value))
 
 
 def write_series(
@@ -70,6 +85,8 @@ def write_series(
     else:
         slope = max(high - low, 1e-12) / 60000.0
         intercept = low + 30000 * slope
+        # The stored integers are made with the values the header will hold.
+        slope, intercept = float(_ds(slope)), float(_ds(intercept))
     stored = np.rint((array - intercept) / slope).astype(np.int16)
     direction = np.array(image.GetDirection()).reshape(3, 3)
     spacing = image.GetSpacing()

@@ -834,7 +834,7 @@ def extract_site(
         features=table,
         problems=sorted(problems, key=lambda p: p.row),
         n_cached=n_cached,
-        n_extracted=len(table) - n_cached,
+        n_extracted=len(features) - n_cached,  # every mask's case, not only the rows
         settings_hash=params.settings_hash,
         pyradiomics_version=pyradiomics_version(),
         params_name=params.name,

@@ -37,12 +37,16 @@ from radfed.shared import evaluation_stats as es
 from radfed.shared.config import SITE_BATCH
 from radfed.shared.errors import PrivacyRefusal, RadfedError
 from radfed.shared.logistic import design, newton_pieces
+from radfed.shared.messages import BATCH, RADSCORE, Payload, pack, unpack
 from radfed.shared.messages import LINEAR_PREDICTOR as LP
-from radfed.shared.messages import RADSCORE, Payload
-from radfed.shared.privacy import PrivacyPolicy
+from radfed.shared.privacy import PrivacyPolicy, refuse
 from radfed.shared.selection_stats import assign_folds
 
 log = logging.getLogger(__name__)
+
+#: Harmonised views a site keeps (per subset and pipeline): fits that share rounds (the
+#: main fit and each leave-one-site-out refit) take turns, each with its own pipeline.
+VIEWS_KEPT = 16
 
 TRAIN, TEST = "train", "test"
 SPLITS = (TRAIN, TEST)
@@ -95,8 +99,9 @@ def stratified_split(
 def table_spec(protocol: dict[str, Any]) -> TableSpec:
     """The columns a study's protocol needs from a site table."""
     categorical = list(protocol.get("categorical", []))
+    clinical_categorical = list(protocol.get("clinical_categorical", []))
     batch = protocol.get("batch", SITE_BATCH)
-    labels = ([] if batch == SITE_BATCH else [batch]) + categorical
+    labels = ([] if batch == SITE_BATCH else [batch]) + categorical + clinical_categorical
     numeric = [c for c in protocol.get("covariates", []) if c not in categorical]
     return TableSpec(
         outcome=protocol["outcome"],
@@ -104,6 +109,7 @@ def table_spec(protocol: dict[str, Any]) -> TableSpec:
         features=tuple(protocol["features"]),
         numeric=tuple(numeric),
         labels=tuple(dict.fromkeys(labels)),
+        categorical=tuple(clinical_categorical),
     )
 
 
@@ -249,8 +255,10 @@ class Site:
                 )
             if "radscore_columns" in request:
                 frame[RADSCORE] = self._guarded_lp(request, "radscore", frame, "Radscore")
-            self._views = {k: v for k, v in self._views.items() if k[1] == key[1]}
             self._views[key] = frame
+            while len(self._views) > VIEWS_KEPT:  # the least recently used goes
+                self._views.pop(next(iter(self._views)))
+        self._views[key] = self._views.pop(key)
         return self._views[key]
 
     def _with_own_batches(self, estimates: Any, request: Payload) -> Any:
@@ -335,9 +343,71 @@ class Site:
                     raise RadfedError(f"column {c!r} is only a calibration fit's (k = 2, 3)")
                 lp = self._guarded_lp(request, model, frame, f"model {model}")
                 out.append(lp ** int(k))
+            elif self._dummy_of(c):
+                out.append(self._dummy(request, frame, c))
             else:
                 out.append(self._columns(frame, [c])[:, 0])
         return np.column_stack(out) if out else np.empty((len(frame), 0))
+
+    # -- categorical clinical variables (one-hot, with the federation's levels) ---------
+
+    def _dummy_of(self, column: str) -> str:
+        """The categorical clinical variable whose dummy column ``column`` ("name=level")
+        is, or ''."""
+        name, sep, _ = column.partition("=")
+        return name if sep and name in self.protocol.get("clinical_categorical", []) else ""
+
+    def _dummy(self, request: Payload, frame: pd.DataFrame, column: str) -> np.ndarray:
+        """1 where the patient's level is the column's, else 0. A level of the rows that
+        the request's federation levels (``clinical_levels``) lack is an error: the
+        patient would silently count as the reference level."""
+        name, _, level = column.partition("=")
+        labels = self.levels_of(name, frame.index)
+        known = (request.get("clinical_levels") or {}).get(name)
+        if known is not None:
+            extra = sorted({str(v) for v in labels} - set(map(str, known)))
+            if extra:
+                raise RadfedError(
+                    f"categorical variable {name!r} has level(s) {extra[:5]} at this site that "
+                    f"the federation's levels {list(known)[:10]} lack"
+                )
+        return (labels == level).astype(float)
+
+    def levels_of(self, name: str, index: pd.Index | None = None) -> np.ndarray:
+        """Each patient's level (of ``index``, default all) of a categorical clinical
+        variable, after the study's ``merge_levels``."""
+        labels = self.table.labels[name] if index is None else self.table.labels.loc[index, name]
+        groups = (self.protocol.get("merge_levels") or {}).get(name) or {}
+        merged = {old: new for new, olds in groups.items() for old in olds}
+        return np.array([merged.get(v, v) for v in labels.astype(str)], dtype=str)
+
+    def _check_levels(
+        self, columns: list[str], frame: pd.DataFrame, subset: str, context: str
+    ) -> None:
+        """Refuse a reply over ``frame``'s patients that uses a dummy column of a
+        categorical variable one of whose levels (the reference included) some but fewer
+        than ``min_cell`` of them hold: a mean or Hessian of the dummies would publish
+        that count. Dummies are answered over the training patients only (the models
+        never need others): a level's count over all patients minus its count over the
+        training ones would be its count in the test split. A refusal names the
+        variable, never the level or the count."""
+        names = list(dict.fromkeys(filter(None, map(self._dummy_of, columns))))
+        if names and subset != TRAIN:
+            raise refuse(
+                "differencing",
+                context,
+                f"the dummy columns of {names} are answered over the training patients only",
+            )
+        for name in names:
+            counts = pd.Series(self.levels_of(name, frame.index)).value_counts()
+            if any(self.policy.small(int(n)) for n in counts):
+                raise refuse(
+                    "min-cell",
+                    context,
+                    f"a level of the categorical variable {name!r} is held by fewer patients "
+                    f"than the site's minimum cell size {self.policy.min_cell} (merge rare "
+                    "levels, or leave the variable numeric)",
+                )
 
     def _outcome(self, frame: pd.DataFrame) -> np.ndarray:
         return frame[self.table.outcome].to_numpy(dtype=float)
@@ -358,7 +428,10 @@ class Site:
         self._answer_over(["all"])
         counts = self._counts("all")
         self.policy.check_counts(counts, "describe")
+        # ComBat's categorical covariates and the categorical clinical variables (after
+        # the study's merges): the names of the levels the site holds, never counts.
         categorical = list(self.protocol.get("categorical", []))
+        clinical = list(self.protocol.get("clinical_categorical", []))
         excluded = self.excluded()
         shown = excluded if not self.policy.small(excluded) else -1
         for k, v in counts.items():
@@ -376,7 +449,10 @@ class Site:
             "pyradiomics_version": self.table.pyradiomics_version,
             "radfed_version": radfed.__version__,
             "batch_levels": sorted(set(self.batches("all"))),
-            "levels": {c: sorted(set(self.table.labels[c])) for c in categorical},
+            "levels": {
+                **{c: sorted(set(self.table.labels[c])) for c in categorical},
+                **{c: sorted({str(v) for v in self.levels_of(c)}) for c in clinical},
+            },
             # Which reproducibility masks the site has (names only; see reproducibility).
             "reader_masks": sorted(
                 r for r, t in getattr(self.table, "readers", {}).items() if len(t)
@@ -406,6 +482,8 @@ class Site:
         lose the SD of a feature whose mean dwarfs it (mean 1e9, SD 30) to cancellation.
         """
         subset = _subset(request.get("subset", TRAIN))
+        columns = _names(request["columns"], "columns")
+        self._check_levels(columns, self.view(request, subset), subset, "moments")
         self._answer_over([subset])
         x, _ = self._data(request, request["columns"], subset)
         self.policy.check_counts({"n": len(x)}, "moments")
@@ -433,6 +511,8 @@ class Site:
         y = self._outcome(frame)
         reply: Payload = {}
         for model in models:
+            columns = _names(request[f"{model}_columns"], "columns")
+            self._check_levels(columns, frame, subset, f"logistic ({model})")
             X = self._standardised(request, model, frame, f"logistic ({model})", True)
             beta = _vector(request[f"{model}_beta"], X.shape[1], f"{model}_beta")
             eta = X @ beta
@@ -471,9 +551,13 @@ class Site:
         subsets = [_subset(s) for s in _names(request.get("subsets", list(SPLITS)), "subsets")]
         m = self.policy.min_cell
         reply: Payload = {}
+        columns = [c for name in models for c in _names(request[f"{name}_columns"], "columns")]
+        rare = self._rare_level(columns)
         for subset in subsets:
             counts = self._counts(subset)
             status, reason = self._evaluable(counts)
+            if rare and status != "refused":
+                status, reason = "refused", rare
             # Each model's calibration intercept and slope is a fit here: on a split too
             # small for all of them (parameter rule) they are not fitted, the rest is sent.
             fit_calibration = 2 * len(models) <= self.policy.max_param_fraction * counts["n"]
@@ -541,6 +625,29 @@ class Site:
             )
             self._sent(f"{subset} smallest count at a threshold or bin", _smallest(tp, fp, bin_n))
         return reply
+
+    def _rare_level(self, columns: list[str]) -> str:
+        """Why models on ``columns`` may not be evaluated here ('' when they may): they
+        use a categorical variable one of whose levels some but fewer than ``min_cell``
+        patients hold in the training or the test split. A model of that level's dummy
+        alone would make its log-likelihood (or AUC) over either split, or over all
+        patients minus the training ones, a function of those few patients' outcomes.
+        Names the variable, never the level or the count."""
+        for name in dict.fromkeys(filter(None, map(self._dummy_of, columns))):
+            for subset in SPLITS:
+                index = self.table.frame.loc[self.rows(subset)].index
+                counts = pd.Series(self.levels_of(name, index)).value_counts()
+                if any(self.policy.small(int(n)) for n in counts):
+                    return str(
+                        refuse(
+                            "min-cell",
+                            "evaluate",
+                            f"a level of the categorical variable {name!r} is held by fewer "
+                            f"patients than the site's minimum cell size {self.policy.min_cell} "
+                            "in a split (merge rare levels, or leave the variable numeric)",
+                        )
+                    )
+        return ""
 
     def _evaluable(self, counts: dict[str, int]) -> tuple[str, str]:
         """("ok", ""), ("undefined", why) for one class only, or ("refused", why)."""
@@ -770,6 +877,8 @@ class SiteWorker:
 
     def handle(self, request: Payload) -> Payload:
         task = request.get("task", "")
+        if task == BATCH:
+            return self._batch(request)
         protocol = request.get("protocol") if isinstance(request.get("protocol"), dict) else {}
         entry: dict[str, Any] = {
             "site": self.settings.name,
@@ -816,6 +925,30 @@ class SiteWorker:
             log.error("site %s cannot write its audit log: %s", self.settings.name, exc)
             return {"error": "the site cannot write its audit log", "error_kind": "internal"}
         return reply
+
+    def _batch(self, request: Payload) -> Payload:
+        """Several requests in one message (independent fits sharing a round): each is
+        judged, answered and audited exactly as if it had come alone."""
+        try:
+            items = unpack(request)
+        except ValueError as exc:
+            entry = {
+                "site": self.settings.name,
+                "task": BATCH,
+                "step": "",
+                "study": "",
+                "protocol_hash": "",
+                "request": {"batch_size": str(request.get("batch_size"))[:40]},
+                "outcome": "error",
+                "rule": "",
+                "message": str(exc),
+            }
+            try:
+                self.state.audit(entry)
+            except OSError as write_error:
+                log.error("site %s cannot write its audit log: %s", self.settings.name, write_error)
+            return {"error": str(exc), "error_kind": "data"}
+        return pack([self.handle(item) for item in items])
 
     def _public(self, message: str, site: Site | None) -> str:
         """``message`` without local paths or patient ids (they stay in the site's log)."""

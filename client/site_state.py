@@ -60,6 +60,11 @@ PINNED_KEYS = (
     "categorical",
     "extraction_params",
 )
+#: Labels of the patient sets over which a site sends no statistic of the outcome (the
+#: reproducibility ICC sums: the features of the patients rated on every mask). The
+#: differencing rule compares such a set with any other on its patients only: no
+#: difference with it can carry an outcome.
+OUTCOME_FREE = ("reproducibility ",)
 
 
 def protocol_hash(protocol: dict[str, Any]) -> str:
@@ -186,7 +191,10 @@ class SiteState:
 
         The difference of two aggregates is an aggregate over the patients in one set
         and not the other, so it must pass the minimum-cell rule like any subset (an
-        "all minus train" that recovers a refused test split is refused here).
+        "all minus train" that recovers a refused test split is refused here). When
+        either set is :data:`OUTCOME_FREE`, only the patients count: a difference with
+        it holds no statistic of the outcome (a LASSO fold that shares most of its
+        patients with the rated ones is answered, one that differs by two is not).
 
         Parameters
         ----------
@@ -213,9 +221,10 @@ class SiteState:
                 for other_label, other_study, other, other_events in known:
                     diff = members ^ other
                     diff_events = len(events ^ other_events)
-                    if any(
-                        policy.small(c) for c in (len(diff), diff_events, len(diff) - diff_events)
-                    ):
+                    counts = [len(diff), diff_events, len(diff) - diff_events]
+                    if label.startswith(OUTCOME_FREE) or other_label.startswith(OUTCOME_FREE):
+                        counts = counts[:1]
+                    if any(policy.small(c) for c in counts):
                         raise refuse(
                             "differencing",
                             f"{label} of study {study!r}",

@@ -133,12 +133,14 @@ def study_spec(config: StudyConfig) -> TableSpec:
     """The columns a study needs from a site table (as the site derives them)."""
     h = config.harmonization
     labels = ([] if h.batch == SITE_BATCH else [h.batch]) + list(h.categorical)
+    labels += list(config.clinical_categorical)
     return TableSpec(
         outcome=config.outcome,
         clinical=tuple(config.clinical),
         features=tuple(config.features),
         numeric=tuple(c for c in h.covariates if c not in h.categorical),
         labels=tuple(dict.fromkeys(labels)),
+        categorical=tuple(config.clinical_categorical),
     )
 
 

@@ -753,6 +753,7 @@ def _write_site(
     bar: tqdm,
     second_reader: bool = False,
     dicom: bool = False,
+    reader_patients: int | None = None,
 ) -> None:
     profile = SITE_PROFILES[index % len(SITE_PROFILES)]
     # The marker goes first, so that an interrupted run can still be overwritten.
@@ -764,6 +765,11 @@ def _write_site(
         "patients": patients,
         "profile": asdict(profile),
     }
+    read_again = set(range(patients))
+    if second_reader and reader_patients is not None and reader_patients < patients:
+        marker["reader_patients"] = reader_patients
+        chosen = np.random.default_rng([seed, index, 3]).permutation(patients)
+        read_again = set(chosen[:reader_patients].tolist())
     (folder / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
     labels = _class_labels(np.random.default_rng([seed, index, 0]), patients, profile.prevalence)
     width = max(3, len(str(patients)))
@@ -784,8 +790,9 @@ def _write_site(
         else:
             sitk.WriteImage(image, str(folder / rel_img), True)
         sitk.WriteImage(mask, str(folder / rel_mask), True)
-        extra = []
-        if second_reader:
+        extra = ["", ""] if second_reader else []
+        if second_reader and k in read_again:
+            extra = []
             readers = np.random.default_rng([seed, index, 2, k])  # its own stream
             for column, (jitter, offset, smooth) in zip(
                 READER_COLUMNS, (READER2_JITTER, REPEAT_JITTER), strict=True
@@ -824,6 +831,7 @@ def write_cohort(
     *,
     second_reader: bool = False,
     dicom: bool = False,
+    reader_patients: int | None = None,
 ) -> list[Path]:
     """Write one folder per hospital (out/hospital_a, out/hospital_b, ...) and return them.
 
@@ -843,6 +851,11 @@ def write_cohort(
         Also write a second reader's mask and the first reader's repeat per patient
         (:func:`reader_mask`; columns ``mask_reader2`` and ``mask_repeat``), for the
         study's reproducibility (ICC) filter. Images and first masks do not change.
+    reader_patients : int, optional
+        With ``second_reader``, write those masks for this many patients per site only,
+        drawn at random (seed 000 measured reproducibility on a subset of its cases);
+        the other rows leave both columns empty. A patient's reader masks are the same
+        whatever the subset. None (the default) or ``patients`` or more: every patient.
     dicom : bool
         Write each image as a DICOM series folder (``images/<patient>/``, one file per
         slice, the scanner's manufacturer, model and field strength in the headers)
@@ -867,6 +880,14 @@ def write_cohort(
     so that a glob of ``out/hospital_*`` finds only this cohort.
     """
     _check_args(sites, patients, seed)
+    if reader_patients is not None and (
+        isinstance(reader_patients, bool)
+        or not isinstance(reader_patients, int | np.integer)
+        or reader_patients < 1
+    ):
+        raise SynthError(f"reader_patients must be a positive integer, got {reader_patients!r}")
+    if reader_patients is not None and not second_reader:
+        raise SynthError("reader_patients needs second_reader=True")
     out = Path(out)
     folders = [out / f"hospital_{site_name(i)}" for i in range(sites)]
     if out.exists() and not out.is_dir():
@@ -883,5 +904,5 @@ def write_cohort(
     ) as bar:
         for i, folder in enumerate(folders):
             _prepare_site_dir(folder)
-            _write_site(folder, i, patients, seed, bar, second_reader, dicom)
+            _write_site(folder, i, patients, seed, bar, second_reader, dicom, reader_patients)
     return folders

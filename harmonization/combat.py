@@ -40,6 +40,7 @@ from radfed.harmonization.design import (
     ArrayLike,
     Reply,
     batch_onehot,
+    coefficients,
     covariate_effects,
     default_names,
     design_matrix,
@@ -77,6 +78,41 @@ class ComBatWarning(UserWarning):
     """A feature ComBat handles specially (constant overall or within a batch)."""
 
 
+def _finite(reply: dict[str, Any], context: str) -> dict[str, Any]:
+    """``reply`` if every number in it is finite; else a clear error (a sum of squares
+    beyond the largest double: values of about 1e154 and more), never an inf or NaN
+    sent on."""
+    for key, value in reply.items():
+        array = np.asarray(value)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise ValueError(
+                f"ComBat {context}: {key} overflows double precision (feature or covariate "
+                "values too large, or a pooled variance too small); rescale the features"
+            )
+    return reply
+
+
+def _check_estimates(estimates: ComBatEstimates) -> None:
+    """Refuse estimates a site cannot apply: non-finite values or variances <= 0 (of
+    the adjusted features; a hostile or corrupted payload, never a fit)."""
+    adj = estimates.adjusted
+    ok = (
+        np.isfinite(estimates.grand_mean)
+        & np.isfinite(estimates.beta_covariates).all(axis=0)
+        & np.isfinite(estimates.var_pooled)
+        & (estimates.var_pooled > 0)
+        & np.isfinite(estimates.gamma_star).all(axis=0)
+        & np.isfinite(estimates.delta_star).all(axis=0)
+        & (estimates.delta_star > 0).all(axis=0)
+    )
+    if not ok[adj].all():
+        names = np.array(estimates.feature_names)[adj & ~ok][:5].tolist()
+        raise ValueError(
+            f"ComBat estimates of feature(s) {names} hold NaN, infinite values or a "
+            "variance <= 0: they cannot be applied"
+        )
+
+
 # -- round 1: pooled regression ----------------------------------------------------------
 
 
@@ -93,7 +129,9 @@ def site_design_moments(
     """
     Y, batch, cov = site_data(Y, batch, covariates)
     X = design_matrix(batch, cov, batch_levels)
-    return {"xtx": X.T @ X, "xty": X.T @ Y, "n": int(Y.shape[0])}
+    with np.errstate(over="ignore", invalid="ignore"):  # _finite refuses an overflow
+        reply = {"xtx": X.T @ X, "xty": X.T @ Y, "n": int(Y.shape[0])}
+    return _finite(reply, "design moments")
 
 
 def _check_design(xtx: np.ndarray, names: list[str]) -> None:
@@ -172,12 +210,15 @@ def site_residual_moments(
         ``rss`` (p,), ``sumsq`` (p,) = ΣY² (to tell constant features from the others)
         and the row count ``n``.
     """
-    Y, batch, cov = site_data(Y, batch, covariates, n_features=np.shape(beta)[1])
+    beta = coefficients(beta, "beta", ndim=2)
+    Y, batch, cov = site_data(Y, batch, covariates, n_features=beta.shape[1])
     X = design_matrix(batch, cov, batch_levels)
-    if X.shape[1] != np.shape(beta)[0]:
-        raise ValueError(f"beta has {np.shape(beta)[0]} rows, the design {X.shape[1]} columns")
-    resid = Y - X @ np.asarray(beta, dtype=float)
-    return {"rss": (resid**2).sum(axis=0), "sumsq": (Y**2).sum(axis=0), "n": int(Y.shape[0])}
+    if X.shape[1] != beta.shape[0]:
+        raise ValueError(f"beta has {beta.shape[0]} rows, the design {X.shape[1]} columns")
+    with np.errstate(over="ignore", invalid="ignore"):  # _finite refuses an overflow
+        resid = Y - X @ beta
+        reply = {"rss": (resid**2).sum(axis=0), "sumsq": (Y**2).sum(axis=0), "n": int(Y.shape[0])}
+    return _finite(reply, "residual moments")
 
 
 def solve_pooled_variance(
@@ -238,15 +279,20 @@ def site_batch_moments(
         ``n`` (B,) rows per batch (0 for batches the site does not hold: a structural
         zero, not a small cell), ``sum_z`` (B, p) and ``sum_z2`` (B, p).
     """
-    grand_mean = np.asarray(grand_mean, dtype=float)
+    grand_mean = coefficients(grand_mean, "grand_mean", ndim=1)
     Y, batch, cov = site_data(Y, batch, covariates, n_features=grand_mean.size)
+    p = grand_mean.size
+    var_pooled = coefficients(var_pooled, "var_pooled", ndim=1, columns=p, positive=True)
+    beta_covariates = coefficients(beta_covariates, "beta_covariates", ndim=2, columns=p)
     onehot = batch_onehot(batch, batch_levels)
-    z = standardize(Y, cov, beta_covariates, grand_mean, np.asarray(var_pooled, dtype=float))
-    return {
-        "n": onehot.sum(axis=0).astype(np.int64),
-        "sum_z": onehot.T @ z,
-        "sum_z2": onehot.T @ z**2,
-    }
+    with np.errstate(over="ignore", invalid="ignore"):  # _finite refuses an overflow
+        z = standardize(Y, cov, beta_covariates, grand_mean, var_pooled)
+        reply = {
+            "n": onehot.sum(axis=0).astype(np.int64),
+            "sum_z": onehot.T @ z,
+            "sum_z2": onehot.T @ z**2,
+        }
+    return _finite(reply, "batch moments")
 
 
 def _warn_constant_in_batch(level: str, constant: np.ndarray, names: np.ndarray) -> None:
@@ -378,11 +424,19 @@ def apply_combat(
         Y, batch, covariates, estimates.n_features, len(estimates.covariate_names)
     )
     idx = estimates.batch_index(batch)
-    mean = estimates.grand_mean + covariate_effects(cov, estimates.beta_covariates)
-    scale = np.sqrt(estimates.var_pooled)
-    z = (Y - mean) / scale
-    out = (z - estimates.gamma_star[idx]) / np.sqrt(estimates.delta_star[idx]) * scale + mean
+    _check_estimates(estimates)
+    with np.errstate(over="ignore", invalid="ignore"):  # refused below
+        mean = estimates.grand_mean + covariate_effects(cov, estimates.beta_covariates)
+        scale = np.sqrt(estimates.var_pooled)
+        z = (Y - mean) / scale
+        out = (z - estimates.gamma_star[idx]) / np.sqrt(estimates.delta_star[idx]) * scale + mean
     out[:, ~estimates.adjusted] = Y[:, ~estimates.adjusted]
+    if not np.isfinite(out).all():
+        names = np.array(estimates.feature_names)[~np.isfinite(out).all(axis=0)][:5].tolist()
+        raise ValueError(
+            f"ComBat adjustment of feature(s) {names} overflows double precision (values "
+            "too large for the fit's scale); rescale the features"
+        )
     return out
 
 
@@ -428,14 +482,22 @@ def estimate_new_batch(
     new_levels = sorted({str(b) for b in set(batch)} - set(estimates.batch_levels))
     if not new_levels:
         return estimates
+    _check_estimates(estimates)
     adj = estimates.adjusted
-    z = standardize(
-        Y[:, adj],
-        cov,
-        estimates.beta_covariates[:, adj],
-        estimates.grand_mean[adj],
-        estimates.var_pooled[adj],
-    )
+    with np.errstate(over="ignore", invalid="ignore"):  # refused below
+        z = standardize(
+            Y[:, adj],
+            cov,
+            estimates.beta_covariates[:, adj],
+            estimates.grand_mean[adj],
+            estimates.var_pooled[adj],
+        )
+        finite_squares = np.isfinite((z**2).sum(axis=0)).all()
+    if not finite_squares:
+        raise ValueError(
+            "ComBat new batch: the standardised values overflow double precision (values "
+            "too large for the fit's scale); rescale the features"
+        )
     names = np.array(estimates.feature_names)[adj]
     gammas, deltas, priors, counts = [], [], [], []
     for level in new_levels:
@@ -452,6 +514,11 @@ def estimate_new_batch(
             )
         else:
             g, d, pr = _training_prior_posterior(estimates, level, rows, names)
+        if not (np.isfinite(g).all() and np.isfinite(d).all() and (d > 0).all()):
+            raise ValueError(
+                f"ComBat new batch {level!r}: its batch effects are not finite (values too "
+                "large or too far from the fit's scale); rescale the features"
+            )
         gamma, delta = np.zeros(estimates.n_features), np.ones(estimates.n_features)
         gamma[adj], delta[adj] = g, d
         gammas.append(gamma)
@@ -465,7 +532,7 @@ def _training_prior_posterior(
     estimates: ComBatEstimates, level: str, rows: np.ndarray, names: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, eb.Priors]:
     """Parametric γ*, δ* of a new batch under the training batches' mean hyper-priors."""
-    if len(rows) < 2:
+    if len(rows) < 1 or (len(rows) < 2 and not estimates.mean_only):
         raise ValueError(f"batch {level!r} has {len(rows)} row(s); ComBat needs at least 2")
     moments = eb.BatchMoments.from_sums(len(rows), rows.sum(axis=0), (rows**2).sum(axis=0))
     pr = eb.Priors(*estimates.training_priors())

@@ -27,14 +27,17 @@ def site_data(
 
     Batch labels are compared as strings (``str(label)``) with the federation's levels.
     """
-    Y = np.asarray(Y, dtype=float)
+    Y = _numbers(Y, "Y")
     if Y.ndim != 2:
         raise ValueError(f"Y must be 2-D (rows, features), got shape {Y.shape}")
     n = Y.shape[0]
-    batch = np.asarray(batch).astype(str)
+    try:
+        batch = np.asarray(batch).astype(str)
+    except (TypeError, ValueError):
+        raise ValueError(f"batch must have one label per row of Y ({n})") from None
     if batch.shape != (n,):
         raise ValueError(f"batch must have one label per row of Y ({n}), got shape {batch.shape}")
-    cov = np.empty((n, 0)) if covariates is None else np.asarray(covariates, dtype=float)
+    cov = np.empty((n, 0)) if covariates is None else _numbers(covariates, "covariates")
     if cov.ndim == 1:
         cov = cov[:, None]
     if cov.ndim != 2 or cov.shape[0] != n:
@@ -49,9 +52,47 @@ def site_data(
     return Y, batch, cov
 
 
+def _numbers(value: ArrayLike, name: str) -> np.ndarray:
+    """``value`` as a float array; a clear error for text, ragged lists or objects."""
+    try:
+        return np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must hold numbers only (a rectangular numeric table)") from None
+
+
+def coefficients(
+    value: ArrayLike, name: str, ndim: int, columns: int | None = None, positive: bool = False
+) -> np.ndarray:
+    """A coordinator's array, checked: finite numbers with ``ndim`` dimensions (and
+    ``columns`` in the last, and all > 0 if ``positive``). An empty matrix may come
+    flattened, as shape ``(0,)``; with ``columns`` given it is read as ``(0, columns)``.
+    """
+    array = _numbers(value, name)
+    if array.shape == (0,) and ndim == 2 and columns is not None:
+        array = array.reshape(0, columns)
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {array.shape}")
+    if columns is not None and array.shape[-1] != columns:
+        raise ValueError(f"{name} has {array.shape[-1]} features, the site's data {columns}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} holds NaN or infinite values")
+    if positive and not (array > 0).all():
+        raise ValueError(f"{name} must be positive")
+    return array
+
+
 def batch_onehot(batch: np.ndarray, batch_levels: Sequence[str]) -> np.ndarray:
     """(n, B) indicator of each row's batch over the federation's levels."""
-    levels = [str(b) for b in batch_levels]
+    try:
+        if isinstance(batch_levels, (str, bytes)) or not isinstance(
+            batch_levels, (Sequence, np.ndarray, pd.Index)
+        ):
+            raise TypeError(batch_levels)
+        levels = [str(b) for b in batch_levels]  # a 0-d array raises TypeError here
+    except TypeError:
+        raise ValueError(
+            f"batch_levels must be a list of labels, got {type(batch_levels).__name__}"
+        ) from None
     if len(set(levels)) != len(levels):
         raise ValueError(f"duplicate batch levels: {levels}")
     unknown = sorted({str(b) for b in set(batch)} - set(levels))
@@ -131,11 +172,10 @@ def encode_covariates(
 
 
 def covariate_effects(cov: np.ndarray, beta_covariates: np.ndarray) -> np.ndarray:
-    beta_covariates = np.asarray(beta_covariates, dtype=float)
-    if beta_covariates.shape[0] != cov.shape[1]:
-        raise ValueError(
-            f"{cov.shape[1]} covariate columns, the fit has {beta_covariates.shape[0]}"
-        )
+    beta_covariates = _numbers(beta_covariates, "beta_covariates")
+    rows = beta_covariates.shape[0] if beta_covariates.ndim else "no row"
+    if beta_covariates.ndim != 2 or rows != cov.shape[1]:
+        raise ValueError(f"{cov.shape[1]} covariate columns, the fit has {rows}")
     return cov @ beta_covariates
 
 

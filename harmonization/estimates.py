@@ -65,9 +65,22 @@ class ComBatEstimates:
 
     def __post_init__(self) -> None:
         for name in _NAME_FIELDS:
-            object.__setattr__(self, name, tuple(str(v) for v in getattr(self, name)))
+            names = getattr(self, name)
+            try:
+                if isinstance(names, (str, bytes)):
+                    raise TypeError(name)
+                names = tuple(str(v) for v in names)
+            except TypeError:
+                raise ValueError(f"ComBat estimates: {name} must be a list of names") from None
+            object.__setattr__(self, name, names)
         for name in _FLAG_FIELDS:
-            object.__setattr__(self, name, bool(getattr(self, name)))
+            try:
+                flag = np.asarray(getattr(self, name), dtype=float)
+            except (TypeError, ValueError):
+                flag = np.asarray(np.nan)
+            if flag.size != 1 or flag.item() not in (0.0, 1.0):
+                raise ValueError(f"ComBat estimates: {name} must be true or false")
+            object.__setattr__(self, name, bool(flag.item()))
         n_b, p, c = len(self.batch_levels), len(self.feature_names), len(self.covariate_names)
         shapes = {
             "beta_covariates": (c, p),
@@ -84,7 +97,18 @@ class ComBatEstimates:
         }
         for name, shape in shapes.items():
             dtype = {"n_per_batch": np.int64, "adjusted": bool}.get(name, float)
-            value = np.array(getattr(self, name), dtype=dtype).reshape(shape)
+            try:
+                value = np.array(getattr(self, name), dtype=float).reshape(shape)
+            except (TypeError, ValueError, OverflowError):
+                raise ValueError(
+                    f"ComBat estimates: {name} must be {np.prod(shape, dtype=int)} numbers "
+                    f"of shape {shape}"
+                ) from None
+            if dtype is not float:  # counts and flags: whole numbers (0 or 1), not NaN
+                top = 1 if dtype is bool else 2**62
+                if not np.all((value == np.round(value)) & (value >= 0) & (value <= top)):
+                    raise ValueError(f"ComBat estimates: {name} must hold whole numbers")
+                value = value.astype(dtype)
             value.setflags(write=False)  # frozen means frozen: no in-place edits either
             object.__setattr__(self, name, value)
         if len(set(self.batch_levels)) != n_b:

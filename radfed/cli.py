@@ -163,6 +163,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         transport=args.transport,
         jobs=args.jobs,
         progress=not args.quiet,
+        **({} if args.readers is None else {"readers": args.readers}),
     )
     print()
     print(result.auc_table())
@@ -408,6 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--jobs", type=jobs_count, default=0, help="extraction cases in parallel (0: all cores)"
+    )
+    p.add_argument(
+        "--readers",
+        type=int,
+        metavar="N",
+        help="patients per site with a second reader's and a repeat mask, for the ICC "
+        "filter (default 15; 0: none, no reproducibility phase)",
     )
     p.set_defaults(func=cmd_demo)
 

@@ -285,7 +285,16 @@ class Federation:
             raise KeyError(f"no site {site!r}; sites: {sorted(self.transport.workers)}")
         local = worker.site(self.transport.protocol)
         request = {**self.transport.context, "protocol": self.transport.protocol}
-        return local.view(request, subset).copy()
+        rows = local.view(request, subset).copy()
+        # Categorical clinical variables: each patient's level (after the study's
+        # merge_levels) and, once screening knows the federation's levels, the dummy
+        # columns ("cp=3") the models use.
+        known = self.transport.context.get("clinical_levels") or {}
+        for name in self.config.clinical_categorical:
+            rows[name] = local.levels_of(name, rows.index)
+            for level in known.get(name, [])[1:]:
+                rows[f"{name}={level}"] = (rows[name] == level).astype(float)
+        return rows
 
     def __repr__(self) -> str:
         steps = [
@@ -830,13 +839,25 @@ class Screening(_Estimator):
         self.threshold = threshold
 
     def fit(self, federation: Federation, columns: Sequence[str] | None = None) -> Screening:
+        """A study's categorical clinical variables (``[study] categorical``) enter with
+        their dummy columns and are tested by one likelihood-ratio test each (see
+        :class:`~radfed.server.study.phases.ClinicalSelection`); ``retained_`` then
+        lists the retained variables' model columns, dummies included."""
+        from radfed.server.study.phases import clinical_levels, screen_clinical
+
         columns = list(federation.clinical if columns is None else columns)
         federation.transport.step = "screening"
-        self.models_ = fit_models(federation, {c: [c] for c in columns})
-        self.pvalues_ = pd.Series(
-            {c: float(m.pvalues_.iloc[1]) for c, m in self.models_.items()}, dtype=float
+        categorical = [c for c in federation.config.clinical_categorical if c in columns]
+        levels = clinical_levels(federation.describe(), categorical)
+        selection = screen_clinical(
+            federation.transport, columns, federation.outcome, self.threshold, levels
         )
-        self.retained_ = [c for c, p in self.pvalues_.items() if p < self.threshold]
+        self.selection_ = selection
+        self.models_ = {
+            c: LogisticRegression(fit.columns)._set(fit) for c, fit in selection.univariable.items()
+        }
+        self.pvalues_ = pd.Series(selection.pvalues, dtype=float)
+        self.retained_ = selection.retained
         return self
 
 

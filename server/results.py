@@ -309,7 +309,10 @@ class StudyResult:
         screening = self.details.get("clinical_screening")
         if screening:
             rows = [
-                f"  {name:<20} OR/unit {u['odds_ratio_per_unit']:8.3f}   p = {u['p']:.4g}"
+                f"  {name:<20} LR chi2 {u['statistic']:8.3f} ({u['df']} df, "
+                f"{len(u['levels'])} levels)   p = {u['p']:.4g}"
+                if u.get("categorical")
+                else f"  {name:<20} OR/unit {u['odds_ratio_per_unit']:8.3f}   p = {u['p']:.4g}"
                 for name, u in screening["univariable"].items()
             ]
             parts.append(

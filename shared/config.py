@@ -5,7 +5,11 @@ A study file is TOML::
     [study]
     name = "lumbar-fasciitis"
     outcome = "fasciitis"
-    clinical = ["age", "sex", "cobb_angle", "fat_thickness"]
+    clinical = ["age", "sex", "cobb_angle", "fat_thickness", "asa_class"]
+    categorical = ["asa_class"]  # clinical variables one-hot encoded with the federation's
+                                 # levels (the sorted union of the sites'; the first is
+                                 # the reference): screened by one likelihood-ratio test
+    merge_levels = { asa_class = { "3-4" = ["3", "4"] } }  # rare levels as one (optional)
     features = ["original_firstorder_Mean", "original_glcm_*"]   # names or glob patterns
     seed = 42
 
@@ -36,6 +40,7 @@ A study file is TOML::
     [nomogram]                   # how the chart names its predictors (optional)
     labels = { cobb_angle = "Cobb angle (deg)" }   # axis titles instead of column names
     levels = { sex = ["female", "male"] }          # a 0/1 predictor's two level names
+    # (for a categorical variable, a table of level -> name: { asa_class = { "1" = "ASA I" } })
 
     [[sites]]
     name = "hospital_a"
@@ -76,7 +81,7 @@ from radfed.shared.privacy import PrivacyPolicy
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 KNOWN = {
-    "study": {"name", "outcome", "clinical", "features", "seed"},
+    "study": {"name", "outcome", "clinical", "categorical", "merge_levels", "features", "seed"},
     "harmonization": {"method", "batch", "covariates", "categorical", "parametric", "mean_only"},
     "selection": {
         "mrmr_k",
@@ -176,9 +181,16 @@ class StudyConfig:
     #: A site silent for ``round_timeout``: "stop" the run, or "drop" the site (the
     #: whole fit restarts without it, and the run records it).
     on_site_failure: str = "stop"
-    #: The nomogram's axis titles and 0/1 level names (``[nomogram]``).
+    #: The nomogram's axis titles and level names (``[nomogram]``): two names (of 0 and
+    #: 1) for a 0/1 predictor, {level: name} for a categorical one.
     nomogram_labels: dict[str, str] = field(default_factory=dict)
-    nomogram_levels: dict[str, tuple[str, str]] = field(default_factory=dict)
+    nomogram_levels: dict[str, tuple[str, str] | dict[str, str]] = field(default_factory=dict)
+    #: Clinical variables one-hot encoded with the federation's levels (``[study]
+    #: categorical``): dummy columns "name=level" for every level but the first.
+    clinical_categorical: tuple[str, ...] = ()
+    #: Levels a site reads as one (``[study] merge_levels``): {variable: {new level:
+    #: [levels]}}, applied at every site before the levels are reported or encoded.
+    merge_levels: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)
 
     @property
     def site_names(self) -> list[str]:
@@ -216,6 +228,22 @@ class StudyConfig:
             "covariates": list(self.harmonization.covariates),
             "categorical": list(self.harmonization.categorical),
             "folds": self.selection.folds,
+            # Only when declared: the protocols (and pinned hashes) of other studies stay.
+            **(
+                {"clinical_categorical": list(self.clinical_categorical)}
+                if self.clinical_categorical
+                else {}
+            ),
+            **(
+                {
+                    "merge_levels": {
+                        c: {new: list(old) for new, old in groups.items()}
+                        for c, groups in self.merge_levels.items()
+                    }
+                }
+                if self.merge_levels
+                else {}
+            ),
         }
 
     def protocol_hash(self) -> str:
@@ -409,6 +437,7 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
         raise StudyConfigError("[study]: 'outcome' must name the 0/1 outcome column")
     clinical = _string_list(study, "clinical", "[study]")
     features = _string_list(study, "features", "[study]")
+    categorical = _string_list(study, "categorical", "[study]")
     if not clinical and not features:
         raise StudyConfigError("[study]: name at least one clinical variable or feature")
     seed = study.get("seed", 42)
@@ -502,6 +531,7 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
         raise StudyConfigError("study file: at least one site must have role 'training'")
     _check_distinct_folders(sites)
     _check_outcome_use(outcome, clinical, features, harmonization)
+    _check_categorical(categorical, clinical, features, harmonization)
 
     validation = data.get("validation", {})
     _check_keys(validation, "validation")
@@ -546,12 +576,110 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
         timeout=float(limits["timeout"]) if "timeout" in limits else None,
         round_timeout=float(limits.get("round_timeout", 600.0)),
         on_site_failure=on_failure,
-        **_nomogram(data.get("nomogram", {}), [RADSCORE, *clinical]),
+        clinical_categorical=categorical,
+        merge_levels=_merge_levels(
+            study.get("merge_levels", {}), categorical, harmonization.categorical
+        ),
+        **_nomogram(data.get("nomogram", {}), [RADSCORE, *clinical], categorical),
     )
 
 
-def _nomogram(table: dict[str, Any], predictors: list[str]) -> dict[str, Any]:
-    """``[nomogram]``: axis titles and the level names of 0/1 predictors."""
+def _merge_levels(
+    table: Any, categorical: tuple[str, ...], combat: tuple[str, ...] = ()
+) -> dict[str, dict[str, tuple]]:
+    """``[study] merge_levels``: per categorical variable, new level -> the levels it
+    merges (each level in one group at most; not a ComBat covariate's, which ComBat
+    encodes with the levels as written)."""
+    example = '{ cp = { "1-2" = ["1", "2"] } }'
+    if not isinstance(table, dict):
+        raise StudyConfigError(f"[study]: merge_levels must be a table such as {example}")
+    out: dict[str, dict[str, tuple]] = {}
+    for name, groups in table.items():
+        if name not in categorical:
+            raise StudyConfigError(
+                f"[study]: merge_levels.{name}: {name!r} is not in [study] categorical "
+                f"{list(categorical)}"
+            )
+        if name in combat:
+            raise StudyConfigError(
+                f"[study]: merge_levels.{name}: {name!r} is also a categorical ComBat "
+                "covariate, whose levels ComBat uses as written: merge them in the data"
+            )
+        if not isinstance(groups, dict) or not groups:
+            raise StudyConfigError(
+                f"[study]: merge_levels.{name} must be a table of new level = [levels], "
+                f"e.g. {example}, got {groups!r}"
+            )
+        seen: list[str] = []
+        for new, old in groups.items():
+            if (
+                not new.strip()
+                or "=" in new
+                or not isinstance(old, list)
+                or len(old) < 2
+                or not all(isinstance(v, str) and v.strip() for v in old)
+            ):
+                raise StudyConfigError(
+                    f"[study]: merge_levels.{name}.{new} must list two or more levels "
+                    f'(as text, e.g. ["1", "2"]) under a name without "=", got {old!r}'
+                )
+            twice = sorted(set(seen) & set(old))
+            if twice:
+                raise StudyConfigError(
+                    f"[study]: merge_levels.{name}: level(s) {twice} are merged twice"
+                )
+            seen += old
+        out[name] = {new: tuple(old) for new, old in groups.items()}
+    return out
+
+
+def _check_categorical(
+    categorical: tuple[str, ...],
+    clinical: tuple[str, ...],
+    features: tuple[str, ...],
+    harmonization: HarmonizationConfig,
+) -> None:
+    """``[study] categorical`` names clinical variables only, whose dummy columns
+    ("name=level") no other clinical variable's name can be mistaken for."""
+    stray = [c for c in categorical if c not in clinical]
+    if stray:
+        where = [c for c in stray if c in features]
+        why = (
+            f" ({where} are features: only clinical variables are one-hot encoded)" if where else ""
+        )
+        raise StudyConfigError(
+            f"[study]: categorical {stray} are not clinical variables{why}; "
+            f"the clinical variables are {list(clinical)}"
+        )
+    named = [c for c in categorical if "=" in c]
+    if named:
+        raise StudyConfigError(
+            f"[study]: categorical variable(s) {named} hold '=', which names dummy columns "
+            "(name=level): rename the column"
+        )
+    clash = [v for v in clinical if any(v.startswith(f"{c}=") for c in categorical)]
+    if clash:
+        raise StudyConfigError(
+            f"[study]: clinical variable(s) {clash} are named like the dummy columns of a "
+            "categorical variable (name=level): rename the column"
+        )
+    numeric = [
+        c
+        for c in categorical
+        if c in harmonization.covariates and c not in harmonization.categorical
+    ]
+    if numeric:
+        raise StudyConfigError(
+            f"[harmonization]: covariate(s) {numeric} are categorical clinical variables "
+            "([study] categorical): list them in [harmonization] categorical too"
+        )
+
+
+def _nomogram(
+    table: dict[str, Any], predictors: list[str], categorical: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """``[nomogram]``: axis titles, the level names of 0/1 predictors, and the names of a
+    categorical predictor's levels (a table level -> name; unnamed levels show as such)."""
     _check_keys(table, "nomogram")
     labels, levels = table.get("labels", {}), table.get("levels", {})
     examples = {"labels": '{ sex = "Sex" }', "levels": '{ sex = ["female", "male"] }'}
@@ -570,6 +698,15 @@ def _nomogram(table: dict[str, Any], predictors: list[str]) -> dict[str, Any]:
         if not isinstance(text, str) or not text.strip():
             raise StudyConfigError(f"[nomogram]: labels.{name} must be text, got {text!r}")
     for name, names in levels.items():
+        if name in categorical:
+            if not isinstance(names, dict) or not all(
+                isinstance(n, str) and n.strip() for n in names.values()
+            ):
+                raise StudyConfigError(
+                    f"[nomogram]: levels.{name} of a categorical variable must be a table of "
+                    f'level = "name", e.g. {{ "1" = "typical angina" }}, got {names!r}'
+                )
+            continue
         if (
             not isinstance(names, list)
             or len(names) != 2
@@ -581,7 +718,12 @@ def _nomogram(table: dict[str, Any], predictors: list[str]) -> dict[str, Any]:
             )
     return {
         "nomogram_labels": {k: v.strip() for k, v in labels.items()},
-        "nomogram_levels": {k: (v[0].strip(), v[1].strip()) for k, v in levels.items()},
+        "nomogram_levels": {
+            k: {lv: n.strip() for lv, n in v.items()}
+            if k in categorical
+            else (v[0].strip(), v[1].strip())
+            for k, v in levels.items()
+        },
     }
 
 

@@ -359,6 +359,11 @@ class HosmerLemeshow:
         Number of (non-empty) groups used.
     n, observed, expected : ndarray of shape (groups,)
         Patients, events and summed predicted risk per group.
+    note : str or None
+        Why the statistic is not an ordinary finite number: NaN (undefined: no patient,
+        or fewer than two groups) or infinite (events, or non-events, observed in a
+        group whose expected count is zero or so small that the term exceeds the
+        largest double; the p-value is then 0). None otherwise.
     """
 
     statistic: float
@@ -368,6 +373,7 @@ class HosmerLemeshow:
     n: np.ndarray
     observed: np.ndarray
     expected: np.ndarray
+    note: str | None = None
 
     @classmethod
     def from_groups(
@@ -381,8 +387,13 @@ class HosmerLemeshow:
 
         ``expected_nonevents`` defaults to ``n - expected``; a site passes Σ(1 - p),
         which is what ResourceSelection sums. A term whose expected count is zero adds
-        nothing when its observed count is zero too, and makes the statistic infinite
-        otherwise (R would give NaN for 0/0).
+        nothing when its observed count is zero too (R would give NaN for 0/0). A group
+        with events (or non-events) whose expected count is zero, or so small (risks
+        that underflowed, e.g. 5e-324) that its term exceeds the largest double, makes
+        the statistic infinite, as R's ``hoslem.test`` gives ``Inf``; the p-value is
+        then 0, as R's ``1 - pchisq(Inf, df)``, and exact: any statistic beyond the
+        largest double has a chi-square tail far below the smallest one.
+        :attr:`HosmerLemeshow.note` says so.
         """
         n = np.asarray(n, dtype=float)
         o1 = np.asarray(observed, dtype=float)
@@ -391,19 +402,38 @@ class HosmerLemeshow:
         keep = n > 0
         n, o1, e1, e0 = n[keep], o1[keep], e1[keep], e0[keep]
         o0 = n - o1
-        statistic = float(_chisq_terms(o1, e1).sum() + _chisq_terms(o0, e0).sum())
+        with np.errstate(over="ignore"):  # an overflow is reported below, with a note
+            statistic = float(_chisq_terms(o1, e1).sum() + _chisq_terms(o0, e0).sum())
         groups = len(n)
-        df = groups - 2
+        note = None
         if groups < 2:
             statistic = float("nan")
-        pvalue = float("nan")
-        if df >= 1 and np.isfinite(statistic):
-            from scipy.stats import chi2
+            note = (
+                "no patient"
+                if groups == 0
+                else "fewer than two groups (all predictions tied): the test is undefined"
+            )
+        elif statistic == np.inf:
+            note = (
+                "events or non-events observed in a group whose expected count is zero "
+                "or underflows (predicted risks of exactly 0 or 1, or subnormal): the "
+                "statistic exceeds the largest double and the p-value is 0"
+            )
+        df = groups - 2
+        return cls(statistic, df, _hl_pvalue(statistic, df), groups, n, o1, e1, note)
 
-            # chi2.sf, not R's 1 - pchisq: equal where R's is accurate, and exact in
-            # the far tail where 1 - pchisq rounds to 0.
-            pvalue = float(chi2.sf(statistic, df))
-        return cls(statistic, df, pvalue, groups, n, o1, e1)
+
+def _hl_pvalue(statistic: float, df: int) -> float:
+    """Upper chi-square tail; 0 for an infinite statistic, NaN when undefined."""
+    if df < 1 or np.isnan(statistic):
+        return float("nan")
+    if statistic == np.inf:
+        return 0.0
+    from scipy.stats import chi2
+
+    # chi2.sf, not R's 1 - pchisq: equal where R's is accurate, and exact in the far
+    # tail where 1 - pchisq rounds to 0.
+    return float(chi2.sf(statistic, df))
 
 
 def _chisq_terms(observed: np.ndarray, expected: np.ndarray) -> np.ndarray:
@@ -484,7 +514,7 @@ def hosmer_lemeshow(
         raise ValueError(f"g must be an integer of at least 2, got {g}")
     if len(y) == 0:
         empty = np.zeros(0)
-        return HosmerLemeshow(float("nan"), -2, float("nan"), 0, empty, empty, empty)
+        return HosmerLemeshow(float("nan"), -2, float("nan"), 0, empty, empty, empty, "no patient")
     # seq(0, 1, 1/g) computes from + (0:n) * by, capped at `to`.
     probs = np.minimum(np.arange(g + 1) * (1.0 / g), 1.0)
     tied = merge_near_ties(p)
@@ -505,12 +535,7 @@ def with_validation_df(hl: HosmerLemeshow) -> HosmerLemeshow:
     """The same test with ``df`` = groups (validation data) and its p-value."""
     import dataclasses
 
-    pvalue = float("nan")
-    if hl.groups >= 1 and np.isfinite(hl.statistic):
-        from scipy.stats import chi2
-
-        pvalue = float(chi2.sf(hl.statistic, hl.groups))
-    return dataclasses.replace(hl, df=hl.groups, pvalue=pvalue)
+    return dataclasses.replace(hl, df=hl.groups, pvalue=_hl_pvalue(hl.statistic, hl.groups))
 
 
 class CalibrationFit(NamedTuple):

@@ -30,6 +30,10 @@ ARRAYS = "arrays"
 CONFIG = "config"
 # Dicts (for example the study protocol) travel as JSON strings under this prefix.
 JSON_PREFIX = "json:"
+#: The task of a message carrying several requests (independent fits sharing a round).
+BATCH = "batch"
+#: The most requests one batch may carry (a site refuses larger ones).
+MAX_BATCH = 256
 
 
 def to_record(payload: Mapping[str, Any]) -> RecordDict:
@@ -92,6 +96,43 @@ def from_record(record: RecordDict) -> Payload:
             else:
                 payload[key] = list(value) if isinstance(value, list) else value
     return payload
+
+
+def pack(items: list[Payload]) -> Payload:
+    """Several payloads as one: item ``i``'s ``key`` travels as ``"i|key"``.
+
+    A coordinator sends a :data:`BATCH` of requests when independent fits share a
+    round; the site answers each item as if it had come alone (see :func:`unpack`).
+    """
+    packed: Payload = {"task": BATCH, "batch_size": len(items)}
+    for i, item in enumerate(items):
+        packed |= {f"{i}|{key}": value for key, value in item.items()}
+    return packed
+
+
+def unpack(payload: Mapping[str, Any]) -> list[Payload]:
+    """The payloads :func:`pack` joined, checked as hostile input.
+
+    Raises
+    ------
+    ValueError
+        A size that is not a whole number in 1..:data:`MAX_BATCH`, a key of no item,
+        or an item that is itself a batch.
+    """
+    size = payload.get("batch_size")
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_BATCH:
+        raise ValueError(f"a batch must carry 1 to {MAX_BATCH} requests")
+    items: list[Payload] = [{} for _ in range(size)]
+    for key, value in payload.items():
+        if key in ("task", "batch_size"):
+            continue
+        index, sep, name = key.partition("|")
+        if not sep or not index.isdigit() or int(index) >= size:
+            raise ValueError(f"batch key {key[:40]!r} belongs to no request")
+        items[int(index)][name] = value
+    if any(item.get("task") == BATCH for item in items):
+        raise ValueError("a batch cannot hold another batch")
+    return items
 
 
 def roundtrip(payload: Mapping[str, Any]) -> Payload:

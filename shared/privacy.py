@@ -32,6 +32,8 @@ Refusals name the rule and where it applied, never the small count they protect.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -88,11 +90,27 @@ class PrivacyPolicy:
     max_scale_ratio: float = 10.0
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.min_cell, bool)
-            or not isinstance(self.min_cell, (int, float))
-            or int(self.min_cell) != self.min_cell
+        # Every limit a finite real number: None or a string would raise a TypeError in
+        # the comparisons below, and NaN would pass them and switch a rule off.
+        for name in (
+            "min_cell",
+            "max_param_fraction",
+            "saturation_logit",
+            "max_saturated_share",
+            "max_scale_ratio",
         ):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, numbers.Real)
+                or not math.isfinite(value)
+            ):
+                kind = "whole number" if name == "min_cell" else "finite number"
+                shown = repr(value)
+                if len(shown) > 40 or "\n" in shown:  # one line, whatever was passed
+                    shown = f"a {type(value).__name__}"
+                raise ValueError(f"{name} must be a {kind}, got {shown}")
+        if int(self.min_cell) != self.min_cell:
             raise ValueError(f"min_cell must be a whole number, got {self.min_cell!r}")
         if self.min_cell < 1:
             raise ValueError(f"min_cell must be at least 1, got {self.min_cell}")

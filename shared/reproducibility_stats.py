@@ -5,16 +5,25 @@ The intraclass correlation of a feature comes from the two-way ANOVA of the rati
 (first reader, second reader, or the first reader's repeat) are the same at every site.
 Each site sends, per feature, aggregates of fixed shape (features, or features x
 raters), centred on its own grand mean so that the coordinator's sums of squares keep
-their precision:
+their precision, and scaled by a power of two ``2**exponent`` so that no square
+overflows (features of magnitude 1e154 and beyond):
 
 - ``n``: subjects with every rating of the comparison;
-- ``mean``: the site's grand mean of the feature (over subjects and raters);
-- ``col_dev``: per rater, the sum over subjects of ``x - mean`` (features x raters);
-- ``ss``: the sum of ``(x - mean)^2`` over subjects and raters;
-- ``row_ss``: the sum over subjects of ``(sum over raters of (x - mean))^2``.
+- ``mean``: the site's grand mean of the feature (over subjects and raters), unscaled;
+- ``exponent``: per feature, the integer ``e`` with ``2**(e-1) <= rms < 2**e`` for the
+  root mean square ``rms`` of ``x - mean`` over subjects and raters (``e`` of the
+  largest ``|x|`` when the feature is constant, which its mean then states anyway);
+- ``col_dev``: per rater, the sum over subjects of ``(x - mean) / 2**e`` (features x
+  raters);
+- ``ss``: the sum of ``((x - mean) / 2**e)^2`` over subjects and raters;
+- ``row_ss``: the sum over subjects of ``(sum over raters of (x - mean) / 2**e)^2``.
 
-No per-subject value leaves the site. :mod:`radfed.server.stats.reproducibility` turns the
-sums of all sites into the pooled ANOVA exactly.
+The exponent tells the coordinator nothing that ``n`` and the unscaled ``ss`` would
+not: it is the magnitude of ``sqrt(ss / (n * raters))``, an aggregate, never of one
+subject's value. Scaling by a power of two is exact, so the sums are the unscaled
+ones times ``2**-e`` (``2**-2e`` for squares) to the last bit. No per-subject value
+leaves the site. :mod:`radfed.server.stats.reproducibility` turns the sums of all
+sites into the pooled ANOVA exactly.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ COMPARISONS = {
     "inter_reader": ("mask", "mask_reader2"),
     "intra_reader": ("mask", "mask_repeat"),
 }
-SUMS = ("n", "mean", "col_dev", "ss", "row_ss")
+SUMS = ("n", "mean", "col_dev", "ss", "row_ss", "exponent")
 
 
 def site_icc_sums(ratings: np.ndarray) -> dict[str, np.ndarray | int]:
@@ -40,8 +49,8 @@ def site_icc_sums(ratings: np.ndarray) -> dict[str, np.ndarray | int]:
     Returns
     -------
     dict
-        ``n`` (int), ``mean`` (p,), ``col_dev`` (p, k), ``ss`` (p,), ``row_ss`` (p,);
-        zeros when there is no subject.
+        ``n`` (int), ``mean`` (p,), ``col_dev`` (p, k), ``ss`` (p,), ``row_ss`` (p,)
+        and ``exponent`` (p,, whole numbers as floats); zeros when there is no subject.
     """
     x = np.asarray(ratings, dtype=float)
     if x.ndim != 3:
@@ -56,15 +65,23 @@ def site_icc_sums(ratings: np.ndarray) -> dict[str, np.ndarray | int]:
             "col_dev": np.zeros((p, k)),
             "ss": np.zeros(p),
             "row_ss": np.zeros(p),
+            "exponent": np.zeros(p),
         }
-    mean = x.mean(axis=(0, 1))
-    centred = x - mean
+    # First in units of 2**top (kept here), |x| < 2**top: no sum can overflow.
+    top = np.frexp(np.abs(x).max(axis=(0, 1)))[1]
+    scaled = np.ldexp(x, -top)
+    mean = scaled.mean(axis=(0, 1))
+    centred = scaled - mean
+    ss = (centred**2).sum(axis=(0, 1))
+    # Then in units of 2**exponent, the magnitude of the root mean square deviation.
+    rms = np.frexp(np.sqrt(ss / (n * k)))[1]  # 0 for a constant feature
     return {
         "n": n,
-        "mean": mean,
-        "col_dev": centred.sum(axis=0).T,
-        "ss": (centred**2).sum(axis=(0, 1)),
-        "row_ss": (centred.sum(axis=1) ** 2).sum(axis=0),
+        "mean": np.ldexp(mean, top),
+        "col_dev": np.ldexp(centred.sum(axis=0).T, -rms[:, None]),
+        "ss": np.ldexp(ss, -2 * rms),
+        "row_ss": np.ldexp((centred.sum(axis=1) ** 2).sum(axis=0), -2 * rms),
+        "exponent": (top + rms).astype(float),
     }
 
 

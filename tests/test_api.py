@@ -96,12 +96,20 @@ def _held_out_aucs_count_ties_half(cli: dict, root: Path) -> None:
     number, so their pairs of mixed outcome count 1/2 (VA's was off by 6.5e-4)."""
     from radfed.tests.test_numerics import _proc_pairwise
 
-    used = ["disease", "age", "sex", "trestbps", *cli["federation"]["features"]]
+    used = ["disease", *cli["federation"]["clinical"], *cli["federation"]["features"]]
+    screening = cli["clinical_screening"]
     for site, entry in cli["external"]["held_out"].items():
         model = entry["models"]["clinical"]
         columns = model["columns"]
         rows = pd.read_csv(root / "sites" / site / "features.csv", na_values=["NA"])
         rows = rows.dropna(subset=used)
+        # Categorical clinical variables: pandas' dummies of the (merged) levels.
+        for name, levels in screening.get("levels", {}).items():
+            groups = screening.get("merge_levels", {}).get(name, {})
+            merged = {old: new for new, olds in groups.items() for old in olds}
+            code = rows[name].map(lambda v: f"{v:g}").replace(merged)
+            for level in levels[1:]:
+                rows[f"{name}={level}"] = (code == level).astype(float)
         beta = np.array([model["coefficients"][t]["coef"] for t in ["(Intercept)", *columns]])
         patterns = rows[columns].drop_duplicates()
         z = (patterns.to_numpy(float) - np.array(model["center"])) / np.array(model["scale"])

@@ -21,7 +21,7 @@ from radfed.server.federation.inprocess import InProcessTransport
 from radfed.server.study.driver import FederatedStudy
 from radfed.shared.config import load_study
 from radfed.shared.errors import RadfedError
-from radfed.shared.messages import from_record, roundtrip
+from radfed.shared.messages import BATCH, from_record, roundtrip, unpack
 from radfed.tests.conftest import heart_study_text
 
 SITES = ["cleveland", "hungarian", "va"]
@@ -29,7 +29,8 @@ SITE = "va"
 
 
 class ReplyRecorder(InProcessTransport):
-    """In-process transport that keeps every request's task and every decoded reply."""
+    """In-process transport that keeps every request's task and every decoded reply; a
+    batch (several requests in one message) counts as its requests."""
 
     def __init__(self, workers):
         super().__init__(workers)
@@ -38,8 +39,14 @@ class ReplyRecorder(InProcessTransport):
     def _exchange(self, requests):
         replies = super()._exchange(requests)
         for site, rec in replies.items():
-            task = from_record(requests[site]).get("task", "")
-            self.sent.append((site, task, from_record(rec)))
+            request, reply = from_record(requests[site]), from_record(rec)
+            pairs = (
+                zip(unpack(request), unpack(reply), strict=True)
+                if request.get("task") == BATCH
+                else [(request, reply)]
+            )
+            for item, answer in pairs:
+                self.sent.append((site, item.get("task", ""), answer))
         return replies
 
 

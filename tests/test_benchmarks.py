@@ -97,6 +97,7 @@ def test_extraction_benchmark_smoke(tmp_path):
 
 def test_run_timeout_follows_the_study(heart_dir):
     from radfed.server.federation.timeouts import (
+        EXTERNAL_TAIL,
         ROUND_ALLOWANCE_SECONDS,
         expected_rounds,
         run_timeout,
@@ -107,10 +108,11 @@ def test_run_timeout_follows_the_study(heart_dir):
     with_loso = load_study(path)
     path.write_text(heart_study_text(["cleveland", "hungarian", "va"], pipeline=True))
     without = load_study(path)
-    # Leave-one-site-out refits multiply the rounds, and the default limit with them.
-    assert expected_rounds(with_loso) == 4 * expected_rounds(without)
+    # Leave-one-site-out refits share the main fit's rounds: they add only their
+    # external evaluation's rounds, and the default limit follows.
+    assert expected_rounds(with_loso) == expected_rounds(without) + EXTERNAL_TAIL
     assert run_timeout(with_loso) - run_timeout(without) == pytest.approx(
-        3 * expected_rounds(without) * ROUND_ALLOWANCE_SECONDS
+        EXTERNAL_TAIL * ROUND_ALLOWANCE_SECONDS
     )
     assert run_timeout(without, override=90) == 90
     assert run_timeout(without, override=0) is None  # no overall limit

@@ -2,12 +2,18 @@
 
 Real cases of ``../shared/data/sts_mr`` are converted in the test: the image to a DICOM
 series with pydicom, the mask to a DICOM-SEG with highdicom and to an RTSTRUCT with
-rt-utils. Tolerance: the features of every route must equal the NIfTI route's exactly
-(``==``). This holds because (1) the test first gives the case a geometry whose decimal
-and binary spellings agree (spacing 0.9765625 x 0.9765625 x 3.25 mm, origin on a 1/64 mm
-grid), so the DICOM header and the NIfTI header describe the same grid bit for bit, and
-(2) each DICOM mask route rebuilds the NIfTI mask voxel for voxel, which is asserted
-separately (a mask difference would be reported as such, not as a feature difference).
+rt-utils. Tolerances, stated:
+
+- **exact** (``==``) for every route (DICOM image with the NIfTI mask, DICOM-SEG,
+  RTSTRUCT) when the case is first given a geometry whose decimal and binary spellings
+  agree (spacing 0.9765625 x 0.9765625 x 3.25 mm, origin on a 1/64 mm grid): the DICOM
+  header and the NIfTI header then describe the same grid bit for bit, and each DICOM
+  mask route rebuilds the NIfTI mask voxel for voxel, which is asserted separately (a
+  mask difference would be reported as such, not as a feature difference);
+- **relative 1e-9** (measured: below 4e-12) on the cases' own float32 NIfTI grid
+  (spacing 0.9765620231628418 mm ...), which a conformant DICOM header (Decimal Strings
+  of at most 16 characters) can only hold to about 1e-14 relative: the voxels are still
+  read exactly and the masks still rebuilt voxel for voxel.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+import yaml
 from matplotlib.path import Path as MplPath
 from pydicom.sr.codedict import codes
 
@@ -177,6 +184,24 @@ def test_dicom_masks_rebuild_the_nifti_mask_voxel_for_voxel(converted, mask_file
         assert np.array_equal(got == 1, expected == 1), f"{case} {mask_file}"
 
 
+def _route_features(tmp_path, folders, routes):
+    """Every case through every route (image, mask, roi; ``{case}`` filled in), extracted
+    at one site: the manifest rows and the extraction's result."""
+    rows = [
+        {
+            "patient_id": f"{case}-{route}",
+            "image": str(folders[case] / str(image).format(case=case)),
+            "mask": str(folders[case] / str(mask).format(case=case)),
+            "roi": roi,
+        }
+        for case in CASES
+        for route, (image, mask, roi) in routes.items()
+    ]
+    result = extract_site(_site(tmp_path / "site", rows), FAST, use_cache=False, progress=False)
+    assert result.problems == []
+    return rows, result
+
+
 def _site(folder: Path, rows: list[dict]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(k for r in rows for k in r))
@@ -195,18 +220,7 @@ def test_every_route_gives_the_nifti_features_exactly(converted, tmp_path):
         "seg": ("series", "seg.dcm", "Tumour"),
         "rt": ("series", "rt.dcm", "GTV"),
     }
-    rows = [
-        {
-            "patient_id": f"{case}-{route}",
-            "image": str(converted[case] / image),
-            "mask": str(converted[case] / mask),
-            "roi": roi,
-        }
-        for case in CASES
-        for route, (image, mask, roi) in routes.items()
-    ]
-    result = extract_site(_site(tmp_path / "site", rows), FAST, use_cache=False, progress=False)
-    assert result.problems == []
+    rows, result = _route_features(tmp_path, converted, routes)
     table = result.features
     assert table.shape == (len(rows), 56)
     for case in CASES:
@@ -219,6 +233,61 @@ def test_every_route_gives_the_nifti_features_exactly(converted, tmp_path):
     assert set(labels.index) == {f"{c}-{r}" for c in CASES for r in ("dicom", "seg", "rt")}
     assert set(labels["scanner"]) == {"SIEMENS Avanto 1.5T"}
     assert set(labels["slice_thickness"]) == {"3.5mm"}  # 3.25 mm rounded to 0.5 mm
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory) -> dict:
+    """Each case on its own NIfTI grid (not made exact) as DICOM series, SEG and RTSTRUCT."""
+    root = tmp_path_factory.mktemp("native")
+    out = {}
+    for case in CASES:
+        folder = root / case
+        folder.mkdir()
+        image = sitk.ReadImage(str(STS / case / "image.nii.gz"))
+        tumour = sitk.GetArrayFromImage(sitk.ReadImage(str(STS / case / "mask.nii.gz"))) > 0
+        source = write_series(image, folder / "series", SeriesInfo(patient_id=case))
+        write_seg(source, {"Tumour": tumour}, folder / "seg.dcm")
+        write_rtstruct(folder / "series", {"GTV": tumour}, folder / "rt.dcm")
+        out[case] = folder
+    return out
+
+
+def test_native_grid_routes_agree_within_the_stated_tolerance(native, tmp_path):
+    """The cases' own float32 grids in conformant headers: voxels and masks exact,
+    geometry to relative 1e-13, features within relative 1e-9 of the NIfTI route."""
+    long_spacing = False
+    for case in CASES:
+        nifti = sitk.ReadImage(str(STS / case / "image.nii.gz"))
+        header = pydicom.dcmread(next((native[case] / "series").iterdir()))
+        for key in ("PixelSpacing", "ImagePositionPatient", "SliceThickness"):
+            values = header.data_element(key).value
+            for v in values if isinstance(values, pydicom.multival.MultiValue) else [values]:
+                assert len(str(v.original_string or v)) <= 16, (key, v)  # DS: 16 characters
+        long_spacing |= len(repr(nifti.GetSpacing()[0])) > 16
+        image, series = read_series(native[case] / "series")
+        assert np.array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(nifti))
+        for get in ("GetSpacing", "GetOrigin", "GetDirection"):
+            np.testing.assert_allclose(
+                getattr(image, get)(), getattr(nifti, get)(), rtol=1e-13, atol=1e-13
+            )
+        expected = sitk.GetArrayFromImage(sitk.ReadImage(str(STS / case / "mask.nii.gz"))) > 0
+        for mask_file, roi in (("seg.dcm", "Tumour"), ("rt.dcm", "GTV")):
+            mask, _ = load_mask(native[case] / mask_file, image, series, MaskChoice(roi=roi), 1)
+            assert np.array_equal(sitk.GetArrayFromImage(mask) == 1, expected), (case, mask_file)
+    assert long_spacing  # a grid a 16-character DS cannot hold exactly is among the cases
+    routes = {
+        "nifti": (STS / "{case}" / "image.nii.gz", STS / "{case}" / "mask.nii.gz", ""),
+        "dicom": ("series", STS / "{case}" / "mask.nii.gz", ""),
+        "seg": ("series", "seg.dcm", "Tumour"),
+        "rt": ("series", "rt.dcm", "GTV"),
+    }
+    _, result = _route_features(tmp_path, native, routes)
+    table = result.features
+    for case in CASES:
+        reference = table.loc[f"{case}-nifti"].to_numpy()
+        for route in ("dicom", "seg", "rt"):
+            got = table.loc[f"{case}-{route}"].to_numpy()
+            np.testing.assert_allclose(got, reference, rtol=1e-9, atol=1e-12, err_msg=route)
 
 
 def _slicer_segmentation(folder: Path, path: Path) -> None:
@@ -394,6 +463,14 @@ def broken_site(tmp_path_factory) -> Path:
     # An unknown ROI name.
     write_rtstruct(site / "good", {"GTV": _small(site, "tmp")[1]}, site / "rt_good.dcm")
     row("P11", "good", "rt_good.dcm", roi="CTV")
+
+    # An RTSTRUCT drawn on another series of the same patient.
+    write_rtstruct(site / "otherseries", {"GTV": _small(site, "tmp2")[1]}, site / "rt_other.dcm")
+    row("P12", "segimg", "rt_other.dcm", roi="GTV")
+
+    # series_uid naming a non-image series of the folder (the RTSTRUCT beside the slices).
+    rt_series = pydicom.dcmread(site / "withrt" / "RS.dcm").SeriesInstanceUID
+    row("P13", "withrt", "withrt_mask.nii.gz", series_uid=rt_series)
     return _site(site, rows)
 
 
@@ -415,9 +492,11 @@ def test_each_broken_dicom_case_is_one_line_naming_row_and_file(broken_site):
         "P09": ("notdicom/notes.txt", r"is not a DICOM file"),
         "P10": ("seg_nifti.dcm", r"needs the image as a DICOM series"),
         "P11": ("rt_good.dcm", r"no ROI named 'CTV' in the RTSTRUCT \(ROIs: 'GTV'\)"),
+        "P12": ("rt_other.dcm", r"the RTSTRUCT references series .* not the image series"),
+        "P13": ("withrt/RS.dcm", r"series .* is not an image \(RTSTRUCT\)"),
     }
     assert set(by_pid) == set(expected)
-    lines = {f"P{i:02d}": i + 1 for i in range(1, 12)}
+    lines = {f"P{i:02d}": i + 1 for i in range(1, 14)}
     for pid, (file, reason) in expected.items():
         problem = by_pid[pid]
         assert problem.row == lines[pid]
@@ -428,6 +507,12 @@ def test_each_broken_dicom_case_is_one_line_naming_row_and_file(broken_site):
     assert seg_ref.SeriesInstanceUID in by_pid["P08"].reason
     image_uid = pydicom.dcmread(broken_site / "segimg" / "IM0001.dcm").SeriesInstanceUID
     assert image_uid in by_pid["P08"].reason
+    # So does the refused RTSTRUCT.
+    rt = pydicom.dcmread(broken_site / "rt_other.dcm")
+    rt_ref = rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
+    other_uid = rt_ref.RTReferencedSeriesSequence[0].SeriesInstanceUID
+    assert other_uid != image_uid
+    assert other_uid in by_pid["P12"].reason and image_uid in by_pid["P12"].reason
 
 
 # ------------------------------------------------------------------------ polygon fill
@@ -569,6 +654,37 @@ def test_2d_extraction_on_a_single_slice_roi(converted, tmp_path):
     assert not any(name.startswith("original_shape_") for name in features)
     with pytest.raises(Exception, match=r"needs the region on one slice; it covers \d+ slices"):
         extract_case(folder / "series", folder / "mask.nii.gz", params)
+    # The settings reach pyradiomics as written: its own extractor gives the same values.
+    assert params.settings["setting"]["force2D"] is True
+    assert features == _pyradiomics(
+        params.settings, folder / "image.nii.gz", tmp_path / "slice.nii.gz"
+    )
+
+
+def _pyradiomics(settings: dict, image: Path, mask: Path) -> dict[str, float]:
+    """pyradiomics' own extractor on NIfTI files, without radfed (the oracle)."""
+    from radiomics.featureextractor import RadiomicsFeatureExtractor
+
+    raw = RadiomicsFeatureExtractor(settings).execute(str(image), str(mask))
+    return {k: float(v) for k, v in raw.items() if not k.startswith("diagnostics_")}
+
+
+def test_force2d_texture_on_every_slice_the_mask_covers(converted, tmp_path):
+    """force2D without shape2D: per-slice texture over the slices a 3D mask covers, as
+    pyradiomics computes it, and not the 3D texture."""
+    import copy
+
+    folder = converted["STS_002"]
+    settings = copy.deepcopy(load_params("2d").settings)
+    del settings["featureClass"]["shape2D"]
+    (tmp_path / "slices.yaml").write_text(yaml.safe_dump(settings))
+    by_slice = load_params(tmp_path / "slices.yaml")
+    got = extract_case(folder / "series", folder / "mask.nii.gz", by_slice)
+    assert got == _pyradiomics(settings, folder / "image.nii.gz", folder / "mask.nii.gz")
+    settings["setting"]["force2D"] = False
+    volume = _pyradiomics(settings, folder / "image.nii.gz", folder / "mask.nii.gz")
+    glcm = [k for k in got if "_glcm_" in k]
+    assert len(glcm) == 24 and all(not math.isclose(got[k], volume[k], rel_tol=1e-9) for k in glcm)
 
 
 def _contour(points_mm: list[tuple[float, float, float]], kind: str = "CLOSED_PLANAR"):

@@ -473,6 +473,67 @@ def test_random_effects_auc_pools_logit_auc_and_back_transforms():
         inf.random_effects_auc(np.array([0.7, 1.0]), np.array([0.01, 0.0]))
 
 
+def _tied_extreme_group(risk: float, outcome: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """60 patients whose lowest (or highest) decile of risk is 6 patients tied at
+    ``risk``: 5 with the expected outcome and 1 with the other."""
+    y, p = _risks(60, seed=seed)
+    k = np.argsort(p)[:6] if risk < 0.5 else np.argsort(p)[-6:]
+    p[k], y[k] = risk, 1 - outcome
+    y[k[0]] = outcome
+    return y, p
+
+
+@pytest.mark.parametrize(
+    ("risk", "outcome"),
+    [(0.0, 1), (1.0, 0), (5e-324, 1), (1e-310, 1)],
+    ids=["zero-event", "one-nonevent", "subnormal-event", "underflow-event"],
+)
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_hosmer_lemeshow_with_an_expected_count_that_underflows(risk, outcome):
+    """A group where the model gave an event no representable chance. ResourceSelection
+    (transcribed, with IEEE division as R's) gives X-squared = Inf, and R's
+    ``1 - pchisq(Inf, df)`` is 0. The fuzzing found statistic inf with p-value NaN and
+    an overflow warning. Now the statistic stays infinite (its true value exceeds the
+    largest double), the p-value is 0 and a note says why: for the site's deciles, for
+    validation degrees of freedom and for the coordinator's pooled bins alike."""
+    y, p = _tied_extreme_group(risk, outcome, seed=11)
+    if risk in (0.0, 1.0):
+        with np.errstate(divide="ignore"):
+            chisq, df = hoslem_oracle(y, p)
+        assert chisq == np.inf
+    else:  # pandas' cut cannot take subnormal breaks: R's term for the group, by hand
+        with np.errstate(over="ignore"):
+            assert (1 - 6 * risk) ** 2 / (6 * risk) == np.inf
+        df = 8
+    for hl, dof in (
+        (es.hosmer_lemeshow(y, p), df),
+        (es.hosmer_lemeshow(y, p, validation=True), df + 2),
+    ):
+        assert hl.statistic == np.inf and hl.df == dof
+        assert hl.pvalue == 0.0 == stats.chi2.sf(np.inf, dof)
+        assert "expected count is zero or underflows" in hl.note
+    n, observed, expected = es.calibration_bins(y, p, es.BIN_EDGES)
+    pooled = inf.hosmer_lemeshow_from_bins(n[0], observed[0], expected[0], validation=True)
+    assert (pooled.statistic, pooled.pvalue) == (np.inf, 0.0) and pooled.note
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_hosmer_lemeshow_tiny_but_representable_expected_counts_stay_finite():
+    """Risks of 1e-300 for a group with an event: a huge but finite statistic, as the
+    transcription; a subnormal risk for a group without event adds nothing."""
+    y, p = _tied_extreme_group(1e-300, 1, seed=12)
+    hl = es.hosmer_lemeshow(y, p)
+    chisq, df = hoslem_oracle(y, p)
+    assert 1e299 < hl.statistic < np.inf and hl.statistic == pytest.approx(chisq, rel=1e-12)
+    assert hl.df == df and hl.pvalue == stats.chi2.sf(chisq, df) == 0.0 and hl.note is None
+    y[p == 1e-300] = 0
+    finite = hoslem_oracle(y, p)
+    p[p == 1e-300] = 5e-324
+    hl = es.hosmer_lemeshow(y, p)
+    assert hl.statistic == pytest.approx(finite[0], rel=1e-12) and hl.note is None
+    assert hl.pvalue == pytest.approx(stats.chi2.sf(finite[0], finite[1]), rel=1e-10)
+
+
 # ------------------------------------------------------------------ undefined cases
 
 
@@ -499,7 +560,9 @@ def test_other_undefined_cases_give_nan():
     one_event = es.delong(np.array([1, 0, 0, 0]), np.array([0.9, 0.1, 0.2, 0.3]))
     assert one_event.auc[0] == 1.0 and np.isnan(one_event.cov).all()
     assert np.isnan(es.calibration_fit(y, p)).all()  # complete separation: slope infinite
-    assert np.isnan(es.hosmer_lemeshow(y, np.full(6, 0.3)).statistic)  # one group
+    one_group = es.hosmer_lemeshow(y, np.full(6, 0.3))
+    assert np.isnan(one_group.statistic) and np.isnan(one_group.pvalue)
+    assert "fewer than two groups" in one_group.note  # undefined, with the reason
     assert np.isnan(inf.clopper_pearson(0, 0)).all()
     assert np.isnan(inf.net_benefit(np.zeros(3), np.zeros(3), 0, [0.1, 0.2, 0.3])).all()
     assert np.isnan(inf.net_benefit_treat_all(0, 0, [0.1, 0.2])).all()

@@ -197,6 +197,45 @@ def test_corrupt_cache_entry_is_recomputed(tmp_path):
     assert extract_site(site, fast, cache_dir=cache, progress=False).n_cached == 1
 
 
+def test_counts_include_the_reader_masks_of_some_rows(tmp_path):
+    """n_extracted / n_cached count cases (one per mask), not rows: with reader masks on
+    some patients only (issue 13 saw n_extracted = -20 on a second run)."""
+    site = tmp_path / "site"
+    rows = []
+    for k, name in enumerate(["r1", "r2", "r3"]):
+        _, mask = _synthetic_case(site / "data", name)
+        # Another reader's outline: the same ROI one voxel tighter in-plane.
+        tighter = sitk.BinaryErode(mask, [1, 1, 0])
+        sitk.WriteImage(tighter, str(site / "data" / f"{name}_r2.nii.gz"))
+        rows.append(
+            {
+                "patient_id": name,
+                "image": f"data/{name}_img.nii.gz",
+                "mask": f"data/{name}_seg.nii.gz",
+                "mask_reader2": f"data/{name}_r2.nii.gz" if k < 2 else "",
+                "mask_repeat": f"data/{name}_r2.nii.gz" if k == 0 else "",
+            }
+        )
+    _write_manifest(site, rows)
+    cache, fast = tmp_path / "cache", load_params("fast")
+
+    first = extract_site(site, fast, cache_dir=cache, progress=False)
+    assert first.problems == []
+    assert list(first.features.index) == ["r1", "r2", "r3"]
+    assert list(first.readers["mask_reader2"].index) == ["r1", "r2"]
+    assert list(first.readers["mask_repeat"].index) == ["r1"]
+    assert (first.n_cached, first.n_extracted) == (0, 6)  # 3 + 2 + 1 masks
+    again = extract_site(site, fast, cache_dir=cache, progress=False)
+    assert (again.n_cached, again.n_extracted) == (6, 0)
+    # One new case (r3's second reader) next to six cached ones.
+    rows[2]["mask_reader2"] = "data/r3_r2.nii.gz"
+    _write_manifest(site, rows)
+    third = extract_site(site, fast, cache_dir=cache, progress=False)
+    assert (third.n_cached, third.n_extracted) == (6, 1)
+    path = write_features(third, tmp_path / "features.parquet")
+    assert read_features(path)[1]["n_extracted"] == 1
+
+
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("RADFED_CACHE", str(tmp_path / "c"))
     assert default_cache_dir() == tmp_path / "c"

@@ -14,8 +14,10 @@ tests/test_privacy_attacks.py (its worker, protocol and request helpers).
 from __future__ import annotations
 
 import linecache
+import math
 import os
 import traceback
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -247,14 +249,51 @@ def test_evaluation_statistics_are_numbers_when_both_classes_are_there(data):
     assert np.all((roc.auc >= 0) & (roc.auc <= 1))
     for j in range(P.shape[1]):
         assert np.isfinite(es.brier(y, P[:, j]))
-        # Not hosmer_lemeshow: a risk of 5e-324 in a group gives statistic inf, p NaN
-        # (reported, not fixed here).
+        # A risk of 5e-324 (or 0) in a group with an event gave statistic inf with p NaN
+        # and an overflow warning: now inf with p = 0 and a note, as R's hoslem.test.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            for validation in (False, True):
+                hl = es.hosmer_lemeshow(y, P[:, j], validation=validation)
+                if np.isfinite(hl.statistic):
+                    assert hl.note is None and (0 <= hl.pvalue <= 1 or hl.df < 1)
+                elif hl.statistic == np.inf:
+                    assert "underflows" in hl.note
+                    assert hl.pvalue == 0.0 if hl.df >= 1 else np.isnan(hl.pvalue)
+                else:  # undefined, never silently
+                    assert np.isnan(hl.statistic) and np.isnan(hl.pvalue) and hl.note
         fit = es.calibration_fit(y, P[:, j])
         # NaN is the documented "undefined"; inf never is.
         assert not np.any(np.isinf(np.asarray(fit, dtype=float))), fit
 
 
 # ----------------------------------------------------------- (d) privacy checks alone
+
+
+LIMITS = {
+    "min_cell": (1, None),
+    "max_param_fraction": (0, 1),
+    "saturation_logit": (0, None),
+    "max_saturated_share": (0, 1),
+    "max_scale_ratio": (1, None),
+}
+
+
+@FUZZ
+@given(name=st.sampled_from(sorted(LIMITS)), value=hostile | st.sampled_from([None, "3"]))
+def test_a_policy_refuses_a_limit_that_is_not_a_finite_number_in_one_line(name, value):
+    """``PrivacyPolicy(min_cell=None)`` raised TypeError once, NaN or inf raised numpy's
+    ``cannot convert float NaN to integer`` or an OverflowError, None for the other
+    limits a TypeError; and a NaN ``saturation_logit`` or ``max_scale_ratio`` was
+    accepted, switching its rule off (every comparison with NaN is false)."""
+    policy = outcome_of(lambda: PrivacyPolicy(**{name: value}))
+    if isinstance(policy, Exception):
+        assert isinstance(policy, ValueError) and name in str(policy)
+        return
+    limit = getattr(policy, name)
+    low, high = LIMITS[name]
+    assert not isinstance(limit, bool) and math.isfinite(limit) and limit >= low
+    assert high is None or limit <= high
 
 
 @FUZZ

@@ -173,3 +173,70 @@ def test_study_file_icc_settings_are_checked(tmp_path, table, message):
         parse_study(data, tmp_path)
     ok = parse_study({**data, "selection": {"icc_threshold": 0.9, "icc_type": "ICC3"}}, tmp_path)
     assert (ok.selection.icc_threshold, ok.selection.icc_type) == (0.9, "ICC3")
+
+
+# ------------------------------------------------ large magnitudes (fuzzing, item 2)
+
+
+@pytest.mark.parametrize("power", [500, 520, 600, 900, 1000, -1000])
+def test_icc_of_huge_features_equals_pingouin_on_the_same_ratings(power):
+    """Ratings of 1e150 and beyond: squares of 1e154 overflowed (ICC None for every
+    feature). Scaling the ratings by a power of two is exact and leaves every ICC
+    unchanged, so pingouin on the unscaled ratings is the reference; at 2**500 (3e150)
+    pingouin also runs on the huge ratings themselves."""
+    base = cohort(power % 7, (17, 9, 25), 2, p=8)
+    sites = [np.ldexp(x, power) for x in base]
+    assert all(np.isfinite(x).all() for x in sites)
+    features = [f"f{j}" for j in range(8)]
+    table = reproducibility(features, replies(sites), ["inter_reader"]).comparisons["inter_reader"]
+    for kind in ("ICC2", "ICC3"):
+        mine = np.array([table[kind][f] for f in features], dtype=float)
+        theirs = pingouin_icc(np.concatenate(base), kind)
+        np.testing.assert_allclose(mine, theirs, rtol=1e-9, atol=0)
+        if power == 500:
+            direct = pingouin_icc(np.concatenate(sites), kind)
+            np.testing.assert_allclose(mine, direct, rtol=1e-9, atol=0)
+
+
+def test_icc_with_site_means_of_opposite_signs_near_the_largest_double():
+    """Ratings up to 5.6e307 and site means of ±1e307: the sites' own squares and the
+    coordinator's between-site terms (m_s − M)² overflowed; with the common unit the
+    ICCs are pingouin's on the same ratings scaled down by 2**1010 (exact)."""
+    base = cohort(4, (12, 15, 9), 3, p=5, max_offset=1)
+    base[1] = -base[1]  # a site whose means have the other sign
+    sites = [np.ldexp(x, 1010) for x in base]
+    assert max(np.abs(x).max() for x in sites) > 5e307
+    features = [f"f{j}" for j in range(5)]
+    table = reproducibility(features, replies(sites), ["inter_reader"]).comparisons["inter_reader"]
+    for kind in ("ICC2", "ICC3"):
+        mine = np.array([table[kind][f] for f in features], dtype=float)
+        theirs = pingouin_icc(np.concatenate(base), kind)
+        assert np.all((theirs > 0.85) & (theirs < 0.995))  # informative, not 1 - 1e-13
+        np.testing.assert_allclose(mine, theirs, rtol=1e-9, atol=0)
+
+
+def test_site_sums_are_the_unscaled_sums_times_a_power_of_two_exactly():
+    """What a site sends: the centred sums of before, scaled by 2**-exponent exactly,
+    with the exponent of the RMS deviation (an aggregate: n and ss give it anyway)."""
+    x = cohort(10, (11,), 3, p=6)[0]
+    x[:, :, 5] = 7.25  # a constant feature
+    sums = site_icc_sums(x)
+    mean = x.mean(axis=(0, 1))
+    centred = x - mean
+    e = sums["exponent"]
+    assert np.array_equal(e, np.round(e)) and sums["exponent"].shape == (6,)
+    np.testing.assert_array_equal(sums["mean"], mean)
+    np.testing.assert_array_equal(
+        np.ldexp(sums["col_dev"], e[:, None].astype(int)), centred.sum(0).T
+    )
+    np.testing.assert_array_equal(np.ldexp(sums["ss"], 2 * e.astype(int)), (centred**2).sum((0, 1)))
+    rms = np.sqrt((centred**2).mean(axis=(0, 1)))[:5]
+    assert np.all((2.0 ** (e[:5] - 1) <= rms) & (rms < 2.0 ** e[:5]))
+    assert sums["ss"][5] == 0 and sums["row_ss"][5] == 0
+
+
+def test_non_finite_or_malformed_site_sums_are_refused():
+    sums = site_icc_sums(cohort(11, (8,), 2, p=3)[0])
+    for key, bad in (("ss", np.array([1.0, np.inf, 2.0])), ("exponent", np.array([0.5, 0, 0]))):
+        with pytest.raises(FederationError, match=key):
+            pooled_anova([{**sums, key: bad}])

@@ -372,3 +372,215 @@ def test_estimator_interface(shared_data):
     assert est.lambda_min_ == est.result_.lambda_min
     assert est.intercept_ == est.result_.coef_min[0]
     assert est.n_rounds_ == est.result_.rounds
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def separable_sites(seed: int = 0, sizes=(60, 24), p: int = 4) -> list[Site]:
+    """Two sites whose outcome x0 nearly decides: near separation at small λ, where the
+    small site's linear predictor saturates or its weights rest on a few patients."""
+    rng = np.random.default_rng(seed)
+    sites = []
+    for i, n in enumerate(sizes):
+        X = rng.normal(size=(n, p))
+        y = (rng.random(n) < expit(15.0 * X[:, 0] + 1.5 * X[:, 1])).astype(int)
+        sites.append((f"site{i}", X, y))
+    return sites
+
+
+def guarded_ask(sites: list[Site], policy: PrivacyPolicy, log: list | None = None):
+    """In-memory sites that answer behind their privacy rules (a refusal is raised as the
+    site's PrivacyRefusal); ``log`` collects (request, refused rule or None)."""
+
+    def one(request, name, X, y):
+        k, seed = request["n_folds"], request["seed"]
+        return answer(request, X, y, assign_folds(y, k, seed, name), k, policy)
+
+    def ask(request):
+        try:
+            replies = [one(request, *site) for site in sites]
+        except PrivacyRefusal as exc:
+            if log is not None:
+                log.append((request, exc.rule))
+            raise
+        if log is not None:
+            log.append((request, None))
+        return replies
+
+    return ask
+
+
+def refused_by(sites: list[Site], policy: PrivacyPolicy, res, fits) -> str | None:
+    """The rule by which some site refuses the fits (K folds + full data) at one λ."""
+    request = {
+        "step": "lasso_irls",
+        "center": res.center,
+        "scale": res.scale,
+        "n_folds": res.n_folds,
+        "seed": 1,
+        "problem_folds": np.arange(res.n_folds + 1),
+        "beta": fits,
+    }
+    try:
+        guarded_ask(sites, policy)(request)
+    except PrivacyRefusal as exc:
+        return exc.rule
+    return None
+
+
+def test_a_refused_lambda_ends_the_path_where_the_pooled_path_is_cut(caplog):
+    sites = separable_sites()
+    X, y, center, scale = pooled(sites)
+    names = [f"x{j}" for j in range(X.shape[1])]
+    policy = PrivacyPolicy()
+    log: list = []
+    with caplog.at_level("WARNING", logger="radfed.server.stats.lasso"):
+        res = lasso_cv(guarded_ask(sites, policy, log), names, center, scale, n_folds=5, seed=1)
+    end = res.path_end
+    assert res.ended_early and end is not None and end.rule in ("saturation", "concentration")
+    assert 5 < end.index == len(res.lambdas) < 100
+    assert any(rule == end.rule for _, rule in log)  # the sites did refuse rounds
+    assert f"refused it by the {end.rule} rule" in caplog.text
+    assert end.describe() in res.summary()
+    # The same sites without privacy rules fit the whole grid; its first λ are ours, and at
+    # the refused λ its fits are ones the sites refuse: the old code stopped the study.
+    free = lasso_cv(make_ask(sites), names, center, scale, n_folds=5, seed=1, path_stop=None)
+    L = end.index
+    assert len(free.lambdas) == 100 and end.lambda_refused == free.lambdas[L]
+    np.testing.assert_allclose(res.lambdas, free.lambdas[:L], rtol=1e-15)
+    np.testing.assert_allclose(res.coef_path, free.coef_path[:L], atol=1e-9)
+    np.testing.assert_allclose(res.fold_coef_path, free.fold_coef_path[:, :L], atol=1e-9)
+    np.testing.assert_allclose(res.cvm, free.cvm[:L], atol=1e-9)
+    at = lambda i: np.vstack([free.fold_coef_path[:, i], free.coef_path[i][None]])  # noqa: E731
+    assert refused_by(sites, policy, res, at(L)) is not None
+    assert refused_by(sites, policy, res, at(L - 1)) is None
+    # The pooled reference on the truncated grid: sklearn fits, cv.glmnet's curve.
+    Z = (X - center) / scale
+    for i in np.linspace(0, L - 1, 8).astype(int):
+        assert np.abs(sklearn_l1(Z, y, res.lambdas[i]) - res.coef_path[i]).max() < 1e-4
+    _, cvm, cvsd, coefs = pooled_cv(sites, res.lambdas, 5, 1)
+    assert np.abs(res.fold_coef_path - coefs).max() < 1e-4
+    np.testing.assert_allclose(res.cvm, cvm, atol=1e-4)
+    np.testing.assert_allclose(res.cvsd, cvsd, atol=1e-4)
+    assert (res.index_min, res.index_1se) == choose_lambdas(res.lambdas, cvm, cvsd)
+    # A sliding window of λ meets the refusal elsewhere and ends at the same λ.
+    small = lasso_cv(
+        guarded_ask(sites, policy), names, center, scale, n_folds=5, seed=1, max_fits_per_round=30
+    )
+    assert small.path_end == end
+    np.testing.assert_allclose(small.coef_path, res.coef_path, atol=1e-9)
+
+
+def test_a_refusal_at_lambda_max_still_stops_the_fit():
+    sites = separable_sites()
+    _, _, center, scale = pooled(sites)
+    # Every model but β = 0 "saturates": the fits at λ_max are refused too.
+    policy = PrivacyPolicy(saturation_logit=1e-12)
+    log: list = []
+    with pytest.raises(PrivacyRefusal, match="LASSO: refused by the saturation rule"):
+        lasso_cv(guarded_ask(sites, policy, log), ["a", "b", "c", "d"], center, scale, n_folds=5)
+    assert log[0][1] is None and log[-1][1] == "saturation"
+    assert len(log[-1][0]["problem_folds"]) == 6  # the last probe: λ_max's fits alone
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        "site0: LASSO CV folds: refused by the min-cell rule: a count would be below 3",
+        "site0: the site has no feature(s) ['x3']",
+        "site0: LASSO: refused by the saturation rule: ...\n  site1: no reply",
+    ],
+)
+def test_other_refusals_and_failures_stop_the_fit_at_once(error):
+    from radfed.shared.errors import FederationError
+
+    sites = synthetic_sites(n=300, p=6)
+    _, _, center, scale = pooled(sites)
+    inner, calls = make_ask(sites), []
+
+    def ask(request):
+        calls.append(request)
+        if len(calls) == 3:
+            lines = error.split("\n")
+            raise FederationError(f"task 'select' failed at {len(lines)} site(s):\n  {error}")
+        return inner(request)
+
+    with pytest.raises(FederationError, match="failed at"):
+        lasso_cv(ask, [f"x{j}" for j in range(6)], center, scale, n_folds=4, n_lambdas=10)
+    assert len(calls) == 3  # no retry
+
+
+def test_real_sites_end_the_path_and_equal_the_pooled_reference(tmp_path, caplog):
+    """Two hospitals (features.csv) behind their own privacy rules, over the in-process
+    transport: the small one refuses a λ near separation (FederationError, as any
+    transport raises it); the path ends before it and equals statsmodels on the pooled
+    rows, with the sites' own folds, on the kept λ."""
+    import hashlib
+
+    from radfed.client.site_state import default_state_dir, read_audit
+    from radfed.server.federation.inprocess import InProcessTransport
+    from radfed.server.stats.solvers import pooled_standardisation
+    from radfed.server.study import pooled as reference
+    from radfed.server.study.phases import select_asker
+    from radfed.shared.config import load_study
+    from radfed.shared.errors import FederationError
+
+    names = ["x0", "x1", "x2"]
+    rng = np.random.default_rng(0)
+    for i, n in enumerate((80, 36)):
+        folder = tmp_path / "sites" / f"site{i}"
+        folder.mkdir(parents=True)
+        X = rng.normal(size=(n, 3))
+        y = (rng.random(n) < expit(15.0 * X[:, 0] + 1.5 * X[:, 1])).astype(int)
+        frame = pd.DataFrame(X, columns=names)
+        frame.insert(0, "patient_id", [f"s{i}-{k}" for k in range(n)])
+        frame.assign(outcome=y).to_csv(folder / "features.csv", index=False)
+        # Fixed secrets, so that the splits and folds (and the λ refused) are always the same.
+        state = default_state_dir(f"site{i}", folder.resolve())
+        state.mkdir(parents=True, exist_ok=True)
+        (state / "secret.key").write_bytes(hashlib.sha256(f"separable-{i}".encode()).digest())
+    (tmp_path / "study.toml").write_text(
+        '[study]\nname = "separable"\noutcome = "outcome"\nfeatures = ["x0", "x1", "x2"]\n'
+        'seed = 5\n\n[harmonization]\nmethod = "none"\n\n[selection]\nmrmr_k = 3\nfolds = 3\n\n'
+        "[tracking]\nenabled = false\n\n"
+        + "".join(f'[[sites]]\nname = "site{i}"\npath = "sites/site{i}"\n\n' for i in range(2))
+    )
+    config = load_study(tmp_path / "study.toml")
+    transport = InProcessTransport.from_study(config)
+    transport.protocol = config.protocol()
+    transport.ask("describe")
+    transport.ask("split")
+    center, scale, _ = pooled_standardisation(transport, names)
+    transport.step = "lasso"
+    ask = select_asker(transport, names)
+    with caplog.at_level("WARNING", logger="radfed.server.stats.lasso"):
+        res = lasso_cv(ask, names, center, scale, n_folds=3, seed=config.seed)
+    end = res.path_end
+    assert end is not None and end.sites == ("site1",) and end.rule == "concentration"
+    assert len(res.lambdas) == end.index < 100 and res.rounds == transport.rounds["lasso"]
+    assert "site(s) site1 refused it by the concentration rule" in caplog.text
+    audit = read_audit(default_state_dir("site1", (tmp_path / "sites" / "site1").resolve()))
+    refusals = [e for e in audit if e["step"] == "lasso_irls" and e["outcome"] == "refused"]
+    assert refusals and {e["rule"] for e in refusals} == {"concentration"}
+
+    table = reference.pooled_table(config)
+    train = table[table["split"] == "train"]
+    Z = ((train[names] - train[names].mean()) / train[names].std(ddof=0)).to_numpy()
+    y = train["outcome"].to_numpy(dtype=int)
+    tolerance = reference.TOLERANCE["lasso"]
+    coef = np.array([reference._l1_logistic(Z, y, lam) for lam in res.lambdas])
+    assert np.abs(coef - res.coef_path).max() < tolerance
+    cvm = reference._lasso(train, Z, y, res.lambdas, config)
+    assert np.abs(cvm - res.cvm).max() < tolerance
+    assert res.index_min == int(np.argmin(cvm))
+    # At the refused λ the pooled fits are what the sites refuse: the whole grid of the
+    # old code could not be fitted.
+    lam = end.lambda_refused
+    folds = train["fold"].to_numpy()
+    fits = [reference._l1_logistic(Z[folds != k], y[folds != k], lam) for k in range(3)]
+    beta = np.vstack([*fits, reference._l1_logistic(Z, y, lam)])
+    request = {"step": "lasso_irls", "center": center, "scale": scale, "n_folds": 3,
+               "seed": config.seed, "problem_folds": np.arange(4), "beta": beta}  # fmt: skip
+    with pytest.raises(FederationError, match="site1: LASSO: refused by the concentration"):
+        ask(request)

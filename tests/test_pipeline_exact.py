@@ -33,9 +33,19 @@ def pipeline_study(request):
     return request.getfixturevalue(name)
 
 
+class CountingTransport(InProcessTransport):
+    """Counts the rounds it really sends (one exchange with the sites each)."""
+
+    sent = 0
+
+    def _exchange(self, requests):
+        self.sent += 1
+        return super()._exchange(requests)
+
+
 @pytest.fixture
 def federated(pipeline_study):
-    transport = InProcessTransport.from_study(pipeline_study)
+    transport = CountingTransport.from_study(pipeline_study)
     result = FederatedStudy(pipeline_study, transport).run()
     return result, transport
 
@@ -125,15 +135,18 @@ def test_clinical_screening_and_models_equal_statsmodels(pipeline_study, federat
 
 
 def test_rounds_are_recorded_per_phase(federated):
-    result, _ = federated
+    result, transport = federated
     rounds = result.rounds
     assert rounds["combat"] == 3
     assert rounds["consistency"] == rounds["split"] == 1
     # One evaluate round, then the pooled calibration fits and curves (Newton rounds,
     # spread over requests where a small site's parameter limit requires it).
     assert 1 < rounds["evaluate"] < 60
-    assert {"standardise", "mrmr", "lasso", "screening", "models"} <= set(rounds)
-    assert sum(rounds.values()) < 100
+    assert {"standardise", "mrmr", "lasso", "models"} <= set(rounds)
+    # Each round sent is counted once, under its leading phase; the leave-one-site-out
+    # refits, the screening and the calibration fits share the main fit's rounds
+    # (sequentially the heart-disease study took 188).
+    assert sum(rounds.values()) == transport.sent <= 50
 
 
 def test_clinical_auc_per_site_equals_sklearn(pipeline_study, federated):

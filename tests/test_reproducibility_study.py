@@ -6,7 +6,8 @@ synthetic cohort's boundary jitter (:func:`radfed.experiments.synth.reader_mask`
 study harmonises by the ``scanner`` label the sites derive from the DICOM headers and
 filters features by ICC(2,1) >= 0.75 before ComBat and mRMR. Oracles, on the pooled
 training rows: pingouin's ICC and neuroCombat with the scanner each patient was
-written with (known to the test, not read back from the headers).
+written with (known to the test, not read back from the headers). Every reply the
+sites send is recorded: the scanner levels leave the sites, no other header value does.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 import SimpleITK as sitk
 
@@ -28,6 +30,7 @@ from radfed.experiments.synth import reader_mask
 from radfed.server.federation.inprocess import InProcessTransport
 from radfed.server.study.driver import FederatedStudy
 from radfed.shared.config import load_study
+from radfed.shared.messages import from_record
 
 pg = pytest.importorskip("pingouin")
 nc = pytest.importorskip("neuroCombat")
@@ -60,6 +63,26 @@ def _patient(folder: Path, pid: str, scanner: str, outcome: int, rng) -> None:
     sitk.WriteImage(mask, str(folder / "masks" / f"{pid}.nii.gz"))
     second = reader_mask(mask, rng, 0.8, 0.4, 3.0)
     sitk.WriteImage(second, str(folder / "masks" / f"{pid}_r2.nii.gz"))
+
+
+class RecordingTransport(InProcessTransport):
+    """The in-process transport, keeping every reply a site sent (decoded)."""
+
+    def _exchange(self, requests):
+        replies = super()._exchange(requests)
+        self.replies = [*getattr(self, "replies", []), *map(from_record, replies.values())]
+        return replies
+
+
+def _strings(value) -> set[str]:
+    """Every text in a decoded reply: keys, values, text and object arrays."""
+    if isinstance(value, dict):
+        return {str(k) for k in value} | {t for v in value.values() for t in _strings(v)}
+    if isinstance(value, (list, tuple)):
+        return {t for v in value for t in _strings(v)}
+    if isinstance(value, np.ndarray):
+        return {str(v) for v in value.ravel()} if value.dtype.kind in "OUS" else set()
+    return {value} if isinstance(value, str) else set()
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +156,7 @@ min_cell = 3
 """.replace("'", '"')
     )
     config = load_study(root / "study.toml")
-    transport = InProcessTransport.from_study(config)
+    transport = RecordingTransport.from_study(config)
     try:
         fitted = FederatedStudy(config, transport).fit()
         yield config, transport, fitted, written
@@ -245,3 +268,86 @@ def test_icc_table_goes_into_the_report_and_tracking(study):
     metrics = reproducibility_metrics(details)
     assert metrics["reproducibility/kept"] == len(details["kept"])
     assert metrics["reproducibility/inter_reader/n"] == details["comparisons"]["inter_reader"]["n"]
+
+
+def test_icc_table_goes_into_results_json_and_mlflow(study, tmp_path):
+    """results.json keeps the reproducibility entry; MLflow gets the ICC table as the
+    artifact reproducibility/icc.json and the counts as metrics."""
+    import dataclasses
+    import json
+
+    import mlflow
+
+    from radfed.server.results import StudyResult
+    from radfed.server.stats.reproducibility import icc_rows
+    from radfed.server.tracking.runs import log_study
+
+    config, _, fitted, _ = study
+    details = fitted.details["reproducibility"]
+    result = StudyResult(
+        study=config.name,
+        outcome=config.outcome,
+        transport="inprocess",
+        sites={},
+        models=fitted.models,
+        performance={},
+        rounds={},
+        details=dict(fitted.details),
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id, _ = log_study(result, dataclasses.replace(config, tracking_uri=uri), tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["reproducibility"]["kept"] == details["kept"]
+    assert (
+        saved["reproducibility"]["comparisons"]["inter_reader"]["ICC2"]
+        == (details["comparisons"]["inter_reader"]["ICC2"])
+    )
+    mlflow.set_tracking_uri(uri)
+    run = mlflow.get_run(run_id)
+    assert run.data.metrics["reproducibility/kept"] == len(details["kept"])
+    table = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path="reproducibility/icc.json"
+            )
+        ).read_text()
+    )
+    rows = icc_rows(details)
+    assert table["columns"][:2] == ["feature", "inter_reader ICC2"]
+    got = {r[0]: r[1] for r in table["data"]}
+    want = {r["feature"]: r["inter_reader ICC2"] for r in rows}
+    assert set(got) == set(want)
+    for f, value in want.items():  # MLflow's table writes 10 decimals
+        assert (got[f] is None) if value is None else abs(got[f] - value) < 1e-9, f
+
+
+def test_only_the_named_scanner_label_leaves_the_sites(study):
+    """Every reply of the study: the scanner levels (the batch the study names) are sent;
+    no other header value (UIDs, patient ids, raw manufacturer, slice thickness, field
+    strength or model as labels of their own) and no other label column's name."""
+    config, transport, _, written = study
+    sent = {t for reply in transport.replies for t in _strings(reply)}
+    assert set(SCANNERS) <= sent  # the batch levels do leave, as ComBat's levels
+    forbidden = {
+        "GE MEDICAL SYSTEMS",
+        "2.5mm",
+        "1.5T",
+        "3T",
+        "Avanto",
+        "Signa HDxt",
+        "scanner_manufacturer",
+        "scanner_model",
+        "field_strength",
+        "slice_thickness",
+        *written,  # patient ids (also the DICOM PatientID)
+    }
+    for site in config.sites:
+        for folder in sorted((site.path / "images").iterdir()):
+            header = pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True)
+            forbidden |= {
+                header.SeriesInstanceUID,
+                header.StudyInstanceUID,
+                header.FrameOfReferenceUID,
+                header.SOPInstanceUID,
+            }
+    assert not sent & forbidden, sorted(sent & forbidden)[:5]

@@ -27,7 +27,7 @@ from radfed.server.study.driver import FederatedStudy
 from radfed.server.tracking.runs import tags_of
 from radfed.shared.config import load_study, parse_study
 from radfed.shared.errors import FederationError, StudyConfigError
-from radfed.shared.messages import from_record, to_record
+from radfed.shared.messages import to_record
 from radfed.tests.conftest import heart_study_text
 from radfed.tests.reference import assert_same_results
 
@@ -76,24 +76,26 @@ def failing_run(config, failing, from_round, **kwargs):
     return FederatedStudy(config, transport).run(), transport
 
 
-def first_refit_round(config, failing: str) -> int:
+def first_round_after_the_main_fit(config, failing: str) -> int:
     """The round (counted as ``FailingTransport`` counts them) at which ``failing`` is
-    first asked for a leave-one-site-out refit: its second ``describe``. The main fit's
-    rounds depend on the sites' own splits and folds, so they are counted, not fixed."""
+    first asked once the main fit and its evaluation are done: the refits share the main
+    fit's rounds, and the first round the main fit has no request in is counted under
+    "external". The rounds depend on the sites' own splits and folds, so they are
+    counted, not fixed."""
 
     class Counting(FailingTransport):
         def __init__(self, *args):
             super().__init__(*args)
-            self.describes: list[int] = []
+            self.after_main: list[int] = []
 
         def _exchange(self, requests):
-            if failing in requests and from_record(requests[failing])["task"] == "describe":
-                self.describes.append(self.seen + 1)
+            if failing in requests and self.step == "external":
+                self.after_main.append(self.seen + 1)
             return super()._exchange(requests)
 
     transport = Counting(InProcessTransport.from_study(config).workers, failing, 10**9)
     FederatedStudy(config, transport).run()
-    return transport.describes[1]
+    return transport.after_main[0]
 
 
 def as_json(result) -> dict:
@@ -356,26 +358,30 @@ def test_a_validation_site_failing_fails_its_entry_only(heart_dir):
 
 
 def test_a_training_site_failing_during_leave_one_site_out_fails_those_entries(heart_dir):
-    """va stops answering in the first refit (after the main fit's rounds): the main
-    fit is kept, the refits that need va fail at once (one wait), and va's own entry
-    fails."""
+    """va stops answering once the main fit is done, while the refits (which share its
+    rounds) still need it: the main fit is kept, the refits that still need va fail at
+    once (one wait), va's own entry fails, and the entries that were done are kept."""
     config = write_study(heart_dir, SITES, policy="drop", loso=True)
-    result, transport = failing_run(config, "va", from_round=first_refit_round(config, "va"))
+    when = first_round_after_the_main_fit(config, "va")
+    result, transport = failing_run(config, "va", from_round=when)
     results = as_json(result)
     assert transport.asked_after_failure == 1
     assert results["federation"]["sites"] == SITES
     held_out = results["external"]["held_out"]
-    assert {s: e["status"] for s, e in held_out.items()} == dict.fromkeys(SITES, "failed")
+    assert held_out["va"]["status"] == "failed"
     assert "site 'va' stopped answering" in held_out["va"]["reason"]
     (dropped,) = results["federation"]["dropped_sites"]
     assert dropped["site"] == "va"
-    assert dropped["phase"] == "leave-one-site-out without cleveland: consistency"
+    assert dropped["phase"].startswith("leave-one-site-out without ")
     assert "leave-one-site-out" in dropped["action"]
     assert "abandoned" not in results["rounds"]
 
     plain = run_of(config)
     assert results["models"] == plain["models"]
     assert results["performance"] == plain["performance"]
+    for site, entry in held_out.items():
+        if entry["status"] != "failed":
+            assert entry["metrics"] == plain["external"]["held_out"][site]["metrics"]
 
 
 # ----------------------------------------------------------------- Deployment Engine

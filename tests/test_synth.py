@@ -176,6 +176,35 @@ def test_same_seed_same_bytes_overwrite_and_stale(
     assert arr_a.shape == arr_b.shape and not np.array_equal(arr_a, arr_b)
 
 
+def test_reader_masks_for_a_subset_of_patients(tmp_path: Path, cohort: list[Path]) -> None:
+    """``reader_patients``: reader masks for that many patients per site, the other rows'
+    reader cells empty; images, first masks and each patient's reader masks unchanged."""
+    from radfed.client.extraction import _cases
+    from radfed.client.manifest import read_manifest
+
+    (site,) = write_cohort(
+        tmp_path / "some", 1, PATIENTS, SEED, False, second_reader=True, reader_patients=4
+    )
+    (every,) = write_cohort(tmp_path / "all", 1, PATIENTS, SEED, False, second_reader=True)
+    manifest = pd.read_csv(site / "manifest.csv", dtype=str, keep_default_na=False)
+    assert list(manifest.columns) == [*MANIFEST_COLUMNS, *synth.READER_COLUMNS]
+    read = manifest[manifest["mask_reader2"] != ""]
+    assert len(read) == 4 and (read["mask_repeat"] != "").all()
+    assert (manifest.loc[manifest["mask_reader2"] == "", "mask_repeat"] == "").all()
+    files, full, plain = _snapshot(site), _snapshot(every), _snapshot(cohort[0])
+    assert {n for n in files if "_reader2" in n or "_repeat" in n} == {
+        f"masks/{pid}_{role}.nii.gz" for pid in read["patient_id"] for role in ("reader2", "repeat")
+    }
+    for name, data in files.items():
+        if name.startswith(("images/", "masks/")):
+            assert data == full[name]
+            assert name not in plain or data == plain[name]
+    # The manifest reader takes the empty cells: one case per given mask, no problem.
+    rows = read_manifest(site)
+    assert rows.problems == []
+    assert len(_cases(rows.rows)) == PATIENTS + 2 * 4
+
+
 # ----------------------------------------------------------------------------- arguments
 
 
@@ -186,6 +215,8 @@ def test_same_seed_same_bytes_overwrite_and_stale(
         ({"patients": 9}, "patients"),
         ({"seed": -1}, "seed"),
         ({"sites": 2.5}, "sites"),
+        ({"second_reader": True, "reader_patients": 0}, "reader_patients"),
+        ({"reader_patients": 3}, "second_reader"),
     ],
 )
 def test_bad_arguments_raise(tmp_path: Path, kwargs: dict, message: str) -> None:

@@ -10,6 +10,7 @@ editable install's finder of this checkout, are not run, so ``radfed`` is the wh
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -150,5 +151,11 @@ def test_wheel_in_a_fresh_venv_runs_the_demo(built):
     )  # fmt: skip
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     assert list(out.rglob("report.html")), sorted(p.name for p in out.rglob("*"))
-    assert list(out.rglob("results.json")), sorted(p.name for p in out.rglob("*"))
+    results = sorted(out.rglob("results.json"))
+    assert results, sorted(p.name for p in out.rglob("*"))
     assert "Warning" not in demo.stderr, demo.stderr[-3000:]
+    # The demo's readers (15 patients per site) run the reproducibility (ICC) filter.
+    icc = json.loads(results[0].read_text())["reproducibility"]
+    assert set(icc["comparisons"]) == {"inter_reader", "intra_reader"}
+    assert all(c["n"] >= 20 for c in icc["comparisons"].values())
+    assert icc["kept"] and icc["dropped"], "the ICC filter should keep some features, drop some"

@@ -18,7 +18,12 @@ class EncodedTransport(Transport):
     def _exchange(self, requests: Mapping[str, RecordDict]) -> dict[str, RecordDict]:
         """Deliver one encoded request per site and collect the encoded replies."""
 
-    def _deliver(self, request: Payload, sites: list[str]) -> dict[str, Payload]:
-        encoded = to_record(request)
-        replies = self._exchange(dict.fromkeys(sites, encoded))
+    def _deliver_each(self, requests: dict[str, Payload]) -> dict[str, Payload]:
+        encoded: dict[int, RecordDict] = {}  # a request sent to several sites: encoded once
+        records = {}
+        for site, request in requests.items():
+            if id(request) not in encoded:
+                encoded[id(request)] = to_record(request)
+            records[site] = encoded[id(request)]
+        replies = self._exchange(records)
         return {site: from_record(rec) for site, rec in replies.items()}

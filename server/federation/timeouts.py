@@ -13,26 +13,31 @@ STARTUP_SECONDS = 300.0
 ROUND_ALLOWANCE_SECONDS = 60.0
 
 
+#: Rounds the leave-one-site-out refits add after the main fit, whose rounds they share:
+#: their external evaluation (one round, then the calibration curve's Newton fit).
+EXTERNAL_TAIL = 10
+
+
 def expected_rounds(config: StudyConfig) -> int:
     """A generous estimate of a study's federated rounds, from its settings.
 
-    Measured on the heart-disease study (``radfed heart-disease``): 47 rounds for the
-    fit on all training sites and as many again for each leave-one-site-out refit
-    (188 in all) in the first release, 61 for one fit since the calibration fits joined
-    the evaluation; this estimate gives 72 and 288.
+    The leave-one-site-out refits, the clinical screening and the calibration fits share
+    the main fit's rounds (:mod:`~radfed.server.federation.shared_rounds`), so a study
+    takes about one fit's rounds. Measured (docs/performance.md): the heart-disease
+    study 44 rounds and the demo 56 (188 and 285 when the fits took turns); this
+    estimate gives 58 and 65.
     """
     features = bool(config.features)
-    one_fit = 2  # consistency, split
+    radiomics = 0
     if features and config.harmonization.method == "combat":
-        one_fit += 3
+        radiomics += 3
     if features:
-        one_fit += 1 + config.selection.mrmr_k + 8  # standardise, mRMR, LASSO path + CV
-    if config.clinical:
-        one_fit += 8  # univariable screening (Newton, all variables together)
-    one_fit += 12 + 32  # the models' Newton fits, evaluation (with calibration fits)
+        radiomics += 1 + config.selection.mrmr_k + 8  # standardise, mRMR, LASSO path + CV
+    screening = 8 if config.clinical else 0  # univariable Newton, beside the radiomics
+    one_fit = 2 + max(radiomics, screening)  # consistency, split
+    one_fit += 12 + 16  # the models' Newton fits, evaluation (calibration fits shared)
     one_fit += 1 if config.validation_sites else 0
-    fits = 1 + (len(config.training_sites) if config.runs_leave_one_site_out else 0)
-    return one_fit * fits
+    return one_fit + (EXTERNAL_TAIL if config.runs_leave_one_site_out else 0)
 
 
 def run_timeout(config: StudyConfig, override: float | None = None) -> float | None:

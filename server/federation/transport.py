@@ -112,9 +112,14 @@ class Transport(ABC):
         """Every site this transport can deliver to (``sites`` are those a study uses)."""
         return list(self.sites)
 
-    @abstractmethod
     def _deliver(self, request: Payload, sites: list[str]) -> dict[str, Payload]:
         """Deliver ``request`` to each of ``sites`` and collect the replies that came."""
+        return self._deliver_each(dict.fromkeys(sites, request))
+
+    @abstractmethod
+    def _deliver_each(self, requests: dict[str, Payload]) -> dict[str, Payload]:
+        """Deliver each site its own request, all in one round, and collect the replies
+        that came (fits sharing a round send each site the requests it is part of)."""
 
     def ask(
         self,
@@ -201,6 +206,9 @@ class SiteSubset(Transport):
     @property
     def reachable(self) -> list[str]:
         return self.parent.reachable
+
+    def _deliver_each(self, requests: dict[str, Payload]) -> dict[str, Payload]:
+        return self.parent._deliver_each(requests)
 
     def _deliver(self, request: Payload, sites: list[str]) -> dict[str, Payload]:
         return self.parent._deliver(request, sites)

@@ -18,6 +18,12 @@ ticks cover at least 80% of the range). A predictor whose SD² equals
 mean·(1 - mean) within 1e-9, with 0 < mean < 1, is a 0/1 variable (its 1/n SD is
 exactly that) and gets the axis {0, 1}. ``ranges={name: (lo, hi)}`` overrides both;
 its ends are always kept as ticks.
+
+Categorical predictors. A variable one-hot encoded with the federation's levels
+(dummy columns ``name=level`` for every level but the first, the reference) is one
+axis, as rms draws a factor: each level is a tick at its points (the reference's
+coefficient is 0), labelled with its level name; ``categories={name: levels}`` says
+which columns belong together.
 """
 
 from __future__ import annotations
@@ -96,7 +102,11 @@ class VariableAxis:
     points_per_lp : float
         Points per unit of linear predictor (shared by all axes: 100 / R).
     levels : tuple of str
-        A 0/1 predictor's level names, shown at 0 and 1 instead of the numbers.
+        A 0/1 predictor's level names, shown at 0 and 1 instead of the numbers; a
+        categorical predictor's, one per category.
+    categories : tuple of str
+        A categorical predictor's levels (the reference first); its ticks are their
+        indices and ``effects`` their per-level coefficients (0 for the reference).
     """
 
     name: str
@@ -108,10 +118,14 @@ class VariableAxis:
     ticks: tuple[float, ...]
     points_per_lp: float
     levels: tuple[str, ...] = ()
+    categories: tuple[str, ...] = ()
+    effects: tuple[float, ...] = ()
 
     @property
     def shift(self) -> float:
         """The smallest coef * x on the axis: the value that scores 0 points."""
+        if self.categories:
+            return min(self.effects)
         return min(self.coef * self.low, self.coef * self.high)
 
     @property
@@ -121,13 +135,40 @@ class VariableAxis:
 
     @property
     def max_points(self) -> float:
+        if self.categories:
+            return (max(self.effects) - min(self.effects)) * self.points_per_lp
         return abs(self.coef) * (self.high - self.low) * self.points_per_lp
 
-    def points(self, value: float | np.ndarray) -> float | np.ndarray:
-        """Points for ``value`` (linear: values off the axis extrapolate exactly)."""
+    def points(self, value: float | str | np.ndarray) -> float | np.ndarray:
+        """Points for ``value`` (linear: values off the axis extrapolate exactly); for
+        a categorical predictor, ``value`` is a level (a code such as ``"4"`` or ``4``)."""
+        if self.categories:
+            effect = np.vectorize(self.effect, otypes=[float])(value)
+            return (effect - self.shift) * self.points_per_lp
         return (self.coef * np.asarray(value, dtype=float) - self.shift) * self.points_per_lp
 
+    def effect(self, level: float | str) -> float:
+        """A categorical predictor's coefficient for ``level`` (0 for the reference).
+
+        Raises
+        ------
+        KeyError
+            A level the federation did not have.
+        """
+        code = level if isinstance(level, str) else f"{float(level):g}"
+        if code not in self.categories:
+            raise KeyError(f"{self.name}: level {level!r} is not one of {list(self.categories)}")
+        return self.effects[self.categories.index(code)]
+
+    def tick_points(self) -> np.ndarray:
+        """The points of each tick (a categorical predictor's: of each level)."""
+        if self.categories:
+            return (np.asarray(self.effects) - self.shift) * self.points_per_lp
+        return np.asarray(self.points(np.asarray(self.ticks)), dtype=float)
+
     def tick_labels(self) -> list[str]:
+        if self.categories:
+            return list(self.levels or self.categories)
         if self.binary and len(self.levels) == 2:
             return [self.levels[int(t)] for t in self.ticks]
         if self.binary or len(self.ticks) < 2:
@@ -172,10 +213,11 @@ class NomogramScales:
         fit: LogisticFit,
         ranges: Mapping[str, tuple[float, float]] | None = None,
         labels: Mapping[str, str] | None = None,
-        levels: Mapping[str, Sequence[str]] | None = None,
+        levels: Mapping[str, Sequence[str] | Mapping[str, str]] | None = None,
         outcome: str | None = None,
         probabilities: Sequence[float] | None = None,
         linear_predictor: bool = False,
+        categories: Mapping[str, Sequence[str]] | None = None,
     ) -> NomogramScales:
         """The nomogram of a fitted logistic model.
 
@@ -189,7 +231,9 @@ class NomogramScales:
         labels : mapping of str to str, optional
             Text shown for a predictor instead of its column name.
         levels : mapping of str to (str, str), optional
-            Names of a 0/1 predictor's levels, shown at 0 and 1 (``[nomogram] levels``).
+            Names of a 0/1 predictor's levels, shown at 0 and 1 (``[nomogram] levels``);
+            for a categorical predictor, ``{level: name}`` (unnamed levels show as
+            themselves) or one name per level.
         outcome : str, optional
             For the "Probability of ..." axis; ``fit.outcome`` by default.
         probabilities : sequence of float, optional
@@ -198,24 +242,41 @@ class NomogramScales:
             probabilities inside the range are used instead.
         linear_predictor : bool
             Also draw a "Linear predictor" axis.
+        categories : mapping of str to sequence of str, optional
+            The levels of each categorical predictor, the reference first: its dummy
+            columns ``name=level`` (every level but the first) are drawn as one axis.
 
         Raises
         ------
         ValueError
-            For a range or label naming no predictor, an empty or non-finite range, or a
-            model in which no predictor moves the linear predictor.
+            For a range or label naming no predictor, an empty or non-finite range, a
+            categorical predictor whose dummy columns the model lacks, or a model in
+            which no predictor moves the linear predictor.
         """
         ranges, labels, levels = dict(ranges or {}), dict(labels or {}), dict(levels or {})
-        unknown = sorted((set(ranges) | set(labels) | set(levels)) - set(fit.columns))
+        categories = {k: [str(v) for v in lv] for k, lv in (categories or {}).items()}
+        dummies = {f"{name}={level}": name for name, lv in categories.items() for level in lv[1:]}
+        lacking = sorted(set(dummies) - set(fit.columns))
+        if lacking:
+            raise ValueError(f"categorical dummy columns {lacking} are not in {fit.columns}")
+        names = set(fit.columns) | set(categories)
+        unknown = sorted((set(ranges) | set(labels) | set(levels)) - names)
         if unknown:
             raise ValueError(f"ranges/labels for unknown predictors {unknown}; has {fit.columns}")
         beta = np.asarray(fit.coef_per_unit, dtype=float)
         if not np.isfinite(beta).all():
             raise ValueError("the fit has non-finite coefficients")
+        # Each categorical predictor's per-level coefficients (0 for the reference).
+        effects = {
+            name: [0.0, *(float(beta[1 + fit.columns.index(f"{name}={lv}")]) for lv in lv_all[1:])]
+            for name, lv_all in categories.items()
+        }
+        numeric = [j for j, name in enumerate(fit.columns) if name not in dummies]
 
         # Display ranges and their ticks; the points scale needs all of them first.
         spans = []
-        for j, name in enumerate(fit.columns):
+        for j in numeric:
+            name = fit.columns[j]
             center, scale = float(fit.center[j]), float(fit.scale[j])
             if name in ranges:
                 low, high = map(float, ranges[name])
@@ -228,9 +289,13 @@ class NomogramScales:
             if not (math.isfinite(low) and math.isfinite(high) and low < high):
                 raise ValueError(f"{name}: display range [{low}, {high}] is empty or not finite")
             spans.append((name, low, high, binary, explicit))
-        widest = max(abs(beta[j + 1]) * (s[2] - s[1]) for j, s in enumerate(spans))
+        category_spans = [max(e) - min(e) for e in effects.values()]
+        widest = max(
+            [abs(beta[j + 1]) * (s[2] - s[1]) for j, s in zip(numeric, spans, strict=True)]
+            + category_spans
+        )
         axes_ticks = []
-        for j, (_, low, high, binary, explicit) in enumerate(spans):
+        for j, (_, low, high, binary, explicit) in zip(numeric, spans, strict=True):
             if binary:
                 axes_ticks.append((0.0, 1.0))
                 continue
@@ -249,24 +314,47 @@ class NomogramScales:
             axes_ticks.append(tuple(float(t) for t in ticks))
 
         ranges_shown = [(t[0], t[-1]) for t in axes_ticks]
-        widest = max(abs(beta[j + 1]) * (hi - lo) for j, (lo, hi) in enumerate(ranges_shown))
+        widest = max(
+            [
+                abs(beta[j + 1]) * (hi - lo)
+                for j, (lo, hi) in zip(numeric, ranges_shown, strict=True)
+            ]
+            + category_spans
+        )
         if not widest > 0:
             raise ValueError("no predictor moves the linear predictor: nothing to draw")
         per_lp = 100.0 / widest
-        variables = tuple(
-            VariableAxis(
+        axes: dict[str, VariableAxis] = {
+            name: VariableAxis(
                 name=name,
                 label=labels.get(name, name),
                 coef=float(beta[j + 1]),
-                low=ranges_shown[j][0],
-                high=ranges_shown[j][1],
-                binary=spans[j][3],
-                ticks=axes_ticks[j],
+                low=ranges_shown[i][0],
+                high=ranges_shown[i][1],
+                binary=spans[i][3],
+                ticks=axes_ticks[i],
                 points_per_lp=per_lp,
-                levels=tuple(levels.get(name, ())) if spans[j][3] else (),
+                levels=tuple(levels.get(name, ())) if spans[i][3] else (),
             )
-            for j, name in enumerate(fit.columns)
-        )
+            for i, (j, name) in enumerate((j, fit.columns[j]) for j in numeric)
+        }
+        for name, lv_all in categories.items():
+            axes[name] = VariableAxis(
+                name=name,
+                label=labels.get(name, name),
+                coef=1.0,
+                low=0.0,
+                high=float(len(lv_all) - 1),
+                binary=False,
+                ticks=tuple(float(i) for i in range(len(lv_all))),
+                points_per_lp=per_lp,
+                levels=_level_names(lv_all, levels.get(name)),
+                categories=tuple(lv_all),
+                effects=tuple(effects[name]),
+            )
+        # In the model's column order, a categorical predictor where its first dummy is.
+        order = dict.fromkeys(dummies.get(c, c) for c in fit.columns)
+        variables = tuple(axes[name] for name in order)
         scales = cls(
             variables=variables,
             intercept=float(beta[0]),
@@ -304,8 +392,8 @@ class NomogramScales:
         raise KeyError(f"no predictor {name!r} in the nomogram")
 
     def points(self, x: Mapping[str, float]) -> float:
-        """A patient's total points; ``x`` maps every predictor to a value (extra keys,
-        such as an ID, are ignored).
+        """A patient's total points; ``x`` maps every predictor to a value, a
+        categorical one to its level (extra keys, such as an ID, are ignored).
 
         Raises
         ------
@@ -315,7 +403,9 @@ class NomogramScales:
         missing = [v.name for v in self.variables if v.name not in x]
         if missing:
             raise KeyError(f"no value for {missing}")
-        return float(sum(v.points(float(x[v.name])) for v in self.variables))
+        return float(
+            sum(v.points(x[v.name] if v.categories else float(x[v.name])) for v in self.variables)
+        )
 
     def linear_predictor_from_points(self, total: float) -> float:
         """The linear predictor (log-odds) at ``total`` points."""
@@ -348,8 +438,8 @@ class NomogramScales:
         lines = []
         for v in self.variables:
             lines.append(f"{v.label:<24}{'Points':>8}")
-            for label, tick in zip(v.tick_labels(), v.ticks, strict=True):
-                lines.append(f"  {label:<22}{v.points(tick):8.1f}")
+            for label, points in zip(v.tick_labels(), v.tick_points(), strict=True):
+                lines.append(f"  {label:<22}{points:8.1f}")
             lines.append("")
         lines.append(f"{'Total points':<24}{'Probability of ' + self.outcome}")
         for total in self.total_ticks:
@@ -358,6 +448,22 @@ class NomogramScales:
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _level_names(
+    categories: Sequence[str], names: Sequence[str] | Mapping[str, str] | None
+) -> tuple[str, ...]:
+    """A categorical predictor's label per level: ``names`` as {level: name} or one name
+    per level; a level without a name shows as itself."""
+    if names is None:
+        return tuple(categories)
+    if isinstance(names, Mapping):
+        return tuple(str(names.get(level, level)) for level in categories)
+    if len(names) != len(categories):
+        raise ValueError(
+            f"{len(names)} level names for the {len(categories)} levels {list(categories)}"
+        )
+    return tuple(str(n) for n in names)
 
 
 # --------------------------------------------------------------------------- drawing
@@ -398,8 +504,7 @@ def nomogram_figure(scales: NomogramScales, title: str | None = None) -> Figure:
     _minor(ax, y, np.arange(0, 101, 2.0))
 
     for i, v in enumerate(scales.variables, start=1):
-        positions = np.asarray(v.points(np.asarray(v.ticks)), dtype=float)
-        _axis(ax, -float(i), v.label, positions, v.tick_labels())
+        _axis(ax, -float(i), v.label, v.tick_points(), v.tick_labels(), every=bool(v.categories))
 
     # Total points (and the scales on it) use the full width for 0..last total tick.
     totals = scales.total_ticks
@@ -428,8 +533,18 @@ def save_nomogram(
     return save_figure(nomogram_figure(scales, title), path_without_suffix, ("png", "svg"))
 
 
-def _axis(ax: Axes, y: float, label: str, positions: np.ndarray, labels: Sequence[str]) -> None:
-    """One nomogram row: its name, a line between its outer ticks, ticks, labels above."""
+def _axis(
+    ax: Axes,
+    y: float,
+    label: str,
+    positions: np.ndarray,
+    labels: Sequence[str],
+    every: bool = False,
+) -> None:
+    """One nomogram row: its name, a line between its outer ticks, ticks, labels above.
+
+    With ``every`` (a categorical predictor's levels) no label is dropped: one that
+    would touch the last label above the line goes below it, as rms staggers them."""
     ax.text(_LABEL_X, y, label, ha="left", va="center", fontsize=10)
     if len(positions) == 0:
         ax.text(0, y, "(no ticks in range)", ha="left", va="center", fontsize=8, color="0.4")
@@ -441,10 +556,14 @@ def _axis(ax: Axes, y: float, label: str, positions: np.ndarray, labels: Sequenc
         # A tick whose label would touch the last label stays unlabelled (a label of
         # 8-point text is about 0.9 points of the 0-100 scale per character).
         width = _CHAR_POINTS * len(text)
-        if x - last >= max(_MIN_GAP, (width + last_width) / 2 + 1.0):
-            text = text.replace("-", "−")  # a typographic minus, as matplotlib's axes
+        margin = 2.0 if every else 1.0  # words need a wider gap than numbers
+        if x - last >= max(_MIN_GAP, (width + last_width) / 2 + margin):
+            if not every:
+                text = text.replace("-", "−")  # a typographic minus, as matplotlib's axes
             ax.text(x, y + _TICK + 0.05, text, ha="center", va="bottom", fontsize=8)
             last, last_width = x, width
+        elif every:
+            ax.text(x, y - 0.08, text, ha="center", va="top", fontsize=8)
 
 
 def _minor(ax: Axes, y: float, positions: np.ndarray) -> None:

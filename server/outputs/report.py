@@ -596,9 +596,24 @@ def _selection(results: Mapping[str, Any]) -> Markup:
     screening = results.get("clinical_screening") or {}
     uni = screening.get("univariable") or {}
     if uni:
-        retained = set(screening.get("retained") or [])
+        retained = set(screening.get("retained_variables") or screening.get("retained") or [])
         rows = []
         for name, u in uni.items():
+            if u.get("categorical"):  # one likelihood-ratio test, then each level's OR
+                test = f"LR χ² = {u.get('statistic', 0):.2f} on {u.get('df')} df"
+                mark = Markup('<span class="good">✓</span>') if name in retained else ""
+                rows.append([name, test, _p(u.get("p")), mark])
+                for column, c in (u.get("coefficients") or {}).items():
+                    level_ci = _wald_or_ci(c.get("coef_per_unit"), c.get("se_per_unit"))
+                    rows.append(
+                        [
+                            f"  {column} (vs {u.get('reference')})",
+                            _with_ci(c.get("odds_ratio_per_unit"), level_ci),
+                            _p(c.get("p")),
+                            "",
+                        ]
+                    )
+                continue
             ci = u.get("odds_ratio_ci") or _wald_or_ci(u.get("coef_per_unit"), u.get("se_per_unit"))
             rows.append(
                 [

@@ -193,11 +193,16 @@ def write_figures(result: StudyResult, folder: Path) -> dict[str, Path]:
     chart = "nomogram" if "nomogram" in result.models else next(iter(result.models))
     fit = result.models[chart]
     display = data.get("nomogram_display") or {}  # the study's [nomogram] names
+    # Categorical clinical variables: one axis per variable, over its dummy columns.
+    levels = (data.get("clinical_screening") or {}).get("levels") or {}
+    categories = {k: v for k, v in levels.items() if f"{k}={v[-1]}" in fit.columns}
+    names = set(fit.columns) | set(categories)
     scales = NomogramScales.from_fit(
         fit,
         outcome=result.outcome,
-        labels={k: v for k, v in display.get("labels", {}).items() if k in fit.columns},
-        levels={k: v for k, v in display.get("levels", {}).items() if k in fit.columns},
+        labels={k: v for k, v in display.get("labels", {}).items() if k in names},
+        levels={k: v for k, v in display.get("levels", {}).items() if k in names},
+        categories=categories,
     )
     figures["nomogram"] = save_nomogram(scales, folder / "nomogram")[0]
     return figures

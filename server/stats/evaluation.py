@@ -49,12 +49,13 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 from scipy.special import expit
 
+from radfed.server.federation.shared_rounds import together
 from radfed.server.federation.transport import Transport
 from radfed.server.results import POOLED, LogisticFit
 from radfed.server.stats import inference
@@ -514,17 +515,29 @@ def pooled_calibration(
                 columns, np.zeros(len(columns)), np.ones(len(columns))
             )
     out: dict[str, dict[str, Any]] = {m: {} for m in models}
-    for chunk in spread(specs, _budget(rows, subset)):
-        try:
-            fits = fit_logistic_many(
-                transport, chunk, subset=subset, outcome=outcome, sites=list(ok)
-            )
-        except FederationError as exc:
-            log.warning("calibration fits on %s not fitted: %s", subset, exc)
+
+    def fit_chunk(chunk: dict[str, LogisticSpec]) -> Callable[[Transport], Any]:
+        def run(lane: Transport) -> Any:
+            try:
+                return fit_logistic_many(
+                    lane, chunk, subset=subset, outcome=outcome, sites=list(ok)
+                )
+            except FederationError as exc:
+                return exc
+
+        return run
+
+    # Chunks (several requests when the parameter limit is low) share their rounds.
+    chunks = spread(specs, _budget(rows, subset))
+    for chunk, fits in zip(
+        chunks, together(transport, [fit_chunk(c) for c in chunks]), strict=True
+    ):
+        if isinstance(fits, FederationError):
+            log.warning("calibration fits on %s not fitted: %s", subset, fits)
             for name in chunk:
                 kind, _, m = name.partition("_")
                 if kind == "calcurve":
-                    out[m]["curve"] = {"status": "failed", "reason": str(exc)}
+                    out[m]["curve"] = {"status": "failed", "reason": str(fits)}
             continue
         for name, fit in fits.items():
             kind, _, m = name.partition("_")
@@ -585,9 +598,15 @@ def evaluate_models(
     transport.context.update(model_payload(models))
     replies = transport.ask("evaluate", evaluation_request(names, list(subsets)))
     cutoffs = youden_cutoffs(replies, names)
-    calibration = {
-        s: pooled_calibration(transport, replies, names, s, outcome, curves=curves) for s in subsets
-    }
+    # The splits' calibration fits are independent: they share rounds.
+    fitted = together(
+        transport,
+        [
+            lambda lane, s=s: pooled_calibration(lane, replies, names, s, outcome, curves=curves)
+            for s in subsets
+        ],
+    )
+    calibration = dict(zip(subsets, fitted, strict=True))
     performance: dict[str, Any] = {m: {} for m in names}
     for j, m in enumerate(names):
         for site, reply in replies.items():
@@ -628,28 +647,38 @@ def external_metrics(
     """
     names = list(models)
     transport.context.update(model_payload(models))
-    out: dict[str, dict[str, Any]] = {}
-    for site in sites:
-        try:
-            reply = transport.ask("evaluate", evaluation_request(names, ["all"]), sites=[site])[
-                site
-            ]
-        except FederationError as exc:
-            out[site] = {"status": "failed", "reason": str(exc), "metrics": {}}
-            continue
-        metrics = {m: site_metrics(reply, "all", j, cutoffs.get(m)) for j, m in enumerate(names)}
-        status = reply.get("all_status")
-        if status == "ok":
-            fits = pooled_calibration(transport, {site: reply}, names, "all", outcome, slopes=False)
-            for m, cal in fits.items():
-                if "curve" in cal:
-                    metrics[m]["calibration"]["curve"] = cal["curve"]
-        out[site] = {
-            "status": "ok" if status == "ok" else "failed",
-            "reason": reply.get("all_reason") or None,
-            "n": reply.get("all_n"),
-            "events": reply.get("all_events"),
-            "metrics": metrics,
-            "comparisons": comparisons(reply, "all", names),
-        }
-    return out
+
+    def one(site: str) -> Callable[[Transport], dict[str, Any]]:
+        return lambda lane: _external_site(lane, names, site, cutoffs, outcome)
+
+    # Sites are evaluated independently: they share rounds.
+    return dict(zip(sites, together(transport, [one(site) for site in sites]), strict=True))
+
+
+def _external_site(
+    transport: Transport,
+    names: list[str],
+    site: str,
+    cutoffs: Mapping[str, int],
+    outcome: str,
+) -> dict[str, Any]:
+    """One site's entry of :func:`external_metrics`."""
+    try:
+        reply = transport.ask("evaluate", evaluation_request(names, ["all"]), sites=[site])[site]
+    except FederationError as exc:
+        return {"status": "failed", "reason": str(exc), "metrics": {}}
+    metrics = {m: site_metrics(reply, "all", j, cutoffs.get(m)) for j, m in enumerate(names)}
+    status = reply.get("all_status")
+    if status == "ok":
+        fits = pooled_calibration(transport, {site: reply}, names, "all", outcome, slopes=False)
+        for m, cal in fits.items():
+            if "curve" in cal:
+                metrics[m]["calibration"]["curve"] = cal["curve"]
+    return {
+        "status": "ok" if status == "ok" else "failed",
+        "reason": reply.get("all_reason") or None,
+        "n": reply.get("all_n"),
+        "events": reply.get("all_events"),
+        "metrics": metrics,
+        "comparisons": comparisons(reply, "all", names),
+    }

@@ -24,10 +24,22 @@ needs only that point's deviance and ‖β‖₁). Round 1 evaluates every fold 
 which also gives λ_max. A fit stops when its next step is below ``tol``; its answer is
 the point at which its last pieces were computed, so its held-out deviance (sent in the
 same reply) belongs to that very point. The path ends early by glmnet's rule
-(:class:`PathStop`). A typical run (p = 30, 100 λ, 10 folds) takes 6-7 rounds; the first
-rounds carry up to (K+1)·n_lambdas·(p+1)² floats per site (8.5 MB for p = 30), fewer as
-fits converge. For larger p, ``max_fits_per_round`` (default: 32 MB of Hessians) slides
-a window of λ down the path instead (p = 100: ~18 rounds).
+(:class:`PathStop`), or where a site refuses (:class:`PathEnd`). A typical run (p = 30,
+100 λ, 10 folds) takes 6-7 rounds; the first rounds carry up to (K+1)·n_lambdas·(p+1)²
+floats per site (8.5 MB for p = 30), fewer as fits converge. For larger p,
+``max_fits_per_round`` (default: 32 MB of Hessians) slides a window of λ down the path
+instead (p = 100: ~18 rounds).
+
+Refusals. Near separation a small site may refuse a round because a fit at a small λ
+saturates its linear predictor or rests its weights on a few patients (the saturation
+and concentration rules of :mod:`radfed.shared.privacy`). A site's rules judge each fit of
+a request on its own, so the coordinator asks the same round again for the fits of the
+largest λ only, halving the refused range (about log2 of the λ in flight extra rounds),
+until it finds the first λ a site refuses. The path then ends before that λ, in every
+fold, as glmnet ends a path whose fit saturates: the CV curve, lambda.min, lambda.1se and
+the coefficients come from the λ kept, which are fitted exactly as before. No site
+answers a request holding a fit it refused. A refusal at λ_max, in round 1, or by any
+other rule still stops the fit with the site's message.
 
 CV as cv.glmnet (``type.measure="deviance"``, grouped): the held-out deviance of
 each row uses probabilities clamped to [1e-5, 1 - 1e-5]; fold k's mean m_k over its
@@ -43,6 +55,7 @@ The site side is :func:`radfed.shared.selection_stats.answer` (step ``"lasso_irl
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -50,6 +63,7 @@ from typing import Any, Literal
 import numpy as np
 
 from radfed.shared.aggregate import sum_replies
+from radfed.shared.errors import FederationError, PrivacyRefusal
 from radfed.shared.selection_stats import PROB_CLIP
 
 log = logging.getLogger(__name__)
@@ -59,9 +73,48 @@ Ask = Callable[[dict[str, Any]], list[dict[str, Any]]]
 #: Relative objective increase tolerated before a step is halved (rounding noise).
 _OBJ_RTOL = 1e-12
 _MAX_HALVINGS = 30
+#: The privacy rules whose refusal depends on a fit's coefficients, i.e. on its λ: the
+#: path can end before the refused λ. Any other refusal stops the fit.
+PATH_RULES = ("saturation", "concentration")
+# A refusal's text (radfed.shared.privacy.refuse): "{context}: refused by the {rule} rule:
+# {detail}"; Transport.ask joins the sites' errors under "failed at N site(s):".
+_REFUSED = re.compile(r"refused by the ([\w-]+) rule")
+_FAILED_AT = re.compile(r"failed at (\d+) site\(s\):")
 
 
 # --------------------------------------------------------------------------- result
+
+
+@dataclass(frozen=True)
+class PathEnd:
+    """Where a site's refusal ended the λ path, as glmnet ends a saturated path.
+
+    Attributes
+    ----------
+    index : int
+        Position, in the requested λ sequence, of the first λ not fitted: the λ a site
+        refused (the path keeps ``lambdas[:index]``).
+    lambda_refused : float
+        That λ.
+    rule : str
+        The privacy rule(s) the refusal named (``"saturation"``, ``"concentration"``);
+        never a count.
+    sites : tuple of str
+        The sites that refused, where the transport named them.
+    """
+
+    index: int
+    lambda_refused: float
+    rule: str
+    sites: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """One line for logs and summaries."""
+        who = f"site(s) {', '.join(self.sites)}" if self.sites else "a site"
+        return (
+            f"path ended early before lambda #{self.index + 1} ({self.lambda_refused:.4g}): "
+            f"{who} refused it by the {self.rule} rule"
+        )
 
 
 @dataclass(frozen=True)
@@ -94,6 +147,10 @@ class LassoCVResult:
         Patients, folds, sites, federated rounds used.
     fold_n : ndarray of shape (n_folds,)
         Patients in each fold (over all sites).
+    path_end : PathEnd or None
+        Set when a site's refusal ended the path early (the λ kept are ``lambdas``);
+        None when the path ran to its end or glmnet's own rule (:class:`PathStop`)
+        ended it before the refused λ.
     """
 
     feature_names: list[str]
@@ -112,6 +169,12 @@ class LassoCVResult:
     n_sites: int
     rounds: int
     fold_n: np.ndarray = field(repr=False)
+    path_end: PathEnd | None = None
+
+    @property
+    def ended_early(self) -> bool:
+        """Whether a site's refusal ended the λ path (see ``path_end``)."""
+        return self.path_end is not None
 
     @property
     def lambda_min(self) -> float:
@@ -187,6 +250,7 @@ class LassoCVResult:
             f"   Rounds: {self.rounds}",
             f"lambda path: {len(self.lambdas)} values, {self.lambdas[0]:.4g} to "
             f"{self.lambdas[-1]:.4g}",
+            *([self.path_end.describe()] if self.path_end is not None else []),
             "-" * len(rule),
             f"{'':<12}{'lambda':>10}{'log(lambda)':>13}{'CV deviance':>13}{'SE':>9}{'nonzero':>9}",
         ]
@@ -544,6 +608,11 @@ def lasso_cv(
     ``deviance`` (B,), ``test_deviance`` (B,), ``fold_n`` (K,), ``n``. Round 1 has
     B = K + 1 (every fold at β = 0, which also gives λ_max); later rounds carry only the
     fits still iterating.
+
+    When a site refuses a later round by the saturation or concentration rule, the round
+    is asked again for the fits of the largest λ only (halving the refused range) to find
+    the first λ refused; the path then ends before it (``result.path_end``, and a
+    warning). A refusal at λ_max, in round 1 or by another rule is raised as it came.
     """
     names = list(feature_names)
     p, K = len(names), int(n_folds)
@@ -592,11 +661,46 @@ def lasso_cv(
                 f"LASSO path did not converge in {max_rounds} rounds "
                 f"({len(send_idx)} fits still moving)"
             )
-        reply = round_trip(path.fold_of[send_idx], send_beta)
-        rounds += 1
+        try:
+            reply = round_trip(path.fold_of[send_idx], send_beta)
+            rounds += 1
+        except (PrivacyRefusal, FederationError) as exc:
+            rounds += 1
+            if _path_refusal(exc) is None:
+                raise
+            end, kept, reply, probes = _first_refused_lambda(
+                round_trip,
+                lambdas,
+                path.lam_index[send_idx],
+                path.fold_of[send_idx],
+                send_beta,
+                exc,
+            )
+            rounds += probes
+            path.end_at(end)
+            send_idx, send_beta = send_idx[kept], send_beta[kept]
         log.debug("lasso round %d: %d fits in flight", rounds, len(send_idx))
-        path.receive(send_idx, send_beta, reply)
+        if len(send_idx):
+            path.receive(send_idx, send_beta, reply)
 
+    if path.refused is not None and path.refused.index > path.n_kept:
+        log.info(
+            "LASSO: a site refused lambda #%d, beyond where glmnet's path stop ended the "
+            "path (%d lambda kept)",
+            path.refused.index + 1,
+            path.n_kept,
+        )
+    path_end = (
+        path.refused if path.refused is not None and path.refused.index == path.n_kept else None
+    )
+    if path_end is not None:
+        log.warning(
+            "LASSO %s; cross-validation and the chosen lambda use the %d lambda before it "
+            "(of %d requested)",
+            path_end.describe(),
+            path.n_kept,
+            len(lambdas),
+        )
     L = path.n_kept
     coefs = path.beta.reshape(K + 1, -1, p + 1)[:, :L]
     test_dev = path.test_deviance.reshape(K + 1, -1)[:, :L]
@@ -619,7 +723,80 @@ def lasso_cv(
         n_sites=n_sites,
         rounds=rounds,
         fold_n=fold_n,
+        path_end=path_end,
     )
+
+
+def _path_refusal(exc: Exception) -> tuple[str, tuple[str, ...]] | None:
+    """(rules, sites) when every site that did not answer refused by a rule of
+    :data:`PATH_RULES`; None when anything else went wrong (another rule, a data error,
+    a site that stopped answering)."""
+    if isinstance(exc, PrivacyRefusal):  # a site's own exception (in-memory sites)
+        return (exc.rule, ()) if exc.rule in PATH_RULES else None
+    text = str(exc)
+    head = _FAILED_AT.search(text)
+    lines = (
+        [line.strip() for line in text[head.end() :].splitlines() if line.strip()] if head else []
+    )
+    if not head or len(lines) != int(head.group(1)):
+        return None
+    rules, sites = set(), []
+    for line in lines:
+        found = _REFUSED.findall(line)
+        if len(found) != 1 or found[0] not in PATH_RULES:
+            return None
+        rules.add(found[0])
+        sites.append(line.partition(": ")[0])
+    return ", ".join(sorted(rules)), tuple(sites)
+
+
+def _first_refused_lambda(
+    round_trip: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]],
+    lambdas: np.ndarray,
+    lam_index: np.ndarray,
+    folds_of: np.ndarray,
+    beta: np.ndarray,
+    exc: Exception,
+) -> tuple[PathEnd, np.ndarray, dict[str, np.ndarray] | None, int]:
+    """After a refused round, the first λ refused and the answer for the larger ones.
+
+    A site judges every fit of a request on its own (the saturation and concentration
+    rules look at each fit's linear predictor), so a request of the fits of the ``m``
+    largest λ of the round is answered when those ``m`` λ pass everywhere. Halving the
+    range finds the largest answered ``m``; the (m+1)-th λ is the one refused.
+
+    Returns
+    -------
+    end : the refused λ (its index in ``lambdas``), the rule(s), the refusing sites
+    kept : boolean mask of the round's fits at larger λ
+    reply : the summed answer for the kept fits (None when none was kept)
+    probes : rounds spent
+    """
+    why = _path_refusal(exc)
+    if why is None:
+        raise exc
+    levels = np.unique(lam_index)  # increasing index = decreasing λ
+    answered, refused = 0, len(levels)  # prefixes of so many λ known answered / refused
+    reply, probes = None, 0
+    while refused - answered > 1:
+        mid = (answered + refused) // 2
+        keep = lam_index <= levels[mid - 1]
+        probes += 1
+        try:
+            probe = round_trip(folds_of[keep], beta[keep])
+        except (PrivacyRefusal, FederationError) as again:
+            why = _path_refusal(again)
+            if why is None:
+                raise
+            refused, exc = mid, again
+        else:
+            answered, reply = mid, probe
+    index = int(levels[answered])
+    if index == 0:  # the very first λ: nothing to keep
+        raise exc
+    end = PathEnd(index, float(lambdas[index]), *why)
+    log.debug("LASSO: %s (%d probe rounds)", end.describe(), probes)
+    return end, lam_index < index, reply, probes
 
 
 _WAITING, _ACTIVE, _DONE, _DROPPED = 0, 1, 2, 3
@@ -659,6 +836,8 @@ class _PathSolver:
         self.status = np.full(F * L, _WAITING)
         self.halvings = np.zeros(F * L, dtype=int)
         self.n_kept = L
+        self.stopped = False  # glmnet's rule has ended the path
+        self.refused: PathEnd | None = None  # the last end by a site's refusal
         # Null deviance of the full data (for glmnet's fraction of deviance explained).
         sum_y = first["gradient"][F - 1, 0] + n_train[F - 1] / 2.0
         ybar = sum_y / n_train[F - 1]
@@ -765,18 +944,30 @@ class _PathSolver:
                 started.append(b)
         return np.array(started, dtype=int)
 
-    def _check_path_stop(self) -> None:
-        if self.stop is None or self.n_kept < self.L:
+    def end_at(self, end: PathEnd) -> None:
+        """A site refused ``lambdas[end.index]``: drop it and every smaller λ, in every
+        fold, and start waiting fits of the λ kept in the room this leaves."""
+        if end.index >= self.n_kept:
             return
-        full = slice((self.F - 1) * self.L, self.F * self.L)
-        status = self.status[full]
-        prefix = int(np.argmin(status == _DONE)) if not (status == _DONE).all() else self.L
+        self.refused = end
+        self._drop_from(end.index)
+        self._advance(self._activate(np.arange(self.F)))
+
+    def _drop_from(self, index: int) -> None:
+        self.n_kept = index
+        self.status[self.lam_index >= index] = _DROPPED
+
+    def _check_path_stop(self) -> None:
+        if self.stop is None or self.stopped:
+            return
+        full = slice((self.F - 1) * self.L, (self.F - 1) * self.L + self.n_kept)
+        done = self.status[full] == _DONE
+        prefix = int(np.argmin(done)) if not done.all() else self.n_kept
         ratio = 1.0 - self.deviance[full][:prefix] / self.null_deviance
         last = self.stop.last_index(ratio)
         if last is not None:
-            self.n_kept = last + 1
-            drop = self.lam_index >= self.n_kept
-            self.status[drop] = _DROPPED
+            self.stopped = True
+            self._drop_from(last + 1)
 
 
 # --------------------------------------------------------------------------- estimator

@@ -4,10 +4,18 @@ From the sites' sums (:mod:`radfed.shared.reproducibility_stats`) the coordinato
 rebuilds the pooled two-way ANOVA of subjects x raters exactly, per feature:
 
     N = sum of n_s;  M = sum of n_s m_s / N                      (grand mean)
-    SS_total = sum_s [ss_s + n_s k (m_s - M)^2]
-    SS_rows  = sum_s [row_ss_s + n_s k^2 (m_s - M)^2] / k        (subjects)
-    SS_cols  = sum_j (sum_s [col_dev_sj + n_s (m_s - M)])^2 / N  (raters)
-    SS_error = SS_total - SS_rows - SS_cols
+    SS_rows   = sum_s [row_ss_s + n_s k^2 (m_s - M)^2] / k       (subjects)
+    SS_cols   = sum_j (sum_s col_dev_sj)^2 / N                   (raters)
+    SS_within = sum_s [ss_s - row_ss_s / k]                      (= SS_total - SS_rows)
+    SS_error  = SS_within - SS_cols
+
+(the raters' deviations need no site shift: ``sum_s n_s (m_s - M)`` is zero, and
+leaving it out keeps its rounding out of SS_cols; nor does SS_within, so a large spread
+of the site means cannot cancel away the raters' error). Each site's sums come in
+units of its own power of two ``2**e_s`` (see the site module); the coordinator works
+in the units ``2**E`` of the largest of them and of the spread of the site means, so
+that no sum of squares overflows for features of any finite magnitude. Rescaling by
+powers of two is exact, and the ICCs do not depend on the unit.
 
 with mean squares MSR = SS_rows / (N - 1), MSC = SS_cols / (k - 1) and
 MSE = SS_error / ((N - 1)(k - 1)), and (Shrout & Fleiss 1979; McGraw & Wong 1996):
@@ -29,19 +37,25 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from radfed.shared.errors import FederationError
+from radfed.shared.reproducibility_stats import SUMS
 
 ICC_TYPES = ("ICC2", "ICC3")
 
 
 @dataclass(frozen=True)
 class Anova:
-    """The pooled two-way ANOVA of one comparison, per feature."""
+    """The pooled two-way ANOVA of one comparison, per feature.
+
+    Sums of squares are in units of ``4**exponent`` per feature (``2**exponent`` for the
+    ratings); the ICCs do not depend on the unit.
+    """
 
     n: int
     k: int
     ss_rows: np.ndarray
     ss_cols: np.ndarray
     ss_error: np.ndarray
+    exponent: np.ndarray | None = None
 
     @property
     def ms_rows(self) -> np.ndarray:
@@ -71,10 +85,13 @@ class Anova:
 def pooled_anova(parts: Sequence[Mapping[str, object]]) -> Anova | None:
     """The pooled ANOVA from the sites' sums of one comparison (None without subjects).
 
+    A part without ``exponent`` (a site of an earlier release) is in units of 1.
+
     Raises
     ------
     FederationError
-        The sites sent sums of different shapes, or fewer than two subjects in all.
+        The sites sent sums of different shapes, non-finite sums or exponents that are
+        not whole numbers, or fewer than two subjects in all.
     """
     parts = [p for p in parts if int(p["n"]) > 0]
     if not parts:
@@ -82,29 +99,53 @@ def pooled_anova(parts: Sequence[Mapping[str, object]]) -> Anova | None:
     shapes = {np.shape(p["col_dev"]) for p in parts}
     if len(shapes) != 1:
         raise FederationError(f"reproducibility sums of different shapes: {sorted(shapes)}")
-    ((_, k),) = shapes
+    ((n_features, k),) = shapes
     n = np.array([int(p["n"]) for p in parts], dtype=float)
-    means = np.array([np.asarray(p["mean"], dtype=float) for p in parts])  # (S, p)
     total = int(n.sum())
     if total < 2 or k < 2:
         raise FederationError(
             f"an ICC needs at least two subjects and two raters (got {total} and {k})"
         )
-    grand = (n[:, None] * means).sum(axis=0) / total
-    shift = means - grand  # (S, p)
-    ss_total = sum(np.asarray(p["ss"], dtype=float) for p in parts) + k * (
-        n[:, None] * shift**2
-    ).sum(axis=0)
-    ss_rows = (
-        sum(np.asarray(p["row_ss"], dtype=float) for p in parts)
-        + k**2 * (n[:, None] * shift**2).sum(axis=0)
-    ) / k
-    col = sum(
-        np.asarray(p["col_dev"], dtype=float) + ni * s[:, None]
-        for p, ni, s in zip(parts, n, shift, strict=True)
-    )  # (p, k)
+
+    def stacked(key: str, shape: tuple[int, ...], default: float | None = None) -> np.ndarray:
+        try:
+            values = np.array(
+                [
+                    np.broadcast_to(np.asarray(p.get(key, default), dtype=float), shape)
+                    for p in parts
+                ]
+            )
+        except (TypeError, ValueError):
+            raise FederationError(
+                f"reproducibility sums: {key!r} must be {shape} numbers"
+            ) from None
+        if not np.all(np.isfinite(values)):
+            raise FederationError(f"reproducibility sums: {key!r} holds NaN or infinity")
+        return values
+
+    means = stacked("mean", (n_features,))  # (S, p)
+    col_dev = stacked("col_dev", (n_features, k))  # (S, p, k)
+    ss, row_ss = stacked("ss", (n_features,)), stacked("row_ss", (n_features,))
+    site_exp = stacked("exponent", (n_features,), 0.0)
+    if np.any(site_exp != np.round(site_exp)) or np.any(np.abs(site_exp) > 4096):
+        raise FederationError("reproducibility sums: 'exponent' must hold whole numbers")
+    site_exp = site_exp.astype(np.int32)
+    # The site means in units of 2**top (|m| < 2**top), exactly, and their shifts.
+    top = np.frexp(np.abs(means).max(axis=0))[1]  # (p,)
+    scaled = np.ldexp(means, -top)
+    shift = scaled - (n[:, None] * scaled).sum(axis=0) / total  # (S, p), |shift| < 2
+    # The common unit 2**E: the largest site unit, or that of the means' spread if larger.
+    largest = np.abs(shift).max(axis=0)
+    exponent = site_exp.max(axis=0)
+    exponent = np.where(largest > 0, np.maximum(exponent, top + np.frexp(largest)[1]), exponent)
+    to_common = site_exp - exponent  # (S, p), <= 0: no sum grows
+    shift = np.ldexp(shift, top - exponent)
+    between_sites = k * (n[:, None] * shift**2).sum(axis=0)
+    ss_rows = np.ldexp(row_ss, 2 * to_common).sum(axis=0) / k + between_sites
+    ss_within = np.ldexp(ss - row_ss / k, 2 * to_common).sum(axis=0)
+    col = np.ldexp(col_dev, to_common[:, :, None]).sum(axis=0)  # (p, k)
     ss_cols = (col**2).sum(axis=1) / total
-    return Anova(total, k, ss_rows, ss_cols, ss_total - ss_rows - ss_cols)
+    return Anova(total, k, ss_rows, ss_cols, ss_within - ss_cols, exponent)
 
 
 @dataclass
@@ -161,7 +202,7 @@ def reproducibility(
     reasons: dict[str, list[str]] = {}
     for name in comparisons:
         parts = [
-            {key: reply[f"{name}_{key}"] for key in ("n", "mean", "col_dev", "ss", "row_ss")}
+            {key: reply[f"{name}_{key}"] for key in SUMS if f"{name}_{key}" in reply}
             for reply in replies.values()
         ]
         anova = pooled_anova(parts)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,12 +23,14 @@ from typing import Any
 import numpy as np
 
 import radfed
+from radfed.server.federation.shared_rounds import rounds_so_far, together
 from radfed.server.federation.transport import SiteFailure, Transport
 from radfed.server.results import LogisticFit, StudyResult
 from radfed.server.stats.evaluation import evaluate_models
 from radfed.server.study.checkpoint import Checkpoint
-from radfed.server.study.external import external_validation
+from radfed.server.study.external import leave_one_site_out, meta_analysis, validation_sites
 from radfed.server.study.phases import (
+    clinical_levels,
     fit_combat,
     fit_standardised,
     screen_clinical,
@@ -118,8 +121,8 @@ class FederatedStudy:
         self.checkpoint = checkpoint
         transport.protocol = config.protocol()
 
-    def _phase(self, name: str) -> None:
-        self.transport.step = name
+    def _phase(self, name: str, transport: Transport | None = None) -> None:
+        (transport or self.transport).step = name
         log.info("phase: %s", name)
 
     def run(self) -> StudyResult:
@@ -143,37 +146,27 @@ class FederatedStudy:
         active = self
         saved = self.checkpoint.load("fit") if self.checkpoint else None
         if saved is not None:  # a resumed run: the fit and its evaluation are done
-            fitted, performance, cutoffs, active_config, state = saved
-            active = FederatedStudy(active_config, transport)
+            active_config, state = saved[3], saved[4]
+            active = FederatedStudy(active_config, transport, self.checkpoint)
             transport.sites, transport.context = state["sites"], state["context"]
-            transport.param_budget, transport.rounds = state["budget"], Counter(state["rounds"])
+            transport.param_budget = state["budget"]
+            transport.rounds = Counter(self._rounds_saved(state["rounds"]))
             dropped, abandoned = state["dropped"], state["abandoned"]
-        while saved is None:
+        while True:
             try:
-                fitted, performance, cutoffs = active._fit_and_evaluate()
+                fitted, performance, external = active._fit_evaluate_validate(
+                    saved, dropped, abandoned
+                )
                 break
             except SiteFailure as failure:
-                active = FederatedStudy(self._without(failure, active.config, dropped), transport)
+                if saved is not None:
+                    raise
+                active = FederatedStudy(
+                    self._without(failure, active.config, dropped), transport, self.checkpoint
+                )
                 abandoned += sum(transport.rounds.values())
                 transport.rounds = Counter()
-        if saved is None and self.checkpoint:
-            state = {
-                "sites": list(transport.sites),
-                "context": transport.context,
-                "budget": transport.param_budget,
-                "rounds": dict(transport.rounds),
-                "dropped": dropped,
-                "abandoned": abandoned,
-            }
-            self.checkpoint.save("fit", (fitted, performance, cutoffs, active.config, state))
-        fitted.details["external"] = external_validation(
-            active.config,
-            transport,
-            fitted,
-            cutoffs,
-            refit=lambda sub: FederatedStudy(active.config, sub).fit(),
-            checkpoint=self.checkpoint,
-        )
+        fitted.details["external"] = external
         for site, failure in transport.failed.items():  # during external validation
             if site not in {d["site"] for d in dropped}:
                 record = next(r for r in failure.records() if r["site"] == site)
@@ -190,6 +183,76 @@ class FederatedStudy:
         if dropped:
             result.federation["dropped_sites"] = dropped
         return result
+
+    def _fit_evaluate_validate(
+        self, saved: tuple | None, dropped: list[dict[str, Any]], abandoned: int
+    ) -> tuple[FittedStudy, dict[str, Any], dict[str, Any]]:
+        """The main fit and its evaluation and validation sites, beside every
+        leave-one-site-out refit: they do not depend on each other, so they share rounds.
+
+        Raises
+        ------
+        SiteFailure
+            A training site stopped answering during the main fit or its evaluation (the
+            refits are then abandoned too).
+        """
+        cfg, transport, checkpoint = self.config, self.transport, self.checkpoint
+        if saved is None:
+            transport.sites = cfg.training_sites
+            transport.context, transport.param_budget = {}, {}
+        status, jobs = leave_one_site_out(
+            cfg,
+            list(transport.sites),
+            refit=lambda sub: FederatedStudy(cfg, sub).fit(),
+            checkpoint=checkpoint,
+        )
+
+        def main(lane: Transport) -> tuple[FittedStudy, dict[str, Any], dict[str, Any]]:
+            if saved is not None:
+                fitted, performance, cutoffs = saved[:3]
+            else:
+                fitted, performance, cutoffs = FederatedStudy(cfg, lane)._fit_and_evaluate()
+                if checkpoint:
+                    state = {
+                        "sites": list(lane.sites),
+                        "context": lane.context,
+                        "budget": lane.param_budget,
+                        "rounds": rounds_so_far(lane),
+                        "dropped": dropped,
+                        "abandoned": abandoned,
+                    }
+                    checkpoint.save("fit", (fitted, performance, cutoffs, cfg, state))
+            validation = validation_sites(cfg, lane, fitted, cutoffs)
+            # The transport ends with the main fit's state (its context: the fitted
+            # pipeline), as when it ran alone.
+            transport.context, transport.param_budget = lane.context, lane.param_budget
+            return fitted, performance, validation
+
+        outcomes = together(
+            transport,
+            [main, *jobs.values()],
+            tallies=[None, *["external"] * len(jobs)],
+            cancel_on_error=True,
+        )
+        fitted, performance, validation = outcomes[0]
+        held_out = dict(zip(jobs, outcomes[1:], strict=True))
+        external = {
+            "validation": validation,
+            "held_out": held_out,
+            "meta": meta_analysis(held_out, list(fitted.models)) if held_out else {},
+            **status,
+        }
+        return fitted, performance, external
+
+    def _rounds_saved(self, rounds: dict[str, int]) -> dict[str, int]:
+        """A resumed run's rounds so far: the newest checkpoint's count (the main fit's,
+        or a later leave-one-site-out refit's, which includes it)."""
+        counts = [rounds]
+        for held in self.config.training_sites:
+            entry = self.checkpoint.load(f"held_out-{held}") if self.checkpoint else None
+            if entry is not None:
+                counts.append(entry[1])
+        return max(counts, key=lambda c: sum(c.values()))
 
     def _fit_and_evaluate(self) -> tuple[FittedStudy, dict[str, Any], dict[str, int]]:
         """The pipeline on the training sites, from the first phase, and its evaluation.
@@ -267,19 +330,59 @@ class FederatedStudy:
         features, clinical = list(shared["features"]), list(shared["clinical"])
         models: dict[str, LogisticFit] = {}
         details: dict[str, Any] = {}
+        # The radiomics phases and the clinical screening do not depend on each other:
+        # they share rounds.
+        jobs: list[Callable[[Transport], Any]] = []
+        if features:
+            jobs.append(lambda lane: self._radiomics(lane, described, features))
+        if clinical:
+            jobs.append(lambda lane: self._screening(lane, described, clinical))
+        outcomes = together(transport, jobs)
+        if features:
+            radiomics, context, features = outcomes.pop(0)
+            details.update(radiomics)
+            transport.context.update(context)
+        retained: list[str] = []
+        if clinical:
+            screening = outcomes.pop(0)
+            transport.context.update(screening.context)  # the categorical levels
+            details["clinical_screening"] = screening.to_dict()
+            retained = screening.retained
+        specs = {"radiomics": [RADSCORE]} if features else {}
+        if retained:
+            specs["clinical"] = retained
+            if features:
+                specs["nomogram"] = [*retained, RADSCORE]
+        if specs:
+            self._phase("models")
+            models = fit_standardised(transport, specs, cfg.outcome)
+        if not models:
+            raise FederationError("no model to fit: no feature, and no clinical variable retained")
+        return FittedStudy(described, split, shared, models, details)
+
+    def _radiomics(
+        self, transport: Transport, described: dict[str, Payload], features: list[str]
+    ) -> tuple[dict[str, Any], Payload, list[str]]:
+        """Reproducibility, ComBat and the selection of the Radscore.
+
+        Returns the phases' details, the context later requests need (the ComBat
+        estimates and the Radscore) and the features kept.
+        """
+        cfg = self.config
+        details: dict[str, Any] = {}
         comparisons = reader_comparisons(described)
-        if features and comparisons:
-            self._phase("reproducibility")
-            repro = self._reproducibility(features, comparisons)
+        if comparisons:
+            self._phase("reproducibility", transport)
+            repro = self._reproducibility(transport, features, comparisons)
             details["reproducibility"] = repro.to_dict()
             features = repro.kept
             if not features:
                 log.warning("no feature passes the ICC threshold %g", cfg.selection.icc_threshold)
         if features and cfg.harmonization.method == "combat":
-            self._phase("combat")
-            details["harmonization"] = self._harmonise(described, features)
+            self._phase("combat", transport)
+            details["harmonization"] = self._harmonise(transport, described, features)
         if features:
-            self._phase("selection")
+            self._phase("selection", transport)
             sel = cfg.selection
             selection = select_radiomics(
                 transport,
@@ -293,32 +396,30 @@ class FederatedStudy:
             )
             details["selection"] = selection.to_dict()
             transport.context.update(selection.radscore_payload())
-        retained: list[str] = []
-        if clinical:
-            self._phase("screening")
-            screening = screen_clinical(transport, clinical, cfg.outcome, cfg.univariable_p)
-            details["clinical_screening"] = screening.to_dict()
-            retained = screening.retained
-            if not retained:
-                log.warning("no clinical variable has p < %g: no clinical model", cfg.univariable_p)
-        specs = {"radiomics": [RADSCORE]} if features else {}
-        if retained:
-            specs["clinical"] = retained
-            if features:
-                specs["nomogram"] = [*retained, RADSCORE]
-        if specs:
-            self._phase("models")
-            models = fit_standardised(transport, specs, cfg.outcome)
-        if not models:
-            raise FederationError("no model to fit: no feature, and no clinical variable retained")
-        return FittedStudy(described, split, shared, models, details)
+        return details, transport.context, features
 
-    def _reproducibility(self, features: list[str], comparisons: list[str]) -> Any:
+    def _screening(
+        self, transport: Transport, described: dict[str, Payload], clinical: list[str]
+    ) -> Any:
+        """Univariable screening of the clinical variables."""
+        cfg = self.config
+        self._phase("screening", transport)
+        levels = clinical_levels(described, list(cfg.clinical_categorical))
+        screening = screen_clinical(
+            transport, clinical, cfg.outcome, cfg.univariable_p, levels=levels
+        )
+        if not screening.retained:
+            log.warning("no clinical variable has p < %g: no clinical model", cfg.univariable_p)
+        return screening
+
+    def _reproducibility(
+        self, transport: Transport, features: list[str], comparisons: list[str]
+    ) -> Any:
         """ICC of every feature across readers; the features below the threshold go."""
         from radfed.server.stats.reproducibility import reproducibility
 
         sel = self.config.selection
-        replies = self.transport.ask(
+        replies = transport.ask(
             "reproducibility", {"icc_features": features, "comparisons": comparisons}
         )
         result = reproducibility(features, replies, comparisons, sel.icc_type, sel.icc_threshold)
@@ -328,7 +429,9 @@ class FederatedStudy:
             }
         return result
 
-    def _harmonise(self, described: dict[str, Payload], features: list[str]) -> dict[str, Any]:
+    def _harmonise(
+        self, transport: Transport, described: dict[str, Payload], features: list[str]
+    ) -> dict[str, Any]:
         """Fit ComBat on the training rows; later requests carry the estimates."""
         h = self.config.harmonization
         batch_levels = sorted({b for r in described.values() for b in r["batch_levels"]})
@@ -338,8 +441,8 @@ class FederatedStudy:
         }
         numeric = [c for c in h.covariates if c not in h.categorical]
         covariate_names = numeric + [f"{c}={lv}" for c in h.categorical for lv in levels[c][1:]]
-        estimates = fit_combat(self.transport, features, batch_levels, levels, covariate_names, h)
-        self.transport.context.update({**estimates.to_payload(), "levels": levels})
+        estimates = fit_combat(transport, features, batch_levels, levels, covariate_names, h)
+        transport.context.update({**estimates.to_payload(), "levels": levels})
         return {
             "method": "combat",
             "batch": h.batch,

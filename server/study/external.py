@@ -7,6 +7,7 @@ Two kinds, both on all of a hospital's patients:
 * **leave-one-site-out** (by default with three or more training sites): for each
   training hospital, the whole pipeline, ComBat included, is fitted on the other
   training hospitals (their training splits, as in the main fit) and evaluated on it.
+  The refits run beside the main fit, sharing its rounds.
 
 A held-out site harmonises its own rows: it estimates its scanner's ComBat batch
 effects locally from its features, without the outcome (see
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from radfed.server.federation.shared_rounds import rounds_so_far
 from radfed.server.federation.transport import SiteFailure, Transport
 from radfed.server.stats import inference
 from radfed.server.stats.evaluation import THRESHOLDS, evaluate_models, external_metrics
@@ -39,60 +41,68 @@ log = logging.getLogger(__name__)
 SCALARS = ("n", "events", "status", "reason", "auc", "auc_ci", "brier")
 
 
-def external_validation(
+def validation_sites(
     config: StudyConfig,
     transport: Transport,
     fitted: FittedStudy,
     cutoffs: dict[str, int],
+) -> dict[str, Any]:
+    """The study's models on each validation-only site (``role = "validation"``)."""
+    if not config.validation_sites:
+        return {}
+    transport.step = "validation"
+    out = external_metrics(
+        transport, fitted.models, config.validation_sites, cutoffs, config.outcome
+    )
+    _mark_failed_sites(out, transport)
+    return out
+
+
+def leave_one_site_out(
+    config: StudyConfig,
+    training: list[str],
     refit: Callable[[Transport], FittedStudy],
     checkpoint: Checkpoint | None = None,
-) -> dict[str, Any]:
-    """Validation-only sites with the study's models, then leave-one-site-out.
+) -> tuple[dict[str, Any], dict[str, Callable[[Transport], dict[str, Any]]]]:
+    """Whether leave-one-site-out runs, and one job per held-out training site.
 
     ``refit(transport)`` fits the study's pipeline on ``transport.sites`` (the driver's
-    :meth:`~radfed.server.study.driver.FederatedStudy.fit`); each held-out fit uses it.
+    :meth:`~radfed.server.study.driver.FederatedStudy.fit`). Each job takes a transport
+    over the training sites and returns the held-out site's entry (see
+    :func:`hold_out`); the jobs do not depend on each other or on the main fit, so the
+    driver runs them all at once, their rounds shared with the main fit's.
 
     Returns
     -------
-    dict
-        ``status`` and ``reason`` (why leave-one-site-out did not run), ``validation``
-        (per validation-only site), ``held_out`` (per training site: its external
-        metrics, the model fitted without it, or the reason it failed) and ``meta``
-        (random-effects summary of the held-out sites' AUCs per model).
+    status : dict
+        ``status`` ("ran" or "skipped") and ``reason`` (why it did not run).
+    jobs : dict
+        ``{held-out site: job}``; empty when skipped.
     """
-    out: dict[str, Any] = {"validation": {}, "held_out": {}, "meta": {}}
-    if config.validation_sites:
-        transport.step = "validation"
-        out["validation"] = external_metrics(
-            transport, fitted.models, config.validation_sites, cutoffs, config.outcome
-        )
-        _mark_failed_sites(out["validation"], transport)
-    training = list(transport.sites)
     if not config.runs_leave_one_site_out:
-        out["status"] = "skipped"
-        out["reason"] = (
+        reason = (
             f"leave_one_site_out = {config.leave_one_site_out!r} with "
             f"{len(training)} training site(s) (auto needs three or more)"
         )
-        return out
+        return {"status": "skipped", "reason": reason}, {}
     if len(training) < 2:
-        out["status"], out["reason"] = "skipped", "needs at least two training sites"
-        return out
-    out["status"], out["reason"] = "ran", None
-    for held in training:
-        key = f"held_out-{held}"
-        saved = checkpoint.load(key) if checkpoint else None
-        if saved is not None:  # a resumed run: this refit is done, with its rounds
-            out["held_out"][held], rounds = saved
-            transport.rounds["external"] += rounds
-            continue
-        log.info("leave-one-site-out: fitting without %s", held)
-        before = transport.rounds["external"]
-        out["held_out"][held] = hold_out(config, transport, held, refit)
-        if checkpoint:
-            checkpoint.save(key, (out["held_out"][held], transport.rounds["external"] - before))
-    out["meta"] = meta_analysis(out["held_out"], list(fitted.models))
-    return out
+        return {"status": "skipped", "reason": "needs at least two training sites"}, {}
+
+    def job(held: str) -> Callable[[Transport], dict[str, Any]]:
+        def run(transport: Transport) -> dict[str, Any]:
+            key = f"held_out-{held}"
+            saved = checkpoint.load(key) if checkpoint else None
+            if saved is not None:  # a resumed run: this refit is done
+                return saved[0]
+            log.info("leave-one-site-out: fitting without %s", held)
+            entry = hold_out(config, transport, held, refit)
+            if checkpoint:
+                checkpoint.save(key, (entry, rounds_so_far(transport)))
+            return entry
+
+        return run
+
+    return {"status": "ran", "reason": None}, {held: job(held) for held in training}
 
 
 def hold_out(
@@ -125,8 +135,6 @@ def hold_out(
         log.warning("leave-one-site-out without %s failed: %s", held, exc)
         reason = exc.what if isinstance(exc, SiteFailure) else str(exc)
         entry.update({"status": "failed", "reason": reason, "metrics": {}})
-    finally:
-        transport.rounds["external"] += sum(sub.rounds.values())
     _mark_failed_sites({held: entry}, transport)
     return entry
 

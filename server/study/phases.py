@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from radfed.server.stats.mrmr import MrmrResult, mrmr_federated
 from radfed.server.stats.solvers import LogisticSpec, fit_logistic_many, pooled_standardisation
 from radfed.shared.config import HarmonizationConfig
 from radfed.shared.errors import FederationError
-from radfed.shared.messages import RADSCORE
+from radfed.shared.messages import RADSCORE, Payload
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,16 @@ class RadiomicsSelection:
                 "nonzero": lasso.nonzero(self.which),
                 "n_folds": lasso.n_folds,
                 "rounds": lasso.rounds,
+                # Where a site's refusal ended the λ path (the rule, never a count).
+                "path_end": None
+                if lasso.path_end is None
+                else {
+                    "index": lasso.path_end.index,
+                    "lambda_refused": lasso.path_end.lambda_refused,
+                    "rule": lasso.path_end.rule,
+                    "sites": list(lasso.path_end.sites),
+                    "note": lasso.path_end.describe(),
+                },
             },
             "radscore_formula": self.formula(),
             # The Radscore as sites compute it (standardised with the pooled mean and SD).
@@ -229,51 +239,192 @@ def fit_standardised(
     return fit_logistic_many(transport, specs, outcome=outcome)
 
 
+#: The intercept-only model fitted beside a screening with categorical variables: its
+#: deviance is the null deviance of their likelihood-ratio tests.
+NULL_MODEL = "(null)"
+
+
+def dummy_columns(name: str, levels: list[str]) -> list[str]:
+    """A categorical variable's dummy columns ``name=level``, one per level but the
+    first (the reference)."""
+    return [f"{name}={level}" for level in levels[1:]]
+
+
+def clinical_levels(described: dict[str, Payload], categorical: list[str]) -> dict[str, list[str]]:
+    """The federation's levels of each categorical clinical variable: the sorted union
+    of the level names every site reported in ``describe`` (as ComBat's covariates)."""
+    return {
+        c: sorted({str(level) for reply in described.values() for level in reply["levels"][c]})
+        for c in categorical
+    }
+
+
 @dataclass
 class ClinicalSelection:
-    """Univariable screening of the clinical variables and what it retained."""
+    """Univariable screening of the clinical variables and what it retained.
+
+    A numeric variable is tested by the Wald z-test of its coefficient. A categorical
+    one (``levels`` holds the federation's levels) enters with its dummy columns and is
+    tested by one likelihood-ratio test of them all, on ``len(levels) - 1`` df, as R's
+    ``anova(glm, test = "Chisq")`` or rms's ``lrtest``: the federated fits give the
+    exact pooled deviances, the variable's and the intercept-only model's (``null``).
+    The Wald chi-square of the dummies is reported beside it.
+    """
 
     univariable: dict[str, LogisticFit]
     threshold: float
+    levels: dict[str, list[str]] = field(default_factory=dict)
+    null: LogisticFit | None = None
+    #: The study's ``merge_levels`` (levels the sites read as one), for the record.
+    merged: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+
+    def columns(self, name: str) -> list[str]:
+        """The model columns of a variable: its dummies when categorical."""
+        return dummy_columns(name, self.levels[name]) if name in self.levels else [name]
+
+    def test(self, name: str) -> dict[str, Any]:
+        """The screening test of a variable: ``test``, ``statistic``, ``df`` and ``p``."""
+        from scipy import stats
+
+        fit = self.univariable[name]
+        if name not in self.levels:
+            z = float(fit.zvalues[1])
+            return {"test": "Wald z", "statistic": z, "df": 1, "p": float(fit.pvalues[1])}
+        if self.null is None:
+            raise FederationError(f"no intercept-only fit to test the categorical {name!r}")
+        df = len(fit.columns)
+        lr = max(float(self.null.deviance - fit.deviance), 0.0)
+        beta, cov = fit.coef[1:], fit.cov[1:, 1:]
+        wald = float(beta @ np.linalg.solve(cov, beta))
+        return {
+            "test": "likelihood ratio",
+            "statistic": lr,
+            "df": df,
+            "p": float(stats.chi2.sf(lr, df)),
+            "wald_statistic": wald,
+            "wald_p": float(stats.chi2.sf(wald, df)),
+        }
 
     @property
     def pvalues(self) -> dict[str, float]:
-        return {name: float(fit.pvalues[1]) for name, fit in self.univariable.items()}
+        return {name: self.test(name)["p"] for name in self.univariable}
+
+    @property
+    def retained_variables(self) -> list[str]:
+        """The variables with p below the threshold."""
+        return [name for name, p in self.pvalues.items() if p < self.threshold]
 
     @property
     def retained(self) -> list[str]:
-        return [name for name, p in self.pvalues.items() if p < self.threshold]
+        """The model columns of the retained variables (a categorical one with all its
+        dummies): what the clinical model and the nomogram fit."""
+        return [c for name in self.retained_variables for c in self.columns(name)]
+
+    @property
+    def context(self) -> Payload:
+        """What later requests carry so that sites encode the categorical variables
+        with the federation's levels (a site refuses to score a level it lacks)."""
+        return {"clinical_levels": dict(self.levels)} if self.levels else {}
 
     def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"threshold": self.threshold, "retained": self.retained}
+        if self.levels:
+            out["retained_variables"] = self.retained_variables
+            out["levels"] = dict(self.levels)
+            if self.merged:
+                out["merge_levels"] = dict(self.merged)
+            out["categorical_test"] = (
+                "likelihood ratio on len(levels) - 1 df (the dummies' Wald chi-square beside it)"
+            )
+        out["univariable"] = {
+            name: self._categorical(name) if name in self.levels else self._numeric(fit)
+            for name, fit in self.univariable.items()
+        }
+        return out
+
+    @staticmethod
+    def _numeric(fit: LogisticFit) -> dict[str, Any]:
         return {
-            "threshold": self.threshold,
-            "retained": self.retained,
-            "univariable": {
-                name: {
-                    "coef_per_unit": float(fit.coef_per_unit[1]),
-                    "se_per_unit": float(fit.se_per_unit[1]),
-                    "odds_ratio_per_unit": float(np.exp(fit.coef_per_unit[1])),
-                    "p": float(fit.pvalues[1]),
-                    "iterations": fit.iterations,
+            "coef_per_unit": float(fit.coef_per_unit[1]),
+            "se_per_unit": float(fit.se_per_unit[1]),
+            "odds_ratio_per_unit": float(np.exp(fit.coef_per_unit[1])),
+            "p": float(fit.pvalues[1]),
+            "iterations": fit.iterations,
+        }
+
+    def _categorical(self, name: str) -> dict[str, Any]:
+        fit = self.univariable[name]
+        coef, se, p = fit.coef_per_unit, fit.se_per_unit, fit.pvalues
+        return {
+            "categorical": True,
+            "levels": list(self.levels[name]),
+            "reference": self.levels[name][0],
+            **self.test(name),
+            "deviance": float(fit.deviance),
+            "null_deviance": float(self.null.deviance) if self.null else None,
+            "coefficients": {
+                column: {
+                    "coef_per_unit": float(coef[j]),
+                    "se_per_unit": float(se[j]),
+                    "odds_ratio_per_unit": float(np.exp(coef[j])),
+                    "p": float(p[j]),
                 }
-                for name, fit in self.univariable.items()
+                for j, column in enumerate(fit.columns, start=1)
             },
+            "iterations": fit.iterations,
         }
 
 
 def screen_clinical(
-    transport: Transport, clinical: list[str], outcome: str, threshold: float
+    transport: Transport,
+    clinical: list[str],
+    outcome: str,
+    threshold: float,
+    levels: dict[str, list[str]] | None = None,
 ) -> ClinicalSelection:
-    """Federated univariable logistic regression of each clinical variable."""
-    return ClinicalSelection(
-        fit_standardised(transport, {c: [c] for c in clinical}, outcome), threshold
-    )
+    """Federated univariable logistic regression of each clinical variable.
+
+    ``levels`` are the federation's levels of the categorical variables
+    (:func:`clinical_levels` of the ``describe`` replies); when not given and the
+    study's protocol declares categorical variables, they are asked for (one
+    ``describe`` round). With categorical variables, an intercept-only model shares
+    the Newton rounds (its deviance is their likelihood-ratio tests' null deviance),
+    and the levels join the transport's context for later requests.
+
+    Raises
+    ------
+    FederationError
+        A categorical variable with a single level over the federation.
+    """
+    protocol = transport.protocol or {}
+    categorical = [c for c in protocol.get("clinical_categorical", []) if c in clinical]
+    if levels is None:
+        levels = clinical_levels(transport.ask("describe"), categorical) if categorical else {}
+    levels = {c: list(levels[c]) for c in clinical if c in levels}
+    single = [c for c, lv in levels.items() if len(lv) < 2]
+    if single:
+        raise FederationError(
+            f"categorical clinical variable(s) {single} have a single level over the "
+            "training sites: nothing to screen (leave them out of the study)"
+        )
+    models = {c: dummy_columns(c, levels[c]) if c in levels else [c] for c in clinical}
+    if levels:
+        models[NULL_MODEL] = []
+    fits = fit_standardised(transport, models, outcome)
+    null = fits.pop(NULL_MODEL, None)
+    fits = {c: fits[c] for c in clinical}  # the study's order, not the order of convergence
+    merged = {c: m for c, m in (protocol.get("merge_levels") or {}).items() if c in levels}
+    selection = ClinicalSelection(fits, threshold, levels, null, merged)
+    transport.context.update(selection.context)
+    return selection
 
 
 __all__ = [
     "RADSCORE",
     "ClinicalSelection",
     "RadiomicsSelection",
+    "clinical_levels",
+    "dummy_columns",
     "fit_combat",
     "fit_standardised",
     "screen_clinical",

@@ -146,6 +146,63 @@ def _lasso(
     return np.array(cvm)
 
 
+def pooled_levels(table: pd.DataFrame, config: StudyConfig) -> dict[str, list[str]]:
+    """The levels of each categorical clinical variable: sorted, over all rows of the
+    training sites (the first is the reference)."""
+    rows = merged(table[table["site"].isin(config.training_sites)], config)
+    return {c: sorted(set(rows[c])) for c in config.clinical_categorical}
+
+
+def merged(frame: pd.DataFrame, config: StudyConfig) -> pd.DataFrame:
+    """``frame`` with its categorical clinical variables as text, the study's
+    ``merge_levels`` applied."""
+    recode = {
+        c: {old: new for new, olds in config.merge_levels.get(c, {}).items() for old in olds}
+        for c in config.clinical_categorical
+    }
+    return frame.assign(**{c: frame[c].astype(str).replace(m) for c, m in recode.items()})
+
+
+def with_dummies(frame: pd.DataFrame, levels: dict[str, list[str]]) -> pd.DataFrame:
+    """``frame`` with a 0/1 column ``name=level`` per categorical variable and level but
+    the first (pandas' ``get_dummies(drop_first=True)`` with the given levels)."""
+    dummies = {
+        f"{c}={lv}": (frame[c] == lv).astype(float)
+        for c, lv_all in levels.items()
+        for lv in lv_all[1:]
+    }
+    return frame.assign(**dummies)
+
+
+def _screening(
+    train: pd.DataFrame, y: np.ndarray, levels: dict[str, list[str]], screening: dict
+) -> list[Equivalence]:
+    """Each categorical variable's likelihood-ratio statistic (statsmodels' ``llr``,
+    against the intercept-only model) and every screening p-value."""
+    import statsmodels.api as sm
+
+    lr, p = [], []
+    for name, entry in screening["univariable"].items():
+        columns = [f"{name}={lv}" for lv in levels[name][1:]] if name in levels else [name]
+        X = sm.add_constant(train[columns].to_numpy(dtype=float), has_constant="add")
+        fit = sm.Logit(y, X).fit(method="newton", tol=1e-12, maxiter=100, disp=0)
+        if name in levels:
+            lr.append((entry["statistic"], fit.llr))
+            p.append((entry["p"], fit.llr_pvalue))
+        else:
+            p.append((entry["p"], fit.pvalues[1]))
+    rows = [Equivalence("screening p-values", _diff(*zip(*p, strict=True)), TOLERANCE["logistic"])]
+    if lr:
+        rows.append(
+            Equivalence(
+                "screening likelihood-ratio statistics (categorical)",
+                _diff(*zip(*lr, strict=True)),
+                TOLERANCE["logistic"],
+            )
+        )
+    return rows
+
+
 def _logit(frame: pd.DataFrame, y: np.ndarray, columns: list[str]):
     import statsmodels.api as sm
 
@@ -237,6 +294,10 @@ def equivalence(config: StudyConfig, federated: StudyResult) -> list[Equivalence
             Equivalence("LASSO CV deviance curve", _diff(lasso["cvm"], cvm), TOLERANCE["lasso"])
         )
         frame[RADSCORE] = coef[0] + Zs @ coef[1:]
+    levels = pooled_levels(table, config)
+    frame = with_dummies(merged(frame, config), levels)
+    if "clinical_screening" in details:
+        rows += _screening(frame, y, levels, details["clinical_screening"])
     for name, model in federated.models.items():
         ref = _logit(frame, y, model.columns)
         rows.append(

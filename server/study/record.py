@@ -25,7 +25,10 @@ def finish_run(
     if config.nomogram_labels or config.nomogram_levels:
         result.details["nomogram_display"] = {
             "labels": dict(config.nomogram_labels),
-            "levels": {k: list(v) for k, v in config.nomogram_levels.items()},
+            "levels": {
+                k: dict(v) if isinstance(v, dict) else list(v)
+                for k, v in config.nomogram_levels.items()
+            },
         }
     return record_result(result, config, out_dir, track=track)
 

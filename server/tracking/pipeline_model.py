@@ -64,6 +64,17 @@ class FittedPipeline:
             numeric = json.loads(results.get("settings", {}).get("harmonization.covariates", "[]"))
             self.numeric_ = [c for c in numeric if c not in self.categorical_]
             self.levels_ = harmonization.get("levels", {})
+        # Categorical clinical variables: the models hold their dummy columns
+        # ("name=level"), built here from the patient's level as the sites build them.
+        screening = results.get("clinical_screening") or {}
+        self.clinical_levels_ = screening.get("levels") or {}
+        self.merged_ = {
+            c: {old: new for new, olds in groups.items() for old in olds}
+            for c, groups in (screening.get("merge_levels") or {}).items()
+        }
+        self.dummies_ = {
+            f"{c}={lv}": (c, lv) for c, levels in self.clinical_levels_.items() for lv in levels[1:]
+        }
         radscore = results.get("selection", {}).get("radscore")
         self.radscore_ = (
             {k: np.asarray(v) if k != "columns" else list(v) for k, v in radscore.items()}
@@ -79,8 +90,27 @@ class FittedPipeline:
         if self.radscore_ is not None:
             cols += self.radscore_["columns"]
         for fit in self.models_.values():
-            cols += [c for c in fit.columns if c != RADSCORE]
+            cols += [self.dummies_.get(c, (c,))[0] for c in fit.columns if c != RADSCORE]
         return list(dict.fromkeys(cols))
+
+    def _with_dummies(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """``frame`` with the models' dummy columns; a level the federation did not
+        have is an error (the patient would count as the reference level)."""
+        used = {c for c, _ in self.dummies_.values() if c in frame.columns}
+        for name in used:
+            levels = (
+                frame[name].pipe(canonical_text).astype(str).replace(self.merged_.get(name, {}))
+            )
+            unknown = sorted(set(levels) - set(self.clinical_levels_[name]))
+            if unknown:
+                raise ValueError(
+                    f"{name}: level(s) {unknown} were not in the federation "
+                    f"(known: {self.clinical_levels_[name]})"
+                )
+            for column, (variable, level) in self.dummies_.items():
+                if variable == name:
+                    frame[column] = (levels == level).astype(float).to_numpy()
+        return frame
 
     def radscore(self, frame: pd.DataFrame) -> np.ndarray:
         """The Radscore of each patient, after ComBat when the study harmonised."""
@@ -134,6 +164,7 @@ class FittedPipeline:
         out = pd.DataFrame(index=frame.index)
         if self.radscore_ is not None:
             frame[RADSCORE] = out[RADSCORE] = self.radscore(frame)
+        frame = self._with_dummies(frame)
         for name, fit in self.models_.items():
             X = design(frame[fit.columns].to_numpy(dtype=float), fit.center, fit.scale)
             out[name] = 1 / (1 + np.exp(-(X @ fit.coef)))
@@ -144,6 +175,9 @@ class FittedPipeline:
         values: dict[str, Any] = {}
         for fit in self.models_.values():
             values.update(dict(zip(fit.columns, fit.center.tolist(), strict=True)))
+        for column, (variable, _) in self.dummies_.items():
+            values.pop(column, None)
+            values[variable] = self.clinical_levels_[variable][0]
         if self.radscore_ is not None:
             cols, center = self.radscore_["columns"], self.radscore_["center"].tolist()
             values.update(dict(zip(cols, center, strict=True)))
