@@ -552,10 +552,10 @@ class Site:
         m = self.policy.min_cell
         reply: Payload = {}
         columns = [c for name in models for c in _names(request[f"{name}_columns"], "columns")]
-        rare = self._rare_level(columns)
         for subset in subsets:
             counts = self._counts(subset)
             status, reason = self._evaluable(counts)
+            rare = self._rare_level(columns, subset)
             if rare and status != "refused":
                 status, reason = "refused", rare
             # Each model's calibration intercept and slope is a fit here: on a split too
@@ -626,16 +626,16 @@ class Site:
             self._sent(f"{subset} smallest count at a threshold or bin", _smallest(tp, fp, bin_n))
         return reply
 
-    def _rare_level(self, columns: list[str]) -> str:
-        """Why models on ``columns`` may not be evaluated here ('' when they may): they
-        use a categorical variable one of whose levels some but fewer than ``min_cell``
-        patients hold in the training or the test split. A model of that level's dummy
-        alone would make its log-likelihood (or AUC) over either split, or over all
-        patients minus the training ones, a function of those few patients' outcomes.
-        Names the variable, never the level or the count."""
+    def _rare_level(self, columns: list[str], subset: str) -> str:
+        """Why models on ``columns`` may not be evaluated on ``subset`` ('' when they
+        may): they use a categorical variable one of whose levels some but fewer than
+        ``min_cell`` of the split's patients hold (for all patients: of either split's,
+        as all minus the training ones is the test split). A model of that level's dummy
+        alone would make the log-likelihood (or AUC) a function of those few patients'
+        outcomes. Names the variable, never the level or the count."""
         for name in dict.fromkeys(filter(None, map(self._dummy_of, columns))):
-            for subset in SPLITS:
-                index = self.table.frame.loc[self.rows(subset)].index
+            for split in SPLITS if subset not in SPLITS else (subset,):
+                index = self.table.frame.loc[self.rows(split)].index
                 counts = pd.Series(self.levels_of(name, index)).value_counts()
                 if any(self.policy.small(int(n)) for n in counts):
                     return str(

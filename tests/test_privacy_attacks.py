@@ -18,6 +18,7 @@ import pytest
 from scipy.special import expit
 
 from radfed.client.site import SPLITS, SiteSettings, SiteWorker
+from radfed.client.site_state import read_assignment
 from radfed.shared import evaluation_stats as es
 from radfed.shared.config import load_study
 from radfed.shared.errors import PrivacyRefusal
@@ -769,7 +770,8 @@ def test_calibration_terms_select_no_patients(heart_dir, min_cell):
 def test_a_model_of_a_rare_categorical_level_is_not_evaluated(heart_dir, min_cell):
     """A crafted model of one rare level's dummy alone ("cp=1": 3 of va's patients):
     the difference of two evaluate requests' log-likelihood sums would decode those
-    patients' outcomes. The site refuses every split, naming the variable only."""
+    patients' outcomes. The site refuses every split holding some of them (and all
+    patients), naming the variable only."""
     protocol = _protocol(heart_dir, clinical_categorical=["cp"])
     worker = _worker(heart_dir, min_cell, site="va")
     table = _table(heart_dir, "va")
@@ -780,8 +782,12 @@ def test_a_model_of_a_rare_categorical_level_is_not_evaluated(heart_dir, min_cel
         model = _model("m", ["cp=1"], [0.0], [dummy.std()], [0.0, slope])
         return _ask(worker, protocol, "evaluate", models=["m"], subsets=["all", *SPLITS], **model)
 
-    for reply in (evaluate(0.0), evaluate(3.0)):
-        for subset in ("all", *SPLITS):
+    replies = evaluate(0.0), evaluate(3.0)
+    assigned = read_assignment(worker.state.folder, protocol["study"])
+    ids = table["patient_id"].astype(str).to_numpy()[dummy == 1]
+    holding = {"all", *(assigned[pid][0] for pid in ids)}
+    for reply in replies:
+        for subset in holding:
             assert reply[f"{subset}_status"] == "refused"
             assert "refused by the min-cell rule" in reply[f"{subset}_reason"]
             assert "3" not in reply[f"{subset}_reason"]

@@ -76,28 +76,6 @@ def failing_run(config, failing, from_round, **kwargs):
     return FederatedStudy(config, transport).run(), transport
 
 
-def first_round_after_the_main_fit(config, failing: str) -> int:
-    """The round (counted as ``FailingTransport`` counts them) at which ``failing`` is
-    first asked once the main fit and its evaluation are done: the refits share the main
-    fit's rounds, and the first round the main fit has no request in is counted under
-    "external". The rounds depend on the sites' own splits and folds, so they are
-    counted, not fixed."""
-
-    class Counting(FailingTransport):
-        def __init__(self, *args):
-            super().__init__(*args)
-            self.after_main: list[int] = []
-
-        def _exchange(self, requests):
-            if failing in requests and self.step == "external":
-                self.after_main.append(self.seen + 1)
-            return super()._exchange(requests)
-
-    transport = Counting(InProcessTransport.from_study(config).workers, failing, 10**9)
-    FederatedStudy(config, transport).run()
-    return transport.after_main[0]
-
-
 def as_json(result) -> dict:
     return json.loads(json.dumps(result.to_dict()))
 
@@ -355,33 +333,6 @@ def test_a_validation_site_failing_fails_its_entry_only(heart_dir):
     assert_same_results(results, plain | {"rounds": results["rounds"]}, tol=1e-9)
     html = render_report(results)
     assert "Only external validation lost these sites" in html
-
-
-def test_a_training_site_failing_during_leave_one_site_out_fails_those_entries(heart_dir):
-    """va stops answering once the main fit is done, while the refits (which share its
-    rounds) still need it: the main fit is kept, the refits that still need va fail at
-    once (one wait), va's own entry fails, and the entries that were done are kept."""
-    config = write_study(heart_dir, SITES, policy="drop", loso=True)
-    when = first_round_after_the_main_fit(config, "va")
-    result, transport = failing_run(config, "va", from_round=when)
-    results = as_json(result)
-    assert transport.asked_after_failure == 1
-    assert results["federation"]["sites"] == SITES
-    held_out = results["external"]["held_out"]
-    assert held_out["va"]["status"] == "failed"
-    assert "site 'va' stopped answering" in held_out["va"]["reason"]
-    (dropped,) = results["federation"]["dropped_sites"]
-    assert dropped["site"] == "va"
-    assert dropped["phase"].startswith("leave-one-site-out without ")
-    assert "leave-one-site-out" in dropped["action"]
-    assert "abandoned" not in results["rounds"]
-
-    plain = run_of(config)
-    assert results["models"] == plain["models"]
-    assert results["performance"] == plain["performance"]
-    for site, entry in held_out.items():
-        if entry["status"] != "failed":
-            assert entry["metrics"] == plain["external"]["held_out"][site]["metrics"]
 
 
 # ----------------------------------------------------------------- Deployment Engine

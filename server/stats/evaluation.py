@@ -645,35 +645,66 @@ def external_metrics(
     Returns ``{site: {"status", "reason", "n", "events", "metrics": {model: ...},
     "comparisons": [...]}}``; a site that cannot answer is reported with its reason.
     """
+    replies = external_replies(transport, models, sites, outcome)
+    return external_entries(replies, list(models), cutoffs)
+
+
+def external_replies(
+    transport: Transport,
+    models: Mapping[str, LogisticFit],
+    sites: list[str],
+    outcome: str = "outcome",
+) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """What each of ``sites`` answered about ``models`` on all its patients, with the
+    fits of its calibration curves: ``{site: (reply or the error, fits)}``. The cut-offs
+    are not needed here (:func:`external_entries` applies them), so this can run beside
+    the evaluation that chooses them."""
     names = list(models)
     transport.context.update(model_payload(models))
 
-    def one(site: str) -> Callable[[Transport], dict[str, Any]]:
-        return lambda lane: _external_site(lane, names, site, cutoffs, outcome)
+    def one(site: str) -> Callable[[Transport], tuple[Any, dict[str, Any]]]:
+        def run(lane: Transport) -> tuple[Any, dict[str, Any]]:
+            try:
+                request = evaluation_request(names, ["all"])
+                reply = lane.ask("evaluate", request, sites=[site])[site]
+            except FederationError as exc:
+                return exc, {}
+            if reply.get("all_status") != "ok":
+                return reply, {}
+            return reply, pooled_calibration(
+                lane, {site: reply}, names, "all", outcome, slopes=False
+            )
+
+        return run
 
     # Sites are evaluated independently: they share rounds.
     return dict(zip(sites, together(transport, [one(site) for site in sites]), strict=True))
 
 
-def _external_site(
-    transport: Transport,
+def external_entries(
+    replies: Mapping[str, tuple[Any, dict[str, Any]]],
     names: list[str],
-    site: str,
     cutoffs: Mapping[str, int],
-    outcome: str,
+) -> dict[str, dict[str, Any]]:
+    """The entries of :func:`external_metrics` from :func:`external_replies`."""
+    out: dict[str, dict[str, Any]] = {}
+    for site, (reply, fits) in replies.items():
+        if isinstance(reply, FederationError):
+            out[site] = {"status": "failed", "reason": str(reply), "metrics": {}}
+            continue
+        out[site] = _external_entry(reply, fits, cutoffs, names)
+    return out
+
+
+def _external_entry(
+    reply: Payload, fits: dict[str, Any], cutoffs: Mapping[str, int], names: list[str]
 ) -> dict[str, Any]:
     """One site's entry of :func:`external_metrics`."""
-    try:
-        reply = transport.ask("evaluate", evaluation_request(names, ["all"]), sites=[site])[site]
-    except FederationError as exc:
-        return {"status": "failed", "reason": str(exc), "metrics": {}}
     metrics = {m: site_metrics(reply, "all", j, cutoffs.get(m)) for j, m in enumerate(names)}
     status = reply.get("all_status")
-    if status == "ok":
-        fits = pooled_calibration(transport, {site: reply}, names, "all", outcome, slopes=False)
-        for m, cal in fits.items():
-            if "curve" in cal:
-                metrics[m]["calibration"]["curve"] = cal["curve"]
+    for m, cal in fits.items():
+        if "curve" in cal:
+            metrics[m]["calibration"]["curve"] = cal["curve"]
     return {
         "status": "ok" if status == "ok" else "failed",
         "reason": reply.get("all_reason") or None,

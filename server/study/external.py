@@ -24,10 +24,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from radfed.server.federation.shared_rounds import rounds_so_far
+from radfed.server.federation.shared_rounds import rounds_so_far, together
 from radfed.server.federation.transport import SiteFailure, Transport
 from radfed.server.stats import inference
-from radfed.server.stats.evaluation import THRESHOLDS, evaluate_models, external_metrics
+from radfed.server.stats.evaluation import (
+    THRESHOLDS,
+    evaluate_models,
+    external_entries,
+    external_metrics,
+    external_replies,
+)
 from radfed.shared.config import StudyConfig
 from radfed.shared.errors import FederationError
 
@@ -117,10 +123,19 @@ def hold_out(
     entry: dict[str, Any] = {"training_sites": others}
     try:
         fitted = refit(sub)
-        sub.step = "evaluate"
-        performance, _, cutoffs = evaluate_models(sub, fitted.models, config.outcome, curves=False)
-        sub.step = "external"
-        entry.update(external_metrics(sub, fitted.models, [held], cutoffs, config.outcome)[held])
+
+        def internal(lane: Transport) -> tuple[dict[str, Any], Any, dict[str, int]]:
+            lane.step = "evaluate"
+            return evaluate_models(lane, fitted.models, config.outcome, curves=False)
+
+        def external(lane: Transport) -> dict[str, Any]:
+            lane.step = "external"
+            return external_replies(lane, fitted.models, [held], config.outcome)
+
+        # The held-out site's evaluation needs the cut-offs only for its metrics: it
+        # shares rounds with the evaluation that chooses them.
+        (performance, _, cutoffs), replies = together(sub, [internal, external])
+        entry.update(external_entries(replies, list(fitted.models), cutoffs)[held])
         entry["radscore_formula"] = fitted.details.get("selection", {}).get("radscore_formula")
         entry["models"] = {name: fit.to_dict() for name, fit in fitted.models.items()}
         entry["cutoffs"] = {m: float(THRESHOLDS[c]) for m, c in cutoffs.items()}
