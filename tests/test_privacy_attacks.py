@@ -698,31 +698,6 @@ def test_honest_runs_publish_no_small_counts(tmp_path, shared_data):
     assert np.all(np.asarray(pooled["curve"]["lower"]) <= np.asarray(pooled["curve"]["upper"]))
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1500)  # extracting 180 synthetic cases: as long as the wheel test's demo
-def test_honest_demo_publishes_no_small_counts(tmp_path, monkeypatch):
-    """The demo (three synthetic hospitals of 60 patients, extracted, fitted and
-    validated leave-one-site-out, as the wheel test runs it) at its sites' minimum cell
-    size (3): results.json holds no per-site count below it."""
-    import hashlib
-
-    from radfed.cli import main
-    from radfed.client.site_state import default_state_dir
-
-    monkeypatch.setenv("RADFED_CACHE", str(tmp_path / "cache"))
-    out = tmp_path / "demo"
-    # Fixed site secrets: the same splits and folds (and the same run) every time.
-    for name in ("hospital_a", "hospital_b", "hospital_c"):
-        state = default_state_dir(name, (out / "sites" / name).resolve())
-        state.mkdir(parents=True, exist_ok=True)
-        (state / "secret.key").write_bytes(hashlib.sha256(f"demo-{name}".encode()).digest())
-    argv = ["-q", "demo", "--params", "fast", "--patients", "60", "--out", str(out)]
-    assert main(argv) == 0
-    results = json.loads(next((out / "results").rglob("results.json")).read_text())
-    assert results["external"]["held_out"]  # leave-one-site-out ran
-    assert _small_counts(results, 3) == []
-
-
 def test_the_walker_finds_small_counts():
     """The publication check itself can fail, wherever the small count stands."""
     results = {

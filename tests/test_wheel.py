@@ -159,3 +159,10 @@ def test_wheel_in_a_fresh_venv_runs_the_demo(built):
     assert set(icc["comparisons"]) == {"inter_reader", "intra_reader"}
     assert all(c["n"] >= 20 for c in icc["comparisons"].values())
     assert icc["kept"] and icc["dropped"], "the ICC filter should keep some features, drop some"
+    # An honest demo (leave-one-site-out included) publishes no per-site count below
+    # its sites' minimum cell size (3); the walker is tested in test_privacy_attacks.
+    from radfed.tests.test_privacy_attacks import _small_counts
+
+    published = json.loads(results[0].read_text())
+    assert published["external"]["held_out"]
+    assert _small_counts(published, 3) == []
