@@ -43,8 +43,8 @@ class Cancelled(FederationError):
 class _Call:
     """One :func:`together` call: its lanes, and whether they were cancelled."""
 
-    def __init__(self, owner: Lane | None, cancel_on_error: bool) -> None:
-        self.owner, self.cancel_on_error = owner, cancel_on_error
+    def __init__(self, owner: Lane | None) -> None:
+        self.owner = owner
         self.lanes: list[Lane] = []
         self.cancelled = False
 
@@ -249,7 +249,7 @@ def together(
     """
     owner = _lane_of(transport)
     group = owner.group if owner is not None else _Group(transport)
-    call = _Call(owner, cancel_on_error)
+    call = _Call(owner)
     base = owner.path if owner is not None else ()
     inherited = owner.tally if owner is not None else None
     with group.cond:
@@ -294,10 +294,7 @@ def together(
         raise
     if owner is None:
         transport.rounds.update(group.tally)
-    for error in errors:
-        if error is not None and not isinstance(error, Cancelled):
-            raise error
-    for error in errors:
-        if error is not None:
-            raise error
+    # A job's own failure before the Cancelled it caused in the others.
+    for error in sorted(filter(None, errors), key=lambda e: isinstance(e, Cancelled)):
+        raise error
     return results

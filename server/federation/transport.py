@@ -209,6 +209,3 @@ class SiteSubset(Transport):
 
     def _deliver_each(self, requests: dict[str, Payload]) -> dict[str, Payload]:
         return self.parent._deliver_each(requests)
-
-    def _deliver(self, request: Payload, sites: list[str]) -> dict[str, Payload]:
-        return self.parent._deliver(request, sites)
