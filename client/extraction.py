@@ -973,8 +973,11 @@ def _run_cases(
     )
     finished = False
     try:
+        # Largest first (longest-processing-time order): a big case started last would
+        # leave one worker idle while the other finishes it.
         futures: dict[Future, _Case] = {
-            pool.submit(_run_case, c.image_path, c.mask_path, params, c.options()): c for c in cases
+            pool.submit(_run_case, c.image_path, c.mask_path, params, c.options()): c
+            for c in sorted(cases, key=_size_on_disk, reverse=True)
         }
         pending = set(futures)
         while pending:
@@ -1004,6 +1007,19 @@ def _outcome(future: Future) -> dict[str, float] | CaseError:
         return future.result()
     except BrokenProcessPool:
         return CaseError("extraction process died (out of memory?); retry with fewer --jobs")
+
+
+def _size_on_disk(case: _Case) -> int:
+    """Bytes of a case's image and mask files (a folder: its files), a proxy for the
+    case's extraction time; 0 for what cannot be read (the case reports that itself)."""
+    total = 0
+    for path in (Path(case.image_path), Path(case.mask_path)):
+        try:
+            files = [path] if path.is_file() else [p for p in path.iterdir() if p.is_file()]
+            total += sum(f.stat().st_size for f in files)
+        except OSError:
+            pass
+    return total
 
 
 def _terminate_pool(pool: ProcessPoolExecutor) -> None:

@@ -19,7 +19,7 @@ import logging
 import re
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -78,22 +78,55 @@ class SiteSettings:
 
 
 def stratified_split(
-    y: np.ndarray, test_fraction: float, seed: int, site: str, secret: bytes = b""
+    y: np.ndarray,
+    test_fraction: float,
+    seed: int,
+    site: str,
+    secret: bytes = b"",
+    levels: Sequence[np.ndarray] = (),
+    min_cell: int = 0,
 ) -> np.ndarray:
     """Boolean mask of test rows: the same fraction of each class, reproducible per site.
 
     The generator is seeded by the study seed, the site name and the site's secret, so
     a site's split does not change when other sites join or leave, and the coordinator,
     who knows neither the secret nor the data, can neither predict nor steer it.
+
+    ``levels`` holds each categorical variable's level per row (clinical variables and
+    ComBat's categorical covariates). A level held by 1 to ``min_cell - 1`` patients of a
+    split would make the site refuse every model with that variable on it (or, for a
+    covariate, send that small count inside ComBat's sums), so draws are repeated (on
+    the same stream, at most :data:`SPLIT_DRAWS` times) until every level is absent from
+    a split or held by at least ``min_cell`` of its patients; levels fewer than
+    ``min_cell`` patients hold in all are left out of the check (no split helps them).
+    Without levels the first draw is the split; when no draw qualifies the first one is
+    kept, and the site's rules refuse what it cannot answer.
     """
     words = np.frombuffer(hashlib.sha256(secret).digest(), dtype=np.uint32) if secret else []
     rng = np.random.default_rng([seed, zlib.crc32(site.encode()), *map(int, words)])
-    test = np.zeros(len(y), dtype=bool)
-    for cls in (0, 1):
-        idx = np.flatnonzero(y == cls)
-        n_test = round(test_fraction * len(idx))
-        test[rng.permutation(idx)[:n_test]] = True
-    return test
+    first = None
+    for _ in range(SPLIT_DRAWS if len(levels) and min_cell > 1 else 1):
+        test = np.zeros(len(y), dtype=bool)
+        for cls in (0, 1):
+            idx = np.flatnonzero(y == cls)
+            n_test = round(test_fraction * len(idx))
+            test[rng.permutation(idx)[:n_test]] = True
+        first = test if first is None else first
+        if not any(_rare(labels, rows, min_cell) for labels in levels for rows in (test, ~test)):
+            return test
+    return first
+
+
+#: How many split draws a site tries for one without a rare categorical level.
+SPLIT_DRAWS = 1000
+
+
+def _rare(labels: np.ndarray, rows: np.ndarray, min_cell: int) -> bool:
+    """Whether some label is held by 1 to ``min_cell - 1`` of the ``rows``, among the
+    labels that at least ``min_cell`` patients hold in all (no split helps the others)."""
+    values, totals = np.unique(labels, return_counts=True)
+    counts = np.array([np.sum(labels[rows] == v) for v in values[totals >= min_cell]])
+    return bool(np.any((counts > 0) & (counts < min_cell)))
 
 
 def table_spec(protocol: dict[str, Any]) -> TableSpec:
@@ -153,8 +186,20 @@ class Site:
         )
         secret = self.state.secret()
         y = self.table.y
+        # Rare categorical levels decide the draw only through the site's own min_cell.
         self.test_mask = stratified_split(
-            y, protocol["test_fraction"], protocol["seed"], settings.name, secret
+            y,
+            protocol["test_fraction"],
+            protocol["seed"],
+            settings.name,
+            secret,
+            levels=[self.levels_of(name) for name in self.protocol.get("clinical_categorical", [])]
+            + [
+                self.table.labels[name].to_numpy(dtype=str)
+                for name in self.protocol.get("categorical", [])
+                if name in self.table.labels
+            ],
+            min_cell=settings.privacy.min_cell,
         )
         # Folds of the training rows, drawn here with the site's secret and the pinned
         # number of folds: a request's seed or fold count is never used.
@@ -424,7 +469,10 @@ class Site:
         """What the coordinator checks for consistency; counts and names, no values.
 
         Exclusions are sent as a count only when it passes ``min_cell`` (zero included);
-        their reasons stay at the site (``radfed validate``)."""
+        their reasons stay at the site (``radfed validate``). ``binary_features`` names
+        the features whose every value here is 0 or 1 (ComBat keeps them out)."""
+        from radfed.harmonization.binary import site_binary_features
+
         self._answer_over(["all"])
         counts = self._counts("all")
         self.policy.check_counts(counts, "describe")
@@ -456,6 +504,12 @@ class Site:
             # Which reproducibility masks the site has (names only; see reproducibility).
             "reader_masks": sorted(
                 r for r, t in getattr(self.table, "readers", {}).items() if len(t)
+            ),
+            # Which features are 0/1 here, for ComBat to keep out: a yes or no per
+            # feature over all of the site's patients (the set just checked), never
+            # over rows a request names.
+            **site_binary_features(
+                self.table.frame[self.table.features].to_numpy(dtype=float), self.table.features
             ),
         }
 

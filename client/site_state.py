@@ -59,7 +59,12 @@ PINNED_KEYS = (
     "covariates",
     "categorical",
     "extraction_params",
+    "clinical_categorical",  # these two decide the split's redraws (rare levels)
+    "merge_levels",
 )
+#: Pinned keys a protocol may lack; hashed only when present, so that a study without
+#: them keeps the hash its sites' IT approved before they were pinned.
+OPTIONAL_PINNED_KEYS = ("clinical_categorical", "merge_levels")
 #: Labels of the patient sets over which a site sends no statistic of the outcome (the
 #: reproducibility ICC sums: the features of the patients rated on every mask). The
 #: differencing rule compares such a set with any other on its patients only: no
@@ -69,7 +74,9 @@ OUTCOME_FREE = ("reproducibility ",)
 
 def protocol_hash(protocol: dict[str, Any]) -> str:
     """SHA-256 of the pinned part of a protocol: what a site's IT approves."""
-    pinned = {k: protocol.get(k) for k in PINNED_KEYS}
+    pinned = {
+        k: protocol.get(k) for k in PINNED_KEYS if k in protocol or k not in OPTIONAL_PINNED_KEYS
+    }
     return hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()
 
 

@@ -21,7 +21,9 @@ several sites and a site may hold several batches: every statistic is a sum over
 so the coordinator just adds the replies. :func:`combat_in_memory` runs the rounds over
 in-memory sites and documents the call order; :class:`ComBat` does the same on one
 pooled data set. A site whose batch the federation never saw calls
-:func:`estimate_new_batch` before :func:`apply_combat`.
+:func:`estimate_new_batch` before :func:`apply_combat`. Binary features (and those a
+study excludes) are chosen out beforehand (:mod:`radfed.harmonization.binary`): the
+estimates name only the features harmonised, and :func:`apply_combat` sees no other.
 
 The math is pure numpy; no transport is imported here.
 """

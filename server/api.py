@@ -346,14 +346,22 @@ class ComBat(_Estimator):
         Parametric (True) or non-parametric empirical Bayes priors.
     mean_only : bool, default False
         Adjust batch means only.
+    exclude : sequence of str, optional
+        Features to keep out of ComBat besides the binary ones (every training site's
+        values 0 or 1), which are always kept out. Default: the study's
+        ``[harmonization] exclude``.
 
     Attributes
     ----------
-    estimates_ : ComBatEstimates
+    estimates_ : ComBatEstimates or None
+        None when every feature is kept out.
     feature_names_, batch_levels_, covariate_names_ : list of str
+        ``feature_names_`` are the features ComBat harmonised.
+    kept_out_ : dict of str to str
+        The features kept out of ComBat (they pass unchanged), each with its reason.
     levels_ : dict
         The federation's levels of each categorical covariate.
-    gamma_star_, delta_star_ : ndarray of shape (batches, features)
+    gamma_star_, delta_star_ : ndarray of shape (batches, harmonised features)
     """
 
     def __init__(
@@ -362,17 +370,20 @@ class ComBat(_Estimator):
         categorical: Sequence[str] | None = None,
         parametric: bool = True,
         mean_only: bool = False,
+        exclude: Sequence[str] | None = None,
     ) -> None:
         self.covariates = covariates
         self.categorical = categorical
         self.parametric = parametric
         self.mean_only = mean_only
+        self.exclude = exclude
 
     def fit(self, federation: Federation, features: Sequence[str] | None = None) -> ComBat:
-        """Fit on the training rows of every site (no outcome used)."""
+        """Fit on the training rows of every site (no outcome used); binary and
+        excluded features are kept out, as a study run keeps them out."""
         from dataclasses import replace
 
-        from radfed.server.study.phases import fit_combat
+        from radfed.server.study.phases import combat_features, fit_combat
 
         study = federation.config.harmonization
         covariates = list(study.covariates if self.covariates is None else self.covariates)
@@ -384,6 +395,11 @@ class ComBat(_Estimator):
             )
         described = federation.describe()
         features = list(federation.features if features is None else features)
+        exclude = study.exclude if self.exclude is None else tuple(self.exclude)
+        unknown = sorted(set(self.exclude or ()) - set(features))
+        if unknown:
+            raise ValueError(f"exclude names {unknown}, which are not among the features")
+        features, self.kept_out_ = combat_features(described, features, exclude)
         batch_levels = sorted({b for r in described.values() for b in r["batch_levels"]})
         levels = {
             c: sorted({lv for r in described.values() for lv in r["levels"][c]})
@@ -398,14 +414,18 @@ class ComBat(_Estimator):
             parametric=self.parametric,
             mean_only=self.mean_only,
         )
-        federation.transport.step = "combat"
-        self.estimates_ = fit_combat(
-            federation.transport, features, batch_levels, levels, names, cfg
-        )
         self.feature_names_ = features
         self.batch_levels_ = batch_levels
         self.levels_ = levels
         self.covariate_names_ = names
+        if not features:  # every feature kept out: nothing to harmonise
+            self.estimates_ = None
+            self.gamma_star_ = self.delta_star_ = np.empty((len(batch_levels), 0))
+            return self
+        federation.transport.step = "combat"
+        self.estimates_ = fit_combat(
+            federation.transport, features, batch_levels, levels, names, cfg
+        )
         self.gamma_star_ = self.estimates_.gamma_star
         self.delta_star_ = self.estimates_.delta_star
         return self
@@ -413,6 +433,8 @@ class ComBat(_Estimator):
     def payload(self) -> Payload:
         """What every later request carries so that sites harmonise their rows."""
         self._fitted("estimates_")
+        if self.estimates_ is None:
+            return {}
         return {**self.estimates_.to_payload(), "levels": self.levels_}
 
 

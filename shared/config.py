@@ -82,7 +82,15 @@ from radfed.shared.privacy import PrivacyPolicy
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 KNOWN = {
     "study": {"name", "outcome", "clinical", "categorical", "merge_levels", "features", "seed"},
-    "harmonization": {"method", "batch", "covariates", "categorical", "parametric", "mean_only"},
+    "harmonization": {
+        "method",
+        "batch",
+        "covariates",
+        "categorical",
+        "parametric",
+        "mean_only",
+        "exclude",
+    },
     "selection": {
         "mrmr_k",
         "folds",
@@ -128,7 +136,9 @@ class HarmonizationConfig:
     """ComBat settings. ``batch`` is ``"site"`` or a column of the site tables (for
     example a scanner column: a batch may then span sites). ``covariates`` are the
     biological covariates to preserve (never the outcome); those also named in
-    ``categorical`` are one-hot encoded with the federation's levels."""
+    ``categorical`` are one-hot encoded with the federation's levels. Features found
+    binary (0/1 at every training site) are kept out of ComBat, and so are those named
+    in ``exclude`` (categorical codes): they pass through unchanged."""
 
     method: str = "combat"  # "combat" or "none"
     batch: str = SITE_BATCH
@@ -136,6 +146,7 @@ class HarmonizationConfig:
     categorical: tuple[str, ...] = ()
     parametric: bool = True
     mean_only: bool = False
+    exclude: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -532,6 +543,7 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
     _check_distinct_folders(sites)
     _check_outcome_use(outcome, clinical, features, harmonization)
     _check_categorical(categorical, clinical, features, harmonization)
+    _check_exclude(features, harmonization)
 
     validation = data.get("validation", {})
     _check_keys(validation, "validation")
@@ -675,6 +687,23 @@ def _check_categorical(
         )
 
 
+def _check_exclude(features: tuple[str, ...], harmonization: HarmonizationConfig) -> None:
+    """``[harmonization] exclude`` names features: each a feature or matched by one of
+    the study's feature patterns."""
+    import fnmatch
+
+    unknown = [
+        e
+        for e in harmonization.exclude
+        if not any(e == f or fnmatch.fnmatchcase(e, f) for f in features)
+    ]
+    if unknown:
+        raise StudyConfigError(
+            f"[harmonization]: exclude names {unknown}, which are not [study] features "
+            f"(features: {list(features)})"
+        )
+
+
 def _nomogram(
     table: dict[str, Any], predictors: list[str], categorical: tuple[str, ...] = ()
 ) -> dict[str, Any]:
@@ -746,7 +775,8 @@ def _harmonization(table: dict[str, Any]) -> HarmonizationConfig:
     for key, value in flags.items():
         if not isinstance(value, bool):
             raise StudyConfigError(f"[harmonization]: {key} must be true or false, got {value!r}")
-    return HarmonizationConfig(method, batch, covariates, categorical, **flags)
+    exclude = _string_list(table, "exclude", "[harmonization]")
+    return HarmonizationConfig(method, batch, covariates, categorical, **flags, exclude=exclude)
 
 
 def _selection(table: dict[str, Any]) -> SelectionConfig:

@@ -102,11 +102,38 @@ def assert_matches_logit(model: dict, reference, tol: float = 1e-6) -> None:
     np.testing.assert_allclose(se, reference.bse, rtol=0, atol=tol)
 
 
-def pooled_combat(rows: pd.DataFrame, config: StudyConfig) -> pd.DataFrame:
-    """neuroCombat on the pooled training rows (batch = site), as ``--pooled`` runs it."""
-    from radfed.server.study.pooled import pooled_combat as combat
+def binary_columns(config: StudyConfig, features: list[str]) -> list[str]:
+    """The features that are 0 or 1 in every complete row of the training sites (train
+    and test: all of each site's patients), found with pandas."""
+    tables = {n: t for n, t in feature_tables(config).items() if n in config.training_sites}
+    rows = pd.concat([pooled_rows(config, tables, "train"), pooled_rows(config, tables, "test")])
+    return [f for f in features if rows[f].isin([0, 1]).all()]
 
-    return combat(rows, list(config.features), config)[0]
+
+def pooled_combat(rows: pd.DataFrame, config: StudyConfig) -> pd.DataFrame:
+    """neuroCombat on the pooled training rows (batch = site) of every feature but the
+    binary ones (:func:`binary_columns`) and those of ``[harmonization] exclude``, which
+    are returned unchanged, as the federation keeps them out of ComBat."""
+    from neuroCombat import neuroCombat
+
+    h = config.harmonization
+    features = list(config.features)
+    kept_out = set(binary_columns(config, features)) | set(h.exclude)
+    harmonised = [f for f in features if f not in kept_out]
+    out = rows[features].astype(float).copy()
+    if harmonised:
+        batch = rows["site"] if h.batch == "site" else rows[h.batch]
+        result = neuroCombat(
+            dat=rows[harmonised].to_numpy(dtype=float).T,
+            covars=rows[list(h.covariates)].assign(batch=batch.to_numpy()),
+            batch_col="batch",
+            categorical_cols=list(h.categorical),
+            continuous_cols=[c for c in h.covariates if c not in h.categorical],
+            parametric=h.parametric,
+            mean_only=h.mean_only,
+        )
+        out[harmonised] = result["data"].T
+    return out
 
 
 def assert_same_results(mine: dict, theirs: dict, tol: float = 1e-9) -> None:

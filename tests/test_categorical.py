@@ -14,6 +14,8 @@ statsmodels' Logit (coefficients, standard errors, the likelihood-ratio statisti
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +23,8 @@ import pandas as pd
 import pytest
 import statsmodels.api as sm
 
-from radfed.client.site import Site, SiteSettings, SiteWorker
-from radfed.client.site_state import read_audit
+from radfed.client.site import Site, SiteSettings, SiteWorker, stratified_split
+from radfed.client.site_state import protocol_hash, read_audit
 from radfed.server.federation.inprocess import InProcessTransport
 from radfed.server.outputs.nomogram import NomogramScales, save_nomogram
 from radfed.server.study.driver import FederatedStudy
@@ -200,12 +202,13 @@ def test_the_logged_pipeline_builds_the_dummies(study, result):
 # ------------------------------------------------------------------------------ privacy
 
 
-def _va(study, min_cell: int) -> Site:
+def _va(study, min_cell: int, state_dir: Path | None = None) -> Site:
     va = next(s for s in study.sites if s.name == "va")
-    return Site(SiteSettings("va", va.path, PrivacyPolicy(min_cell=min_cell)), study.protocol())
+    policy = PrivacyPolicy(min_cell=min_cell)
+    return Site(SiteSettings("va", va.path, policy, state_dir=state_dir), study.protocol())
 
 
-def test_a_level_rarer_than_min_cell_is_never_published(study):
+def test_a_level_rarer_than_min_cell_is_never_published(study, tmp_path):
     """VA holds few patients with typical angina: with min_cell above their number in
     its training split, no mean or Hessian of cp's dummies leaves the site, and the
     refusal names the variable, not the level or the count."""
@@ -221,10 +224,15 @@ def test_a_level_rarer_than_min_cell_is_never_published(study):
     answered = site.handle("moments", request)
     np.testing.assert_allclose(answered["mean"][1:] * answered["n"], counts.loc[["3", "4"]])
 
-    strict = _va(study, rare + 1)
+    # A minimum cell size above the level's count over all VA's patients: no split the
+    # site can draw keeps that level out of the training split or at min_cell there.
+    strict_cell = int(pd.Series(site.levels_of("cp")).value_counts().min()) + 1
+    strict = _va(study, strict_cell, tmp_path / "strict")  # no set answered before
+    strict_train = strict.table.frame.index[~strict.test_mask]
+    held = int(pd.Series(strict.levels_of("cp", strict_train)).value_counts().min())
     with pytest.raises(PrivacyRefusal, match=r"min-cell rule.*categorical variable 'cp'") as err:
         strict.handle("moments", request)
-    assert str(rare) not in str(err.value).replace(str(rare + 1), "")
+    assert str(held) not in str(err.value).replace(str(strict_cell), "")
     logistic = {
         "models": ["m"],
         "m_columns": ["cp=3", "cp=4"],
@@ -245,15 +253,69 @@ def test_a_level_rarer_than_min_cell_is_never_published(study):
             site.handle("logistic", {**logistic, "subset": subset})
 
 
+def test_the_site_draws_a_split_in_which_no_level_is_rare(study):
+    """VA's merged angina level (8 of its complete cases) split at random leaves 1 or 2
+    of them in the test split for many secrets, and VA would then refuse every model with
+    cp on that split and on all its patients (external validation). The site redraws
+    until each level is absent from a split or held by at least min_cell of it; the
+    outcome stratification is unchanged."""
+    site = _va(study, 3)
+    levels, y = site.levels_of("cp"), site.table.y
+    frac, seed = site.protocol["test_fraction"], site.protocol["seed"]
+    assert np.array_equal(
+        site.test_mask,
+        stratified_split(y, frac, seed, "va", site.state.secret(), levels=[levels], min_cell=3),
+    )
+
+    def rare(test: np.ndarray) -> bool:
+        counts = [np.unique(levels[rows], return_counts=True)[1] for rows in (test, ~test)]
+        return bool(np.any(np.concatenate(counts) < 3))
+
+    plain_rare = 0
+    for k in range(40):
+        secret = bytes([k]) * 32
+        plain = stratified_split(y, frac, seed, "va", secret)
+        test = stratified_split(y, frac, seed, "va", secret, levels=[levels], min_cell=3)
+        plain_rare += rare(plain)
+        assert not rare(test), k
+        for cls in (0, 1):
+            assert test[y == cls].sum() == plain[y == cls].sum() == round(frac * (y == cls).sum())
+    assert plain_rare >= 5  # the premise: without redraws, many secrets give a rare level
+    # Without levels (or with no qualifying draw) the first draw is the split.
+    assert np.array_equal(
+        stratified_split(y, frac, seed, "va", b"s" * 32),
+        stratified_split(y, frac, seed, "va", b"s" * 32, levels=[levels], min_cell=len(y)),
+    )
+
+
+def test_the_levels_that_decide_the_split_are_pinned(study):
+    """The variables and merges that decide the split's redraws are part of the pinned
+    protocol: a coordinator cannot get a second split of the same study by changing
+    them. A protocol without them keeps the hash its sites approved before."""
+    _va(study, 3)  # pins the study
+    va = next(s for s in study.sites if s.name == "va")
+    protocol = study.protocol()
+    for change in ({"merge_levels": {}}, {"clinical_categorical": []}):
+        key = next(iter(change))
+        with pytest.raises(PrivacyRefusal, match=rf"pinned-study rule.*changes {key}"):
+            Site(SiteSettings("va", va.path, PrivacyPolicy(min_cell=3)), {**protocol, **change})
+    plain = {k: v for k, v in protocol.items() if k not in ("merge_levels", "clinical_categorical")}
+    old_keys = ["study", "outcome", "clinical", "features", "seed", "test_fraction", "folds"]
+    old_keys += ["batch", "covariates", "categorical", "extraction_params"]
+    before = hashlib.sha256(
+        json.dumps({k: plain.get(k) for k in old_keys}, sort_keys=True).encode()
+    ).hexdigest()
+    assert protocol_hash(plain) == before != protocol_hash(protocol)
+
+
 def test_a_refused_level_stops_the_screening_and_sends_nothing(study):
     """The screening's standardisation round meets VA's refusal (VA's split counts are
     not asked: at this minimum cell size they could be refused first)."""
     from radfed.server.study.phases import screen_clinical
 
-    site = _va(study, 3)
-    train = site.table.frame.index[~site.test_mask]
-    rare = int(pd.Series(site.levels_of("cp", train)).value_counts().min())
-    strict = dataclasses.replace(study, privacy=PrivacyPolicy(min_cell=rare + 1))
+    # Above the rarest level's count over all VA's patients: no split escapes the rule.
+    rarest = int(pd.Series(_va(study, 3).levels_of("cp")).value_counts().min())
+    strict = dataclasses.replace(study, privacy=PrivacyPolicy(min_cell=rarest + 1))
     transport = InProcessTransport.from_study(strict)
     transport.protocol, transport.sites = strict.protocol(), list(strict.training_sites)
     with pytest.raises(FederationError, match=r"va: moments: refused by the min-cell rule"):

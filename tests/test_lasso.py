@@ -584,3 +584,39 @@ def test_real_sites_end_the_path_and_equal_the_pooled_reference(tmp_path, caplog
                "seed": config.seed, "problem_folds": np.arange(4), "beta": beta}  # fmt: skip
     with pytest.raises(FederationError, match="site1: LASSO: refused by the concentration"):
         ask(request)
+
+
+# --------------------------------------------------------------------------- collinear
+
+
+def collinear_sites(seed: int = 0, n: int = 150) -> list[Site]:
+    """Radiomics-like features with exact linear dependencies, as PyRadiomics gives:
+    Range = Maximum - Minimum and TotalEnergy = 2.5 x Energy (a fixed voxel volume)."""
+    rng = np.random.default_rng(seed)
+    X = rng.lognormal(0, 0.5, size=(n, 6))
+    X[:, 2] = X[:, 0] - X[:, 1]
+    X[:, 3] = 2.5 * X[:, 4]
+    Z = (X - X.mean(0)) / X.std(0)
+    y = (rng.random(n) < expit(2.0 * (Z[:, 0] - Z[:, 1] + Z[:, 4]))).astype(int)
+    cuts = np.split(rng.permutation(n), [n // 3, 2 * n // 3])
+    return [(f"site{i}", X[rows], y[rows]) for i, rows in enumerate(cuts)]
+
+
+def test_exactly_collinear_features_fit_the_pooled_optimum():
+    """Regression: on a support holding Range, Maximum and Minimum the exact active-set
+    solve met a singular system, returned a 1e15-1e31 non-solution that passed its sign
+    checks, and every halving of that IRLS step still raised the objective: "LASSO IRLS
+    step halving failed: the objective keeps rising" (31 halvings in a row)."""
+    sites = collinear_sites()
+    res = run(sites, n_folds=3, n_lambdas=10, seed=0)
+    X, y, center, scale = pooled(sites)
+    Z = (X - center) / scale
+    assert len(res.lambdas) >= 8
+    # The optimum is not unique along the collinear directions; the objective, the fitted
+    # linear predictor and the optimality conditions are, so those are compared.
+    for i, lam in enumerate(res.lambdas):
+        ref = sklearn_l1(Z, y, lam)
+        eta, eta_ref = res.coef_path[i, 0] + Z @ res.coef_path[i, 1:], ref[0] + Z @ ref[1:]
+        assert np.abs(eta - eta_ref).max() < 1e-3, (i, np.abs(eta - eta_ref).max())
+        assert kkt_residual(Z, y, res.coef_path[i], lam) < 1e-8
+    assert np.abs(res.coef_path).max() < 100

@@ -111,9 +111,13 @@ def test_radiomics_sized_selection_equals_mrmr_classif():
     log: list = []
     result = mrmr_federated(make_ask(sites, log), names, k=30)
     assert result.selected == oracle(sites, names, 30)
-    # Per site: 2 x 2 x 1300 moments, then 29 columns of 1300: ~0.3 MB, not 13.5 MB.
+    # Per site: 2 x 2 x 1300 moments, then per round the asked columns of 1300 (the 29
+    # picks before the last, and up to 3 likely next ones with each) and the 1300 sums
+    # of squares: at most ~1.2 MB, not 13.5 MB.
     sent = sum(np.size(v) for _, replies in log for v in replies[0].values())
-    assert sent == 2 + 4 * 1300 + 29 * (2 * 1300 + 1)
+    columns = [len(request["columns"]) for request, _ in log[1:]]
+    assert sent == 2 + 4 * 1300 + sum(m * 1300 + 1300 + 1 for m in columns)
+    assert sum(columns) >= 29 and max(columns) <= 4 and result.rounds == 1 + len(columns) < 30
 
 
 def test_centering_with_pooled_moments_changes_nothing(synth):
@@ -167,7 +171,7 @@ def test_rounds_and_reply_shapes(synth):
     sites, names = synth
     p = len(names)
     log: list = []
-    result = mrmr_federated(make_ask(sites, log), names, k=10)
+    result = mrmr_federated(make_ask(sites, log), names, k=10, prefetch=0)
     assert result.rounds == len(log) == 10  # 1 round of moments + one per pick but the last
     first_request, first_replies = log[0]
     assert first_request["step"] == "mrmr_moments"
@@ -193,6 +197,31 @@ def test_rounds_and_reply_shapes(synth):
     gram = mrmr_federated(make_ask(sites, log), names, k=10, mode="gram")
     assert gram.rounds == len(log) == 1
     assert np.shape(log[0][1][0]["xtx"]) == (p, p)
+
+
+def test_prefetched_columns_save_rounds_and_change_no_pick(synth):
+    """With each pick's column, the next-best candidates' columns come in the same
+    round; a pick already fetched costs none. The picks equal mrmr-selection's."""
+    sites, names = synth
+    expected = oracle(sites, names, 10)
+    log: list = []
+    one = mrmr_federated(make_ask(sites, log), names, k=10, prefetch=0)
+    assert one.rounds == 10 and one.selected == expected
+    for prefetch in (1, 3, 8):
+        log.clear()
+        ahead = mrmr_federated(make_ask(sites, log), names, k=10, prefetch=prefetch)
+        assert ahead.selected == expected
+        np.testing.assert_allclose(ahead.scores, one.scores, rtol=1e-12)
+        assert ahead.rounds == len(log) < one.rounds
+        fetched: list[int] = []
+        for request, replies in log[1:]:
+            columns = request["columns"]
+            assert 1 <= len(columns) <= 1 + prefetch
+            assert not set(columns) & set(fetched)  # no column asked twice
+            fetched += columns
+            assert all(np.shape(r["cross"]) == (len(names), len(columns)) for r in replies)
+        picked = [names.index(s) for s in ahead.selected]
+        assert set(picked[:-1]) <= set(fetched)
 
 
 def test_mrmr_select_from_summed_statistics(synth):
@@ -245,7 +274,7 @@ def test_summary_is_printable(heart):
     assert str(result) == text
     for name in result.selected:
         assert name in text
-    assert "Rounds: 5 (columns)" in text
+    assert f"Rounds: {result.rounds} (columns)" in text and result.rounds < 5
 
 
 def test_site_refuses_small_class_counts():

@@ -24,7 +24,7 @@ def expected_rounds(config: StudyConfig) -> int:
     The leave-one-site-out refits, the clinical screening and the calibration fits share
     the main fit's rounds (:mod:`~radfed.server.federation.shared_rounds`), so a study
     takes about one fit's rounds. Measured (docs/performance.md): the heart-disease
-    study 36 rounds and the demo 51 (191 and 285 when the fits took turns); this
+    study 32-34 rounds and the demo 43 (191 and 285 when the fits took turns); this
     estimate gives 58 and 65.
     """
     features = bool(config.features)

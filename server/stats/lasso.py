@@ -414,12 +414,21 @@ def _active_set_solution(
         flipped = act & (np.sign(x) != sgn)
         flipped[:, 0] = False
         violates = ~act & (np.abs(grad) > lm + slack[todo])
-        good = ~(flipped.any(axis=1) | violates.any(axis=1)) & np.isfinite(x).all(axis=1)
+        # x must solve its system (grad_S = λ sign_S): with exactly collinear features
+        # (radiomics has them: Range = Maximum - Minimum, TotalEnergy ∝ Energy) A_SS is
+        # singular to rounding and np.linalg.solve returns a huge non-solution (1e13 and
+        # more) that can pass the two checks above; as an IRLS step it raised the
+        # objective through every halving ("the objective keeps rising"). Such a
+        # support is left to coordinate descent.
+        unsolved = np.isfinite(x).all(axis=1) & (
+            act & (np.abs(grad - lm * sgn) > 1e-9 * lm + 1e-10)
+        ).any(axis=1)
+        good = ~(flipped.any(axis=1) | violates.any(axis=1) | unsolved) & np.isfinite(x).all(axis=1)
         sol[todo] = x
         ok[todo] = good
         active[todo] = (act & ~flipped) | violates
         sign[todo] = np.where(violates, np.sign(grad), np.where(flipped, 0.0, sgn))
-        todo = todo[~good]
+        todo = todo[~good & ~unsolved]
         if len(todo) == 0:
             break
     return np.where(ok[:, None], sol, 0.0), ok
@@ -860,6 +869,7 @@ class _PathSolver:
         worse = new > old + _OBJ_RTOL * (1.0 + np.abs(old))
         take = idx[~worse]
         self._store(take, beta[~worse], {k: np.asarray(reply[k])[~worse] for k in _PIECES})
+        self.halvings[take] = 0  # the limit is on halvings in a row, not over the whole path
         back = idx[worse]
         self.halvings[back] += 1
         if np.any(self.halvings[back] > _MAX_HALVINGS):

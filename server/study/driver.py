@@ -30,7 +30,9 @@ from radfed.server.stats.evaluation import evaluate_models
 from radfed.server.study.checkpoint import Checkpoint
 from radfed.server.study.external import leave_one_site_out, meta_analysis, validation_sites
 from radfed.server.study.phases import (
+    KEPT_OUT_RULE,
     clinical_levels,
+    combat_features,
     fit_combat,
     fit_standardised,
     screen_clinical,
@@ -432,9 +434,18 @@ class FederatedStudy:
     def _harmonise(
         self, transport: Transport, described: dict[str, Payload], features: list[str]
     ) -> dict[str, Any]:
-        """Fit ComBat on the training rows; later requests carry the estimates."""
+        """Fit ComBat on the training rows; later requests carry the estimates.
+
+        Binary features and those the study excludes are kept out (the estimates do
+        not name them, so the sites leave them as they are)."""
         h = self.config.harmonization
         batch_levels = sorted({b for r in described.values() for b in r["batch_levels"]})
+        harmonised, kept_out = combat_features(described, features, h.exclude)
+        which = {"harmonised": harmonised, "kept_out": kept_out, "kept_out_rule": KEPT_OUT_RULE}
+        if not harmonised:
+            log.warning("ComBat: every feature is kept out (%s); nothing to harmonise", kept_out)
+            return {"method": "combat", "batch": h.batch, "batch_levels": batch_levels, **which}
+        features = harmonised
         levels = {
             c: sorted({lv for r in described.values() for lv in r["levels"][c]})
             for c in h.categorical
@@ -447,6 +458,9 @@ class FederatedStudy:
             "method": "combat",
             "batch": h.batch,
             "batch_levels": batch_levels,
+            # The features ComBat harmonised (the columns of gamma_star, delta_star and
+            # var_pooled) and those it kept out, with why.
+            **which,
             "levels": levels,
             "n_per_batch": dict(zip(batch_levels, estimates.n_per_batch.tolist(), strict=True)),
             "covariates": covariate_names,

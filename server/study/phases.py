@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from radfed.harmonization.binary import solve_kept_out
 from radfed.harmonization.combat import (
     ComBatEstimates,
     solve_batch_effects,
@@ -33,6 +34,26 @@ from radfed.shared.messages import RADSCORE, Payload
 log = logging.getLogger(__name__)
 
 
+#: How the features ComBat keeps out are chosen, said in results.json.
+KEPT_OUT_RULE = (
+    "a feature is kept out of ComBat when every training site reports all of its values "
+    "there as 0 or 1 (binary; each site says yes or no per feature, over all of its "
+    "patients), or when [harmonization] exclude names it; kept-out features pass unchanged "
+    "to standardisation, mRMR, the LASSO and the Radscore"
+)
+
+
+def combat_features(
+    described: dict[str, Payload], features: list[str], exclude: tuple[str, ...] | list[str] = ()
+) -> tuple[list[str], dict[str, str]]:
+    """The features ComBat harmonises and those it keeps out ({feature: reason}), from
+    the training sites' ``describe`` replies (no round of its own)."""
+    solved = solve_kept_out(list(described.values()), features, exclude)
+    if solved["kept_out"]:
+        log.info("ComBat keeps out %s", ", ".join(solved["kept_out"]))
+    return solved["harmonised"], solved["kept_out"]
+
+
 def fit_combat(
     transport: Transport,
     features: list[str],
@@ -42,6 +63,9 @@ def fit_combat(
     cfg: HarmonizationConfig,
 ) -> ComBatEstimates:
     """Distributed ComBat on the training rows: three rounds, then sites adjust locally.
+
+    ``features`` are those ComBat harmonises (:func:`combat_features`): the estimates
+    name only them, so the sites leave every other feature as it is.
 
     Raises
     ------
@@ -420,10 +444,12 @@ def screen_clinical(
 
 
 __all__ = [
+    "KEPT_OUT_RULE",
     "RADSCORE",
     "ClinicalSelection",
     "RadiomicsSelection",
     "clinical_levels",
+    "combat_features",
     "dummy_columns",
     "fit_combat",
     "fit_standardised",

@@ -65,6 +65,14 @@ def pooled_table(config: StudyConfig) -> pd.DataFrame:
     return pd.concat(parts)
 
 
+def combat_columns(table: pd.DataFrame, features: list[str], config: StudyConfig) -> list[str]:
+    """The features ComBat harmonises: not 0/1 over all rows of the training sites, and
+    not named in ``[harmonization] exclude`` (the others pass unchanged)."""
+    rows = table[table["site"].isin(config.training_sites)]
+    binary = [f for f in features if rows[f].isin([0, 1]).all()]
+    return [f for f in features if f not in binary and f not in config.harmonization.exclude]
+
+
 def pooled_combat(
     train: pd.DataFrame, features: list[str], config: StudyConfig
 ) -> tuple[pd.DataFrame, dict]:
@@ -252,8 +260,9 @@ def equivalence(config: StudyConfig, federated: StudyResult) -> list[Equivalence
     frame = train.copy()
     if "selection" in details:
         features = list(federated.federation["features"])
-        if "harmonization" in details:
-            frame[features], reference = pooled_combat(train, features, config)
+        harmonised = combat_columns(table, features, config)
+        if "harmonization" in details and harmonised:
+            frame[harmonised], reference = pooled_combat(train, harmonised, config)
             mine = details["harmonization"]
             for key, theirs in (
                 ("gamma_star", "gamma.star"),

@@ -127,7 +127,11 @@ class FittedPipeline:
 
         est = self.combat_
         names = list(est.feature_names)
-        where = [names.index(c) for c in columns]
+        # Features ComBat kept out (binary, or excluded by the study) pass unchanged.
+        mine = [j for j, c in enumerate(columns) if c in names]
+        if not mine:
+            return x
+        where = [names.index(columns[j]) for j in mine]
         batch = frame[self.batch_].astype(str).to_numpy(dtype=object)
         unknown = sorted(set(batch) - set(est.batch_levels))
         if unknown:
@@ -143,8 +147,10 @@ class FittedPipeline:
         cov, _ = encode_covariates(cov_frame, self.numeric_, levels)
         # ComBat adjusts each feature on its own: the Radscore's features are enough.
         full = np.zeros((len(frame), len(names)))
-        full[:, where] = x
-        return apply_combat(est, full, batch, cov)[:, where]
+        full[:, where] = x[:, mine]
+        out = x.copy()
+        out[:, mine] = apply_combat(est, full, batch, cov)[:, where]
+        return out
 
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
         """Probability of the outcome under each model (and the Radscore), per patient.
