@@ -175,7 +175,9 @@ class Site:
         self.protocol = protocol
         self.study = str(protocol.get("study", ""))
         self.state = SiteState(settings.state_dir)
-        self.protocol_hash = self.state.pin(protocol, settings.approved_studies)
+        self.protocol_hash = self.state.pin(
+            protocol, settings.approved_studies, settings.privacy.min_cell
+        )
         self.table: SiteTable = cached_site_table(  # reused across messages
             settings.data_dir,
             table_spec(protocol),
@@ -186,20 +188,17 @@ class Site:
         )
         secret = self.state.secret()
         y = self.table.y
-        # Rare categorical levels decide the draw only through the site's own min_cell.
+        # Rare levels decide the draw through the min_cell pinned with the study (a
+        # study pinned before redraws existed keeps its first draw).
+        rule = self.state.split_rule(self.study)
         self.test_mask = stratified_split(
             y,
             protocol["test_fraction"],
             protocol["seed"],
             settings.name,
             secret,
-            levels=[self.levels_of(name) for name in self.protocol.get("clinical_categorical", [])]
-            + [
-                self.table.labels[name].to_numpy(dtype=str)
-                for name in self.protocol.get("categorical", [])
-                if name in self.table.labels
-            ],
-            min_cell=settings.privacy.min_cell,
+            levels=self._split_levels() if rule["rule"] >= 2 else (),
+            min_cell=rule["min_cell"],
         )
         # Folds of the training rows, drawn here with the site's secret and the pinned
         # number of folds: a request's seed or fold count is never used.
@@ -229,6 +228,18 @@ class Site:
             "select": self.select,
             "reproducibility": self.reproducibility,
         }
+
+    def _split_levels(self) -> list[np.ndarray]:
+        """Per row, the level of each categorical clinical variable, ComBat categorical
+        covariate and (when not the site) ComBat batch: what the split keeps from rare
+        cells."""
+        batch = self.protocol.get("batch", SITE_BATCH)
+        names = [c for c in self.protocol.get("categorical", []) if c in self.table.labels]
+        if batch != SITE_BATCH and batch in self.table.labels:
+            names.append(batch)
+        return [self.levels_of(c) for c in self.protocol.get("clinical_categorical", [])] + [
+            self.table.labels[c].to_numpy(dtype=str) for c in dict.fromkeys(names)
+        ]
 
     @property
     def policy(self) -> PrivacyPolicy:

@@ -62,6 +62,9 @@ PINNED_KEYS = (
     "clinical_categorical",  # these two decide the split's redraws (rare levels)
     "merge_levels",
 )
+#: How a newly pinned study's split is drawn: 1, the first stratified draw; 2, redrawn
+#: until no categorical level is rare in a split (``radfed.client.site.stratified_split``).
+SPLIT_RULE = 2
 #: Pinned keys a protocol may lack; hashed only when present, so that a study without
 #: them keeps the hash its sites' IT approved before they were pinned.
 OPTIONAL_PINNED_KEYS = ("clinical_categorical", "merge_levels")
@@ -150,11 +153,14 @@ class SiteState:
 
     # -- pinned studies ---------------------------------------------------------------
 
-    def pin(self, protocol: dict[str, Any], approved: Sequence[str] = ()) -> str:
+    def pin(self, protocol: dict[str, Any], approved: Sequence[str] = (), min_cell: int = 0) -> str:
         """Pin ``protocol`` the first time its study is answered; refuse any change.
 
         With ``approved`` (hashes the site's IT approved), only those protocols are
-        answered at all. Returns the protocol's hash.
+        answered at all. The pin also keeps how the split is drawn (:data:`SPLIT_RULE`,
+        with ``min_cell`` at the time), so that neither a later radfed nor a changed
+        minimum cell size re-splits a pinned study (:meth:`split_rule`). Returns the
+        protocol's hash.
         """
         study = str(protocol.get("study", ""))
         digest = protocol_hash(protocol)
@@ -167,7 +173,12 @@ class SiteState:
             pins = self._read_json("pins.json", {})
             pinned = pins.get(study)
             if pinned is None:
-                pins[study] = {"hash": digest, "protocol": _pinned(protocol), "pinned": _now()}
+                pins[study] = {
+                    "hash": digest,
+                    "protocol": _pinned(protocol),
+                    "pinned": _now(),
+                    "split": {"rule": SPLIT_RULE, "min_cell": int(min_cell)},
+                }
                 self._write_json("pins.json", pins)
             elif pinned["hash"] != digest:
                 changed = sorted(
@@ -180,6 +191,12 @@ class SiteState:
                     f"changes {', '.join(changed)} (run a changed protocol as a new study name)",
                 )
         return digest
+
+    def split_rule(self, study: str) -> dict[str, int]:
+        """How a pinned study's split is drawn: ``{"rule", "min_cell"}``. A study pinned
+        before split rules were kept (rule 1) keeps its first draw, without redraws."""
+        pinned = self._read_json("pins.json", {}).get(study) or {}
+        return pinned.get("split") or {"rule": 1, "min_cell": 0}
 
     # -- the differencing rule --------------------------------------------------------
 

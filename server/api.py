@@ -395,6 +395,8 @@ class ComBat(_Estimator):
             )
         described = federation.describe()
         features = list(federation.features if features is None else features)
+        if isinstance(self.exclude, str):
+            raise TypeError(f"exclude must be a list of feature names, got {self.exclude!r}")
         exclude = study.exclude if self.exclude is None else tuple(self.exclude)
         unknown = sorted(set(self.exclude or ()) - set(features))
         if unknown:

@@ -692,6 +692,11 @@ def _check_exclude(features: tuple[str, ...], harmonization: HarmonizationConfig
     the study's feature patterns."""
     import fnmatch
 
+    patterns = [e for e in harmonization.exclude if any(ch in e for ch in "*?[")]
+    if patterns:
+        raise StudyConfigError(
+            f"[harmonization]: exclude takes feature names, not patterns: {patterns}"
+        )
     unknown = [
         e
         for e in harmonization.exclude

@@ -150,7 +150,9 @@ def cross_products(
     Z = _shifted(X, center, scale)
     cols = np.asarray(columns, dtype=int)
     return {
-        "cross": Z.T @ Z[:, cols],
+        # Column by column: the same BLAS call whatever the columns asked with it, so a
+        # cross-product is bitwise the same when prefetched (mRMR's ties stay ties).
+        "cross": np.stack([Z.T @ Z[:, c] for c in cols], axis=1).reshape(Z.shape[1], len(cols)),
         "sumsq": (Z**2).sum(axis=0),
         "n": np.asarray(float(len(Z))),
     }

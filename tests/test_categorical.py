@@ -308,6 +308,26 @@ def test_the_levels_that_decide_the_split_are_pinned(study):
     assert protocol_hash(plain) == before != protocol_hash(protocol)
 
 
+def test_a_pinned_split_moves_neither_with_min_cell_nor_for_an_older_pin(study, tmp_path):
+    """The pin keeps how the split is drawn: a site whose IT later raises min_cell keeps
+    the study's split (else two splits of one study could be differenced), and a study
+    pinned before redraws existed keeps its first draw."""
+    state = tmp_path / "state"
+    first = _va(study, 3, state)
+    assert np.array_equal(_va(study, 6, state).test_mask, first.test_mask)
+    pins_file = next(state.rglob("pins.json"))
+    pins = json.loads(pins_file.read_text())
+    assert pins[first.study]["split"] == {"rule": 2, "min_cell": 3}
+    del pins[first.study]["split"]
+    pins_file.write_text(json.dumps(pins))
+    old = _va(study, 3, state)
+    y, protocol = old.table.y, old.protocol
+    plain = stratified_split(
+        y, protocol["test_fraction"], protocol["seed"], "va", old.state.secret()
+    )
+    assert np.array_equal(old.test_mask, plain)
+
+
 def test_a_refused_level_stops_the_screening_and_sends_nothing(study):
     """The screening's standardisation round meets VA's refusal (VA's split counts are
     not asked: at this minimum cell size they could be refused first)."""

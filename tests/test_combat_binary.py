@@ -102,6 +102,9 @@ def test_exclude_names_study_features_or_is_a_one_line_error(tmp_path):
     assert "\n" not in str(caught.value)
     with pytest.raises(StudyConfigError, match="list of non-empty strings"):
         _load(tmp_path, ["chol"], '"chol"')
+    # A pattern would pass the name check against a feature pattern and exclude nothing.
+    with pytest.raises(StudyConfigError, match=r"names, not patterns: \['original_glcm_\*'\]"):
+        _load(tmp_path, ["original_glcm_*"], ["original_glcm_*"])
 
 
 # -- exactness: neuroCombat on the pooled rows, binary columns found with pandas -----

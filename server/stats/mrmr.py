@@ -205,7 +205,7 @@ def _greedy(
         denominators.append(denom[best])
         remaining[best] = False
         order = np.argsort(-score, kind="stable")
-        ranked = order[remaining[order] & np.isfinite(score[order])]
+        ranked = order[remaining[order] & (score[order] > -np.inf)]
     return np.array(picks, dtype=int), np.array(scores), np.array(denominators)
 
 
@@ -330,7 +330,7 @@ def mrmr_federated(
         if j not in crosses:
             # j and the likeliest next picks: a pick whose column came early costs no round.
             ahead = [int(c) for c in ranked if int(c) != j and int(c) not in crosses]
-            columns = [int(j), *ahead[:prefetch]]
+            columns = [int(j), *ahead[: max(int(prefetch), 0)]]
             request = {"step": "mrmr_cross", "columns": columns, "center": mean}
             if "scale" in shift:
                 request["scale"] = shift["scale"]

@@ -49,6 +49,9 @@ def combat_features(
     """The features ComBat harmonises and those it keeps out ({feature: reason}), from
     the training sites' ``describe`` replies (no round of its own)."""
     solved = solve_kept_out(list(described.values()), features, exclude)
+    absent = [e for e in exclude if e not in features]
+    if absent:  # a misspelt name, or one the reproducibility filter dropped
+        log.warning("[harmonization] exclude: %s not among the study's features", absent)
     if solved["kept_out"]:
         log.info("ComBat keeps out %s", ", ".join(solved["kept_out"]))
     return solved["harmonised"], solved["kept_out"]
