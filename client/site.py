@@ -105,6 +105,8 @@ def stratified_split(
     words = np.frombuffer(hashlib.sha256(secret).digest(), dtype=np.uint32) if secret else []
     rng = np.random.default_rng([seed, zlib.crc32(site.encode()), *map(int, words)])
     first = None
+    # Each variable as level codes once, with the levels at least min_cell patients hold.
+    coded = [_codes(labels, min_cell) for labels in levels]
     for _ in range(SPLIT_DRAWS if len(levels) and min_cell > 1 else 1):
         test = np.zeros(len(y), dtype=bool)
         for cls in (0, 1):
@@ -112,7 +114,7 @@ def stratified_split(
             n_test = round(test_fraction * len(idx))
             test[rng.permutation(idx)[:n_test]] = True
         first = test if first is None else first
-        if not any(_rare(labels, rows, min_cell) for labels in levels for rows in (test, ~test)):
+        if not any(_rare(c, rows, min_cell) for c in coded for rows in (test, ~test)):
             return test
     return first
 
@@ -121,11 +123,17 @@ def stratified_split(
 SPLIT_DRAWS = 1000
 
 
-def _rare(labels: np.ndarray, rows: np.ndarray, min_cell: int) -> bool:
-    """Whether some label is held by 1 to ``min_cell - 1`` of the ``rows``, among the
-    labels that at least ``min_cell`` patients hold in all (no split helps the others)."""
-    values, totals = np.unique(labels, return_counts=True)
-    counts = np.array([np.sum(labels[rows] == v) for v in values[totals >= min_cell]])
+def _codes(labels: np.ndarray, min_cell: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's level code, and which levels at least ``min_cell`` patients hold in
+    all (no split helps the others)."""
+    _, codes, totals = np.unique(labels, return_inverse=True, return_counts=True)
+    return codes.ravel(), totals >= min_cell
+
+
+def _rare(coded: tuple[np.ndarray, np.ndarray], rows: np.ndarray, min_cell: int) -> bool:
+    """Whether a checked level is held by 1 to ``min_cell - 1`` of the ``rows``."""
+    codes, checked = coded
+    counts = np.bincount(codes[rows], minlength=len(checked))[checked]
     return bool(np.any((counts > 0) & (counts < min_cell)))
 
 
