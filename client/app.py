@@ -10,9 +10,11 @@ split assignments and audit log) and ``approved-studies`` (comma-separated proto
 hashes: when set, no other study is answered) (optional). The privacy limits are the
 site's own (docs/privacy.md).
 
-Flower 1.41 starts one ClientApp process per message, so this module imports only
-Flower's app API: the site's code (pandas, SciPy, the statistics) is imported when a
-message needs it, and a ``hello`` needs none of it (docs/performance.md).
+Under Flower's own ``flwr-clientapp`` (``--isolation subprocess``) each message gets a
+process of its own, so this module imports only Flower's app API: the site's code
+(pandas, SciPy, the statistics) is imported when a message needs it, and a ``hello``
+needs none of it. radfed's long-lived runner (:mod:`radfed.deploy.clientapp_runner`,
+``--isolation process``) imports it once per site (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -600,8 +600,26 @@ class Site:
                     f"{model}_n": pieces.n,
                 }
             )
+            if request.get(f"{model}_gap") is True:
+                reply[f"{model}_gap"] = self._calibration_gap(request, model, columns, X, mu)
         self._sent(f"{subset} n", counts["n"])
         return reply
+
+    def _calibration_gap(
+        self, request: Payload, model: str, columns: list[str], X: np.ndarray, curve: np.ndarray
+    ) -> float:
+        """``sum |c(lp) - expit(lp)|`` over the rows, ``c`` the curve being fitted and
+        ``lp`` its first column, another model's linear predictor: the numerator of the
+        pooled ICI. A sum over the split like the deviance sent beside it."""
+        if not columns[0].startswith(LP):
+            raise RadfedError(
+                f"request field {model + '_gap'!r}: a calibration gap needs a model's "
+                "linear predictor as the first column"
+            )
+        center = _vector(request[f"{model}_center"], len(columns), f"{model}_center")
+        scale = _vector(request[f"{model}_scale"], len(columns), f"{model}_scale")
+        lp = X[:, 1] * scale[0] + center[0]
+        return float(np.abs(curve - expit(lp)).sum())
 
     def evaluate(self, request: Payload) -> Payload:
         """Per subset and model: discrimination, calibration and decision-curve sums.
@@ -618,7 +636,9 @@ class Site:
         For rms ``val.prob``'s indices: each model's log-likelihood sum, its smooth
         calibration curve fitted here (4 coefficients, within the parameter limit) and
         the ICI of that curve (a mean over the split); no quantile or maximum of the
-        patients' errors leaves the site.
+        patients' errors leaves the site. With ``ranges_model`` and ``ranges``, the
+        training split's merged counts on the site's value grid for the nomogram's axes
+        (:meth:`_value_counts`).
         """
         models = _names(request["models"], "models")
         subsets = [_subset(s) for s in _names(request.get("subsets", list(SPLITS)), "subsets")]
@@ -645,6 +665,8 @@ class Site:
             reply.update({f"{subset}_n": counts["n"], f"{subset}_events": counts["events"]})
             self._sent(f"{subset} n", counts["n"])
             self._sent(f"{subset} events", counts["events"])
+            if subset == TRAIN and request.get("ranges") and counts["n"]:
+                reply.update(self._value_counts(request, models, subset))
             if status != "ok":
                 continue
             x, y = self._data(request, [f"{LP}{name}" for name in models], subset)
@@ -698,6 +720,42 @@ class Site:
             )
             self._sent(f"{subset} smallest count at a threshold or bin", _smallest(tp, fp, bin_n))
         return reply
+
+    def _value_counts(self, request: Payload, models: list[str], subset: str) -> Payload:
+        """For the nomogram's axis ranges: the patients of ``subset`` (the training
+        split) at or below each point of the site's value grid, for each column of
+        ``ranges``, merged until every cell, and both tails, hold 0 or at least
+        ``min_cell`` (:func:`~radfed.shared.evaluation_stats.value_counts_at_grid`).
+
+        Only numeric predictors of the request's model ``ranges_model`` are answered
+        (its raw columns and the Radscore, which :meth:`view` computes and guards like
+        any linear predictor), never a derived or dummy column; the grid is the site's
+        :data:`~radfed.shared.evaluation_stats.VALUE_GRID`, and a request field that
+        would set thresholds is ignored.
+        """
+        model = request.get("ranges_model")
+        if not isinstance(model, str) or model not in models:
+            raise RadfedError("request field 'ranges_model' must name one of the models")
+        allowed = _names(request[f"{model}_columns"], f"{model}_columns")
+        columns = _names(request["ranges"], "ranges")
+        bad = [
+            c
+            for c in columns
+            if c not in allowed or c.startswith((LP, CALIBRATION)) or self._dummy_of(c)
+        ]
+        if bad:
+            raise RadfedError(
+                f"ranges: {bad[:5]} are not numeric predictors of model {model!r}"[:300]
+            )
+        x = self._columns(self.view(request, subset), columns)
+        if not np.isfinite(x).all():
+            raise RadfedError("ranges: a requested column holds non-finite values")
+        at_or_below, exact = es.value_counts_at_grid(x, self.policy.min_cell)
+        self._sent(f"{subset} smallest count at a value-grid point", _smallest(at_or_below))
+        return {
+            f"{subset}_range_le": at_or_below,
+            f"{subset}_range_exact": exact.astype(float),
+        }
 
     def _rare_level(self, columns: list[str], subset: str) -> str:
         """Why models on ``columns`` may not be evaluated on ``subset`` ('' when they
@@ -799,6 +857,21 @@ class Site:
                 sets[f"train without fold {k}"] = ~self.test_mask & ~in_fold
             self._check_sets(sets)
         x, y = self._data(request, request["select_columns"], TRAIN)
+        if "without_fold" in request:
+            # mRMR inside the LASSO's CV: the site names the rows (its own fold, drawn
+            # with its secret); the coordinator can only name a fold it has.
+            if request.get("step") not in ("mrmr_moments", "mrmr_cross"):
+                raise RadfedError("only mRMR's statistics are answered without a fold")
+            fold = request["without_fold"]
+            if isinstance(fold, (bool, np.bool_)) or not isinstance(fold, (int, np.integer)):
+                raise RadfedError("request field 'without_fold' must be a fold number")
+            if not 0 <= int(fold) < self.n_folds:
+                raise RadfedError(f"the site has no fold {int(fold)} (0..{self.n_folds - 1})")
+            keep = self.folds != int(fold)
+            in_fold = np.zeros(len(self.ids), dtype=bool)
+            in_fold[np.flatnonzero(~self.test_mask)[~keep]] = True
+            self._check_sets({f"train without fold {int(fold)}": ~self.test_mask & ~in_fold})
+            x, y = x[keep], y[keep]
         return answer(request, x, y, self.folds, self.n_folds, self.policy)
 
     def reproducibility(self, request: Payload) -> Payload:
@@ -899,7 +972,7 @@ def request_sizes(request: Payload) -> set[int]:
     """Every size the request fixes (its lists and array dimensions, plus one for an
     intercept) and the sizes of the site's own grids: a reply array may have these
     dimensions and no other."""
-    sizes = {1, len(es.THRESHOLDS), len(es.BIN_EDGES) - 1}
+    sizes = {1, len(es.THRESHOLDS), len(es.BIN_EDGES) - 1, len(es.VALUE_GRID)}
     for value in request.values():
         if isinstance(value, np.ndarray):
             sizes.update(value.shape)

@@ -28,11 +28,20 @@ What Flower 1.41 does (checked against the installed sources):
   Runtime API on ``--host``/``--port`` (default 127.0.0.1:9094, so every local
   SuperNode needs its own port) and, with the default ``--isolation subprocess``,
   starts a ``flower-superexec`` that launches one ``flwr-clientapp`` process per
-  message.
+  message. With ``--isolation process`` it starts nothing: an external process serves
+  its Runtime API. A local federation uses that by default (``clientapp="runner"``,
+  below).
 * ``flwr run APP CONNECTION`` names a SuperLink *connection* of the Flower
   configuration file ``$FLWR_HOME/config.toml`` (``[superlink.NAME]`` with ``address``
   and ``insecure`` or ``root-certificates``); run config overrides are given with
   ``--run-config`` (here a TOML file, so any path quotes correctly).
+
+ClientApps: ``clientapp="runner"`` (the default of :class:`LocalFederation` and
+:func:`run_in_local_deployment`; else the environment variable ``RADFED_CLIENTAPP``)
+starts each SuperNode with ``--isolation process`` beside one long-lived
+:mod:`radfed.deploy.clientapp_runner` process that answers every message of that site
+in-process, instead of a fresh ``flwr-clientapp`` process per message
+(``clientapp="flower"``, Flower's own path; docs/performance.md).
 
 TLS: pass :class:`TLSFiles` to :class:`LocalFederation`. SuperNode authentication and
 other flags can be added with ``superlink_args``/``supernode_args`` (or per site with
@@ -73,6 +82,11 @@ RESULTS = "results.json"
 SERVERAPP_LOG = "serverapp.log"
 SUPERLINK_LOG = "superlink.log"
 CLI_LOG = "flwr-cli.log"
+#: How SuperNodes run their ClientApps: radfed's long-lived runner, or Flower's own
+#: ``flwr-clientapp`` process per message.
+CLIENTAPP_MODES = ("runner", "flower")
+#: Environment variable choosing the default ClientApp mode of local federations.
+CLIENTAPP_ENV = "RADFED_CLIENTAPP"
 TAIL_LINES = 25
 #: Finished statuses reported by ``flwr ls`` (``finished:completed`` is success).
 COMPLETED = "finished:completed"
@@ -83,6 +97,16 @@ def app_dir() -> Path:
     import radfed.deploy
 
     return Path(radfed.deploy.__file__).resolve().parent / "flower_app"
+
+
+def clientapp_mode(value: str | None = None) -> str:
+    """``value`` (else ``$RADFED_CLIENTAPP``, else ``"runner"``), checked."""
+    mode = (value if value is not None else os.environ.get(CLIENTAPP_ENV, "")).strip()
+    mode = mode or "runner"
+    if mode not in CLIENTAPP_MODES:
+        source = "clientapp" if value is not None else CLIENTAPP_ENV
+        raise FederationError(f"{source} must be one of {', '.join(CLIENTAPP_MODES)}, not {mode!r}")
+    return mode
 
 
 # --------------------------------------------------------------------------- sites
@@ -230,12 +254,17 @@ def supernode_command(
     port: int,
     tls: TLSFiles | None = None,
     extra_args: Sequence[str] = (),
+    clientapp: str = "flower",
 ) -> list[str]:
     """``flower-supernode`` for ``site``, connecting to the SuperLink at ``superlink``.
 
     ``host:port`` is the SuperNode's own Runtime API (used by its ``flwr-clientapp``
-    processes); every SuperNode on one machine needs its own port.
+    processes, or by the runner); every SuperNode on one machine needs its own port.
+    ``clientapp="flower"``: ``--isolation subprocess`` (a ``flwr-clientapp`` process per
+    message); ``"runner"``: ``--isolation process``, to be served by
+    :func:`runner_command`.
     """
+    isolation = {"flower": "subprocess", "runner": "process"}[clientapp_mode(clientapp)]
     cmd = [
         executable("flower-supernode"),
         "--superlink",
@@ -245,12 +274,25 @@ def supernode_command(
         "--port",
         str(port),
     ]
-    cmd += ["--isolation", "subprocess", "--node-config", format_node_config(site.node_config())]
+    cmd += ["--isolation", isolation, "--node-config", format_node_config(site.node_config())]
     if tls is None:
         cmd += ["--insecure"]
     else:
         cmd += ["--root-certificates", str(tls.ca_cert)]
     return cmd + list(extra_args) + list(site.extra_args)
+
+
+def runner_command(runtime_api: str, parent_pid: int | None = None) -> list[str]:
+    """The radfed ClientApp runner serving a SuperNode's Runtime API at ``runtime_api``.
+
+    The Runtime API of a local SuperNode is plain HTTP on 127.0.0.1; with ``parent_pid``
+    (the SuperNode) the runner exits when the SuperNode is gone.
+    """
+    cmd = [sys.executable, "-m", "radfed.deploy.clientapp_runner"]
+    cmd += ["--runtime-api-address", runtime_api, "--insecure"]
+    if parent_pid is not None:
+        cmd += ["--parent-pid", str(parent_pid)]
+    return cmd
 
 
 def free_port(host: str = HOST) -> int:
@@ -283,8 +325,9 @@ def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[s
             "PYTHONUNBUFFERED": "1",
         }
     )
-    # Every message starts a ClientApp process: keep numerical libraries single-threaded,
-    # and let SuperExec look for new tasks more often than once a second.
+    # Many small Python processes share the machine: keep numerical libraries
+    # single-threaded, and (clientapp="flower") let SuperExec look for new tasks more
+    # often than once a second.
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(name, "1")
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.25")
@@ -743,6 +786,11 @@ class LocalFederation:
         Extra flags for ``flower-superlink`` / every ``flower-supernode``.
     startup_timeout : float
         Seconds each process may take to open its port.
+    clientapp : {"runner", "flower"}, optional
+        ``"runner"``: each SuperNode (``--isolation process``) gets one long-lived
+        :mod:`radfed.deploy.clientapp_runner` process (``clientapp-<site>.log``);
+        ``"flower"``: Flower's ``flwr-clientapp`` process per message. Default:
+        ``$RADFED_CLIENTAPP``, else ``"runner"``.
     """
 
     def __init__(
@@ -756,6 +804,7 @@ class LocalFederation:
         superlink_args: Sequence[str] = (),
         supernode_args: Sequence[str] = (),
         startup_timeout: float = 60.0,
+        clientapp: str | None = None,
     ) -> None:
         names = [s.name for s in sites]
         if len(set(names)) != len(names):
@@ -769,9 +818,12 @@ class LocalFederation:
         self.superlink_args = list(superlink_args)
         self.supernode_args = list(supernode_args)
         self.startup_timeout = startup_timeout
+        self.clientapp = clientapp_mode(clientapp)
         self.port: int | None = None
         self.superlink: ManagedProcess | None = None
         self.supernodes: dict[str, ManagedProcess] = {}
+        #: The ClientApp runner of each SuperNode (``clientapp="runner"``).
+        self.runners: dict[str, ManagedProcess] = {}
         #: ``{pid: start time}`` of the processes stopped so far, with their descendants.
         self.started_pids: dict[int, int] = {}
 
@@ -795,7 +847,11 @@ class LocalFederation:
 
     @property
     def processes(self) -> list[ManagedProcess]:
-        return [*self.supernodes.values(), *([self.superlink] if self.superlink else [])]
+        return [
+            *self.runners.values(),
+            *self.supernodes.values(),
+            *([self.superlink] if self.superlink else []),
+        ]
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -819,14 +875,30 @@ class LocalFederation:
                 env,
             )
             for site in self.sites:
-                self.supernodes[site.name], _ = self._start_listening(
+                self.supernodes[site.name], runtime_port = self._start_listening(
                     f"SuperNode {site.name}",
                     lambda port, s=site: supernode_command(
-                        s, self.address, self.host, port, self.tls, self.supernode_args
+                        s,
+                        self.address,
+                        self.host,
+                        port,
+                        self.tls,
+                        self.supernode_args,
+                        clientapp=self.clientapp,
                     ),
                     self.supernode_log(site.name),
                     env,
                 )
+                if self.clientapp == "runner":
+                    self.runners[site.name] = ManagedProcess.start(
+                        f"ClientApp runner {site.name}",
+                        runner_command(
+                            f"{self.host}:{runtime_port}", self.supernodes[site.name].pid
+                        ),
+                        self.runner_log(site.name),
+                        env,
+                        self.work_dir,
+                    )
             self.connection.write_config()
         except BaseException:
             self.stop()
@@ -880,14 +952,20 @@ class LocalFederation:
             self.started_pids.update(proc.descendants)
         self.superlink = None
         self.supernodes = {}
+        self.runners = {}
 
     # ----------------------------------------------------------------- inspection
 
     def supernode_log(self, site: str) -> Path:
         return self.log_dir / f"supernode-{site}.log"
 
+    def runner_log(self, site: str) -> Path:
+        """The log of a site's ClientApp runner (its ClientApps' output too)."""
+        return self.log_dir / f"clientapp-{site}.log"
+
     def check_alive(self) -> None:
-        """Raise :class:`FederationError` if the SuperLink or a SuperNode has exited."""
+        """Raise :class:`FederationError` if the SuperLink, a SuperNode or a ClientApp
+        runner has exited."""
         self._check_running(self.processes)
 
     def check_superlink(self) -> None:
@@ -909,6 +987,7 @@ class LocalFederation:
         paths = [p.log_path for p in chosen] or [
             self.log_dir / SUPERLINK_LOG,
             *(self.supernode_log(s.name) for s in self.sites),
+            *(self.runner_log(s.name) for s in self.sites if self.clientapp == "runner"),
         ]
         return "\n".join(f"--- {path} ---\n{tail(path, lines)}" for path in paths)
 
@@ -948,6 +1027,7 @@ def run_in_local_deployment(
     sites: Sequence[SiteNode] | None = None,
     work_dir: Path | None = None,
     pooled: bool = False,
+    clientapp: str | None = None,
 ) -> Path:
     """Run ``config`` in a local Flower Deployment Engine; return the path of results.json.
 
@@ -975,6 +1055,9 @@ def run_in_local_deployment(
     pooled : bool
         The ServerApp also fits the pooled reference and records the equivalence table
         with the run (results.json, report, MLflow), as ``radfed run --pooled`` does.
+    clientapp : {"runner", "flower"}, optional
+        How the SuperNodes run their ClientApps (:class:`LocalFederation`); default
+        ``$RADFED_CLIENTAPP``, else ``"runner"``.
 
     Raises
     ------
@@ -992,11 +1075,14 @@ def run_in_local_deployment(
     log_dir.mkdir(parents=True, exist_ok=True)
     results = out_dir / RESULTS
     nodes = site_nodes(config) if sites is None else list(sites)
+    clientapp = clientapp_mode(clientapp)  # a bad value fails before anything starts
     started = time.time()
     with contextlib.ExitStack() as stack:
         if work_dir is None:
             work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="radfed-flwr-")))
-        federation = stack.enter_context(LocalFederation(nodes, work_dir, log_dir=log_dir))
+        federation = stack.enter_context(
+            LocalFederation(nodes, work_dir, log_dir=log_dir, clientapp=clientapp)
+        )
         submit_run(
             federation.connection,
             run_config,

@@ -39,6 +39,9 @@ class LogisticFit:
         (the inverse of the summed Hessian: Wald standard errors).
     center, scale : ndarray
         Pooled mean and SD (1/n) used to standardise.
+    gap : float or None
+        For a smooth calibration curve ``c`` of a model's ``lp``: the sites' summed
+        ``|c(lp) - expit(lp)|`` at the last iterate (the exact pooled ICI's numerator).
     """
 
     columns: list[str]
@@ -52,6 +55,7 @@ class LogisticFit:
     converged: bool
     outcome: str = "outcome"
     n_sites: int = 0
+    gap: float | None = None
 
     @property
     def names(self) -> list[str]:

@@ -99,6 +99,7 @@ KNOWN = {
         "rule",
         "icc_threshold",
         "icc_type",
+        "mrmr_in_folds",
     },
     "models": {"univariable_p"},
     "split": {"test_fraction"},
@@ -162,6 +163,9 @@ class SelectionConfig:
     # whose ICC is below the threshold are dropped before ComBat and mRMR.
     icc_threshold: float = 0.75
     icc_type: str = "ICC2"  # ICC(2,1) absolute agreement; or "ICC3" (consistency)
+    # Re-run mRMR inside each LASSO CV fold, on that fold's training rows (the CV then
+    # does not see a selection made with its held-out rows); false: once, as seed 000.
+    mrmr_in_folds: bool = False
 
 
 @dataclass(frozen=True)
@@ -807,6 +811,10 @@ def _selection(table: dict[str, Any]) -> SelectionConfig:
     if not isinstance(cfg.icc_type, str) or cfg.icc_type not in {"ICC2", "ICC3"}:
         raise StudyConfigError(
             f"[selection]: icc_type must be 'ICC2' or 'ICC3', got {cfg.icc_type!r}"
+        )
+    if not isinstance(cfg.mrmr_in_folds, bool):
+        raise StudyConfigError(
+            f"[selection]: mrmr_in_folds must be true or false, got {cfg.mrmr_in_folds!r}"
         )
     return cfg
 

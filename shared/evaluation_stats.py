@@ -676,6 +676,17 @@ THRESHOLDS = np.round(np.arange(1, 100) / 100, 2)
 BIN_EDGES = np.round(np.linspace(0.0, 1.0, 11), 2)
 #: The site's Hosmer-Lemeshow groups (deciles of risk).
 HL_GROUPS = 10
+#: The site's grid of predictor values for the nomogram's axis ranges
+#: (:func:`value_counts_at_grid`): 0 and ±m·10^e, m below (steps of at most 12.5%), e
+#: from -3 to 6 (|v| from 0.001 to 9.5e6). Fixed here, never taken from a request:
+#: thresholds a request chose could be placed around one patient's value.
+VALUE_MANTISSAS = (
+    *np.round(np.arange(1.0, 2.0, 0.1), 1),
+    *np.round(np.arange(2.0, 4.0, 0.2), 1),
+    *np.arange(4.0, 10.0, 0.5),
+)
+_POSITIVE = np.array([round(m * 10.0**e, 6) for e in range(-3, 7) for m in VALUE_MANTISSAS])
+VALUE_GRID = np.concatenate([-_POSITIVE[::-1], [0.0], _POSITIVE])
 
 
 def merge_cells(events: np.ndarray, nonevents: np.ndarray, min_cell: int) -> np.ndarray:
@@ -772,3 +783,40 @@ def coarsen_bins(
         for arr, res in zip((n, observed, expected), out, strict=True):
             res[j, starts] = np.add.reduceat(arr[j], starts)
     return out[0], out[1], out[2]
+
+
+def value_counts_at_grid(
+    x: np.ndarray, min_cell: int, grid: np.ndarray = VALUE_GRID
+) -> tuple[np.ndarray, np.ndarray]:
+    """Patients with a value at or below each point of the site's value grid, merged.
+
+    The cells of the grid (at or below the first point, between each pair, above the
+    last) are merged as :func:`coarsen_threshold_counts` merges threshold cells, until
+    each holds 0 or at least ``min_cell`` patients. At a point inside a merged cell the
+    count of the cell's lower boundary is reported, so every count sent, every
+    difference of two counts sent and both tails (below the first exact point, above
+    the last) are 0 or at least ``min_cell``.
+
+    Parameters
+    ----------
+    x : ndarray, shape (n, c)
+        The values of ``c`` columns (finite).
+    min_cell : int
+    grid : ndarray, shape (G,)
+        Ascending; :data:`VALUE_GRID`, the site's own.
+
+    Returns
+    -------
+    at_or_below : ndarray of int, shape (c, G)
+        Reported counts.
+    exact : ndarray of bool, shape (c, G)
+        Where each reported count is the exact count at that point.
+    """
+    x = np.asarray(x, dtype=float).reshape(len(x), -1)
+    if not np.isfinite(x).all():
+        raise ValueError("values must be finite")
+    n = x.shape[0]
+    below = np.stack([np.searchsorted(np.sort(col), grid, side="right") for col in x.T])
+    # Counts above each point are "at or above a threshold" counts: the same merging.
+    above, _, exact, _ = coarsen_threshold_counts(n - below, np.zeros_like(below), n, 0, min_cell)
+    return n - above, exact

@@ -8,6 +8,7 @@ so the in-process transport exercises the same encoding as Flower does.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,13 @@ PROGRESS = "progress: "
 
 ARRAYS = "arrays"
 CONFIG = "config"
+#: The ArrayRecord key of the one byte buffer holding every array of a payload.
+PACKED = "packed"
+#: The config key of the packed arrays' names, dtypes and shapes (JSON).
+INDEX = "arrays:index"
+#: The dtypes a payload array may have (little-endian; never objects).
+DTYPES = frozenset({"<f8", "<f4", "<i8", "<i4", "|i1", "|u1", "|b1"})
+MAX_NDIM = 4
 # Dicts (for example the study protocol) travel as JSON strings under this prefix.
 JSON_PREFIX = "json:"
 #: The task of a message carrying several requests (independent fits sharing a round).
@@ -48,17 +56,29 @@ def to_record(payload: Mapping[str, Any]) -> RecordDict:
     Returns
     -------
     RecordDict
-        With an ``"arrays"`` ArrayRecord and a ``"config"`` ConfigRecord.
+        With an ``"arrays"`` ArrayRecord holding one byte buffer, every array of the
+        payload one after another (:data:`PACKED`), and a ``"config"`` ConfigRecord
+        holding the rest and the arrays' names, dtypes and shapes (:data:`INDEX`).
+        Flower moves each ``Array`` as an object of its own through the SuperLink's
+        store (an HTTP request and a database row each way): a payload of 50-300
+        arrays as one buffer costs one.
     """
     from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-    arrays: dict[str, Array] = {}
+    if INDEX in payload:
+        raise TypeError(f"{INDEX!r} is the encoding's own key, not a payload name")
+    index: list[list[Any]] = []
+    chunks: list[bytes] = []
     config: dict[str, Any] = {}
     for key, value in payload.items():
         if isinstance(value, np.ndarray) and value.ndim == 0:
             config[key] = value.item()  # a 0-d array is a number
         elif isinstance(value, np.ndarray):
-            arrays[key] = Array(np.ascontiguousarray(value))
+            array = np.ascontiguousarray(value)
+            if array.dtype.str not in DTYPES:
+                raise TypeError(f"payload array {key!r} of dtype {array.dtype} cannot be sent")
+            index.append([key, array.dtype.str, list(array.shape)])
+            chunks.append(array.tobytes())
         elif isinstance(value, dict):
             config[JSON_PREFIX + key] = json.dumps(value, sort_keys=True)
         elif isinstance(value, np.generic):
@@ -69,6 +89,10 @@ def to_record(payload: Mapping[str, Any]) -> RecordDict:
             config[key] = value
         else:
             raise TypeError(f"payload value {key!r} of type {type(value).__name__} cannot be sent")
+    arrays = {}
+    if index:
+        config[INDEX] = json.dumps(index)
+        arrays[PACKED] = Array(np.frombuffer(b"".join(chunks), dtype=np.uint8))
     return RecordDict({ARRAYS: ArrayRecord(array_dict=arrays), CONFIG: ConfigRecord(config)})
 
 
@@ -84,18 +108,70 @@ def _homogeneous(key: str, values: list | tuple) -> list:
 
 
 def from_record(record: RecordDict) -> Payload:
-    """Decode a ``RecordDict`` made by :func:`to_record` back into a payload."""
+    """Decode a ``RecordDict`` made by :func:`to_record` back into a payload (also one
+    with an ``Array`` per key, as radfed sent before packing). A record comes from
+    the other side: its index is checked like any hostile input.
+
+    Raises
+    ------
+    ValueError
+        An index that does not describe the buffer exactly (names, dtypes, shapes).
+    """
     payload: Payload = {}
+    config = dict(record[CONFIG].items()) if CONFIG in record else {}
+    index = config.pop(INDEX, None)
     if ARRAYS in record:
-        for key, array in record[ARRAYS].items():
+        arrays = dict(record[ARRAYS].items())
+        if index is not None:
+            buffer = arrays.pop(PACKED, None)
+            payload.update(_unpacked(index, None if buffer is None else buffer.numpy()))
+        for key, array in arrays.items():
             payload[key] = array.numpy()
-    if CONFIG in record:
-        for key, value in record[CONFIG].items():
-            if key.startswith(JSON_PREFIX):
-                payload[key.removeprefix(JSON_PREFIX)] = json.loads(value)
-            else:
-                payload[key] = list(value) if isinstance(value, list) else value
+    elif index is not None:
+        raise ValueError("a record's array index has no buffer")
+    for key, value in config.items():
+        if key.startswith(JSON_PREFIX):
+            payload[key.removeprefix(JSON_PREFIX)] = json.loads(value)
+        else:
+            payload[key] = list(value) if isinstance(value, list) else value
     return payload
+
+
+def _unpacked(index: Any, buffer: np.ndarray | None) -> Payload:
+    """The arrays ``index`` ([name, dtype, shape] each, in order) lays out in ``buffer``."""
+    try:
+        entries = json.loads(index)
+    except (TypeError, ValueError) as exc:
+        raise ValueError("a record's array index is not JSON") from exc
+    if buffer is None or buffer.dtype != np.uint8 or buffer.ndim != 1:
+        raise ValueError("a record's array buffer is missing or not bytes")
+    if not isinstance(entries, list):
+        raise ValueError("a record's array index is not a list")
+    out: Payload = {}
+    offset = 0
+    for entry in entries:
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and isinstance(entry[0], str)
+            and entry[1] in DTYPES
+            and isinstance(entry[2], list)
+            and len(entry[2]) <= MAX_NDIM
+            and all(type(d) is int and 0 <= d for d in entry[2])
+        ):
+            raise ValueError("a record's array index has a malformed entry")
+        key, dtype, shape = entry[0], np.dtype(entry[1]), tuple(entry[2])
+        if key in out:
+            raise ValueError(f"a record's array index names {key[:50]!r} twice")
+        count = math.prod(shape)
+        size = count * dtype.itemsize
+        if offset + size > buffer.size:
+            raise ValueError("a record's array index overruns its buffer")
+        out[key] = buffer[offset : offset + size].view(dtype).reshape(shape).copy()
+        offset += size
+    if offset != buffer.size:
+        raise ValueError("a record's array buffer holds bytes its index does not name")
+    return out
 
 
 def pack(items: list[Payload]) -> Payload:

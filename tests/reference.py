@@ -9,9 +9,13 @@ the site's secret, so nobody else can recompute it).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import statsmodels.api as sm
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
 
 from radfed.client.site_state import default_state_dir, read_assignment
 from radfed.shared.config import StudyConfig
@@ -66,15 +70,22 @@ def pooled_rows(
     config: StudyConfig, tables: dict[str, pd.DataFrame], subset: str = "train"
 ) -> pd.DataFrame:
     """Rows of every site, stacked: complete cases, each site's own split."""
-    columns = list(dict.fromkeys([config.outcome, *config.clinical, *config.features]))
-    columns += [c for c in config.harmonization.covariates if c not in columns]
     parts = []
     for name, table in tables.items():
-        complete = table[columns].apply(pd.to_numeric, errors="coerce").dropna()
-        complete = complete[complete[config.outcome].isin([0, 1])]
-        test = site_test_mask(config, name, table.loc[complete.index])
+        complete, test = complete_rows(config, name, table)
         parts.append(complete[test if subset == "test" else ~test].assign(site=name))
     return pd.concat(parts, ignore_index=True)
+
+
+def complete_rows(
+    config: StudyConfig, name: str, table: pd.DataFrame
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """A site's complete cases (the study's columns, a 0/1 outcome) and its test mask."""
+    columns = list(dict.fromkeys([config.outcome, *config.clinical, *config.features]))
+    columns += [c for c in config.harmonization.covariates if c not in columns]
+    complete = table[columns].apply(pd.to_numeric, errors="coerce").dropna()
+    complete = complete[complete[config.outcome].isin([0, 1])]
+    return complete, site_test_mask(config, name, table.loc[complete.index])
 
 
 def pooled_training_rows(config: StudyConfig, tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -212,3 +223,32 @@ def hoslem_oracle(y: np.ndarray, p: np.ndarray, g: int = 10) -> tuple[float, int
     chisq = ((tab["y1"] - tab["e1"]) ** 2 / tab["e1"]).sum()
     chisq += ((tab["y0"] - tab["e0"]) ** 2 / tab["e0"]).sum()
     return float(chisq), len(tab) - 2
+
+
+# -- glmnet's L1 logistic fit and CV deviance, with scikit-learn ---------------------
+
+
+def sklearn_l1(Z: np.ndarray, y: np.ndarray, lam: float) -> np.ndarray:
+    """glmnet's solution at λ via sklearn: C = 1/(N λ), intercept unpenalised (saga)."""
+    model = LogisticRegression(
+        C=1.0 / (len(y) * lam),
+        l1_ratio=1.0,
+        solver="saga",
+        tol=1e-10,
+        max_iter=200_000,
+        random_state=0,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        model.fit(Z, y)
+    if not model.coef_.any():
+        # saga's intercept converges slowly when every coefficient is 0 (it stops up to
+        # ~1e-3 short); the intercept-only optimum is closed-form.
+        return np.concatenate([[np.log(y.mean() / (1 - y.mean()))], model.coef_[0]])
+    return np.concatenate([model.intercept_, model.coef_[0]])
+
+
+def glmnet_deviance(eta: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """cv.lognet's per-row deviance: probabilities clamped to [1e-5, 1 - 1e-5]."""
+    p = np.clip(1.0 / (1.0 + np.exp(-eta)), 1e-5, 1 - 1e-5)
+    return -2.0 * (y * np.log(p) + (1 - y) * np.log(1 - p))

@@ -293,3 +293,32 @@ def test_two_studies_differing_by_one_patient_cannot_reveal_its_value(tmp_path):
     assert reply.get("error_kind") == "privacy"
     assert "differencing" in reply["error"]
     assert "binary_features" not in reply
+
+
+def test_pooled_check_with_a_site_of_an_older_radfed_fails_a_row_not_the_run(
+    heart_pipeline_study, monkeypatch
+):
+    """A site without ``binary_features`` in its reply (an older radfed) makes the
+    federation harmonise exang, which the pooled reference keeps out: the equivalence
+    table says so in its own row, and the ComBat rows cannot match, instead of crashing."""
+    from radfed.server.federation.inprocess import InProcessTransport
+    from radfed.server.study.driver import FederatedStudy
+    from radfed.server.study.pooled import equivalence
+
+    original = Site.describe
+
+    def older(self, request):
+        reply = dict(original(self, request))
+        if self.settings.name == "va":
+            reply.pop("binary_features")
+        return reply
+
+    monkeypatch.setattr(Site, "describe", older)
+    transport = InProcessTransport.from_study(heart_pipeline_study)
+    result = FederatedStudy(heart_pipeline_study, transport).run()
+    assert result.details["harmonization"]["kept_out"] == {}  # exang harmonised
+
+    rows = {r.estimate: r for r in equivalence(heart_pipeline_study, result)}
+    assert not rows["ComBat harmonised features (0 = same features)"].ok
+    assert all(not rows[f"ComBat {k}"].ok for k in ("gamma_star", "delta_star", "var_pooled"))
+    assert any(name.endswith("model coefficients") for name in rows)  # the check went on

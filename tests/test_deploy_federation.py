@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -107,17 +108,23 @@ def gateway_config(root: Path, upstream: str, port: int, ping_port: int) -> Path
     """``deploy/gateway/nginx.conf`` with this machine's paths and ports."""
     text = (app_dir().parent / "gateway" / "nginx.conf").read_text()
     tmp = root / "gateway"
+    tmp.mkdir(parents=True, exist_ok=True)
+    # nginx's workers (another user when the test runs as root) write request bodies
+    # over its buffer to client_body/: under pytest's 0700 folders they could not, and
+    # every push of more than 16 kB failed with a 500. /tmp lets them through.
+    spool = Path(tempfile.mkdtemp(prefix="radfed-gateway-"))
+    spool.chmod(0o755)
     for sub in ("client_body", "proxy"):
-        (tmp / sub).mkdir(parents=True, exist_ok=True)
-        (tmp / sub).chmod(0o777)  # nginx's workers may run as another user
+        (spool / sub).mkdir()
+        (spool / sub).chmod(0o777)
     for old, new in {
         "server coordinator:9093;": f"server {upstream};",
         "/etc/radfed/": f"{root / 'pki'}/",
         "listen 8443 ssl;": f"listen 127.0.0.1:{port} ssl;",
         "listen 127.0.0.1:8080;": f"listen 127.0.0.1:{ping_port};",
         "/tmp/nginx.pid": f"{tmp}/nginx.pid",
-        "/tmp/client_body": f"{tmp}/client_body",
-        "/tmp/proxy": f"{tmp}/proxy",
+        "/tmp/client_body": f"{spool}/client_body",
+        "/tmp/proxy": f"{spool}/proxy",
     }.items():
         assert old in text, old
         text = text.replace(old, new)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from radfed.deploy.clientapp_runner import TASK_LINE
 from radfed.deploy.local_federation import (
     LOG_DIR,
     SiteNode,
@@ -109,7 +110,9 @@ def test_supernode_command_binds_locally(heart_study):
 @pytest.mark.timeout(3600)  # ~60 rounds at Flower 1.41's several seconds a round
 def test_deployment_engine_equals_in_process_and_statsmodels(heart_pipeline_study, tmp_path):
     """The whole pipeline over SuperLink + SuperNodes gives the in-process numbers, and
-    its clinical model is statsmodels' on the pooled rows."""
+    its clinical model is statsmodels' on the pooled rows (ClientApps: radfed's runner,
+    the default; Flower's own flwr-clientapp path: the next test and
+    tests/test_deploy_federation.py)."""
     heart_study = heart_pipeline_study
     out, work = tmp_path / "out", tmp_path / "flwr"
     path = run_in_local_deployment(heart_study, out, track=False, timeout=3000, work_dir=work)
@@ -129,12 +132,14 @@ def test_deployment_engine_equals_in_process_and_statsmodels(heart_pipeline_stud
     logs = out / LOG_DIR
     expected = {"superlink.log", "serverapp.log", "flwr-cli.log"}
     expected |= {f"supernode-{s}.log" for s in heart_study.site_names}
+    expected |= {f"clientapp-{s}.log" for s in heart_study.site_names}
     assert expected <= {p.name for p in logs.iterdir()}
-    assert "flwr-clientapp" in (logs / "supernode-va.log").read_text()
+    assert TASK_LINE in (logs / "clientapp-va.log").read_text()
 
 
 @pytest.mark.slow
-def test_site_without_supernode_fails_within_connect_timeout(heart_study, tmp_path):
+@pytest.mark.parametrize("clientapp", ["runner", "flower"])
+def test_site_without_supernode_fails_within_connect_timeout(heart_study, tmp_path, clientapp):
     out, work = tmp_path / "out", tmp_path / "flwr"
     present = [n for n in site_nodes(heart_study) if n.name != "va"]
     started = time.monotonic()
@@ -147,6 +152,7 @@ def test_site_without_supernode_fails_within_connect_timeout(heart_study, tmp_pa
             connect_timeout=20,
             sites=present,
             work_dir=work,
+            clientapp=clientapp,
         )
     elapsed = time.monotonic() - started
     assert processes_using(work.resolve() / "flwr-home") == []
@@ -163,3 +169,9 @@ def test_site_without_supernode_fails_within_connect_timeout(heart_study, tmp_pa
     assert "supernode-cleveland.log ---" in message
     assert not (out / "results.json").exists()
     assert elapsed < 150, f"took {elapsed:.0f} s"
+    # The present sites said hello through the chosen ClientApp path.
+    logs = out / LOG_DIR
+    if clientapp == "flower":
+        assert "Start `flwr-clientapp` process" in (logs / "supernode-cleveland.log").read_text()
+    else:
+        assert TASK_LINE in (logs / "clientapp-cleveland.log").read_text()

@@ -200,7 +200,9 @@ def test_cutoff_is_youden_on_pooled_training_data(heart_study, evaluated, refere
 
 def test_evaluation_replies_are_aggregates(heart_study):
     """Every array an evaluate reply holds is sized by the request: models x thresholds
-    (99) or risk bins (10), never by the number of patients."""
+    (99) or risk bins (10), or the drawn model's numeric columns x the sites' value grid
+    (the nomogram's axis ranges), never by the number of patients."""
+    from radfed.shared.evaluation_stats import VALUE_GRID
     from radfed.shared.messages import from_record
 
     transport = InProcessTransport.from_study(heart_study)
@@ -217,7 +219,8 @@ def test_evaluation_replies_are_aggregates(heart_study):
     result = FederatedStudy(heart_study, transport).run()
     k = len(result.models)
     shapes = {v.shape for r in replies for v in r.values() if isinstance(v, np.ndarray)}
-    assert shapes == {(k,), (k, k), (k, 99), (k, 10)}
+    c = len(result.details["evaluation"]["nomogram_ranges"])
+    assert shapes == {(k,), (k, k), (k, 99), (k, 10), (c, len(VALUE_GRID))}
 
 
 def test_pooled_auc_is_exact_within_sites_and_near_across(heart_study, evaluated, reference):

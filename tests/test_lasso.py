@@ -9,14 +9,11 @@ cv.glmnet's formulas written out here independently of the package.
 from __future__ import annotations
 
 import time
-import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
 from scipy.special import expit
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 
 from radfed.server.stats.lasso import (
     FederatedLassoCV,
@@ -30,7 +27,7 @@ from radfed.server.stats.lasso import (
 from radfed.shared.errors import PrivacyRefusal
 from radfed.shared.privacy import PrivacyPolicy
 from radfed.shared.selection_stats import answer, assign_folds
-from radfed.tests.reference import in_memory_ask
+from radfed.tests.reference import glmnet_deviance, in_memory_ask, sklearn_l1
 
 COLUMNS = [
     "age", "sex", "cp", "trestbps", "chol", "fbs", "restecg",
@@ -86,32 +83,6 @@ def run(sites: list[Site], **kw) -> LassoCVResult:
 
 
 # --------------------------------------------------------------------------- oracle
-
-
-def sklearn_l1(Z: np.ndarray, y: np.ndarray, lam: float) -> np.ndarray:
-    """glmnet's solution at λ via sklearn: C = 1/(N λ), intercept unpenalised (saga)."""
-    model = LogisticRegression(
-        C=1.0 / (len(y) * lam),
-        l1_ratio=1.0,
-        solver="saga",
-        tol=1e-10,
-        max_iter=200_000,
-        random_state=0,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", ConvergenceWarning)
-        model.fit(Z, y)
-    if not model.coef_.any():
-        # saga's intercept converges slowly when every coefficient is 0 (it stops up to
-        # ~1e-3 short); the intercept-only optimum is closed-form.
-        return np.concatenate([[np.log(y.mean() / (1 - y.mean()))], model.coef_[0]])
-    return np.concatenate([model.intercept_, model.coef_[0]])
-
-
-def glmnet_deviance(eta: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """cv.lognet's per-row deviance: probabilities clamped to [1e-5, 1 - 1e-5]."""
-    p = np.clip(1.0 / (1.0 + np.exp(-eta)), 1e-5, 1 - 1e-5)
-    return -2.0 * (y * np.log(p) + (1 - y) * np.log(1 - p))
 
 
 def pooled_cv(sites: list[Site], lambdas: np.ndarray, k: int, seed: int):

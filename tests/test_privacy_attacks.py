@@ -742,6 +742,39 @@ def test_calibration_terms_select_no_patients(heart_dir, min_cell):
     assert reply["c_hessian"].shape == (4, 4)
 
 
+def test_the_calibration_gap_is_a_sum_over_the_split_of_a_curve_of_a_model(heart_dir, min_cell):
+    """``{model}_gap`` asks for sum |c(lp) - expit(lp)| beside a curve's Newton pieces
+    (the exact pooled ICI's numerator). Only for a curve of a model's linear predictor,
+    only when the field is literally true, and under the same guards as the fit: a
+    raw column is refused, a steep curve centred on one patient is refused as
+    saturated, and the honest answer equals the sum over the split's patients."""
+    table = _table(heart_dir)
+    worker = _worker(heart_dir, min_cell)
+    protocol = _protocol(heart_dir)
+    age = table["age"].to_numpy(float)
+    model = _model("a", ["age"], [age.mean()], [age.std()], [-2.0, 1.0])
+    curve = [0.1, 0.9, 0.05, -0.01]
+    fit = _model("c", ["lp:a", "cal:a:2", "cal:a:3"], np.zeros(3), np.ones(3), curve)
+    reply = _ask(worker, protocol, "logistic", models=["c"], c_gap=True, **model, **fit)
+    site = worker.site(protocol)
+    rows = site.table.frame.loc[site.rows("train"), "age"].to_numpy(float)
+    lp = -2.0 + (rows - age.mean()) / age.std()
+    expected = np.abs(expit(np.polyval(curve[::-1], lp)) - expit(lp)).sum()
+    assert reply["c_gap"] == pytest.approx(expected, rel=1e-12)
+    for odd in ("yes", 1, [True]):  # only literally true asks
+        assert "c_gap" not in _ask(
+            worker, protocol, "logistic", models=["c"], c_gap=odd, **model, **fit
+        )
+    raw = _model("r", ["age"], [age.mean()], [age.std()], [0.0, 1.0])
+    reply = _ask(worker, protocol, "logistic", models=["r"], r_gap=True, **raw)
+    assert reply["error_kind"] == "data" and "linear predictor" in reply["error"], reply
+    assert "\n" not in reply["error"] and "r_gap" not in reply
+    steep = _model("c", ["lp:a", "cal:a:2", "cal:a:3"], np.zeros(3), np.ones(3), [0, 400, 0, 0])
+    _refused(
+        _ask(worker, protocol, "logistic", models=["c"], c_gap=True, **model, **steep), "saturation"
+    )
+
+
 def test_a_model_of_a_rare_categorical_level_is_not_evaluated(heart_dir, min_cell):
     """A crafted model of one rare level's dummy alone ("cp=1": 3 of va's patients):
     the difference of two evaluate requests' log-likelihood sums would decode those

@@ -656,3 +656,20 @@ def test_in_memory_results_with_numpy_values_and_nan():
     page = render_report(results)
     assert "not estimated: needs two sites" in page
     assert '<td>24</td><td>9</td><td><span class="na">—</span></td><td>0.123</td>' in page
+
+
+def test_kept_out_features_are_listed_with_their_reason():
+    results = make_results()
+    results["harmonization"].update(
+        harmonised=["glcm_contrast"],
+        kept_out={
+            "fbs": "binary: every value at every training site is 0 or 1",
+            "code<1>": "named",
+        },
+    )
+    page = render_report(results, {})
+    assert "1 features harmonised; 2 kept out of ComBat" in page
+    assert "<code>fbs</code>" in page and "every value at every training site is 0 or 1" in page
+    assert "code&lt;1&gt;" in page  # names are escaped like every other text
+    results["harmonization"].pop("kept_out")
+    assert "kept out of ComBat" not in render_report(results, {})

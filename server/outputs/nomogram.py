@@ -10,14 +10,18 @@ which the "Probability" axis shows: reading a patient off the chart gives the mo
 prediction exactly. A negative coefficient gives an axis whose values decrease from
 left to right, as in rms.
 
-Display ranges. A federated study knows each predictor's pooled mean and SD
-(``LogisticFit.center`` / ``scale``), never its rows, so it cannot use rms's data
-quantiles. Each axis covers mean ± 2 SD, narrowed to the round tick values inside it
-(rms also draws an axis between its first and last tick; the step is chosen so the
-ticks cover at least 80% of the range). A predictor whose SD² equals
-mean·(1 - mean) within 1e-9, with 0 < mean < 1, is a 0/1 variable (its 1/n SD is
-exactly that) and gets the axis {0, 1}. ``ranges={name: (lo, hi)}`` overrides both;
-its ends are always kept as ticks.
+Display ranges. rms draws an axis over data quantiles; a federated study never sees
+a row. A run's chart (:func:`~radfed.server.outputs.run_folder.nomogram_scales`) passes
+``ranges={name: (lo, hi)}`` from ``evaluation["nomogram_ranges"]`` of results.json:
+about the pooled 5th to 95th percentile of the training patients, bracketed on the
+sites' fixed value grid from their merged counts, asked for in the ``evaluate`` round
+(:mod:`radfed.server.stats.axis_ranges`). A range's ends are always kept as ticks, and
+its end labels always drawn. Without a range, an axis covers the pooled mean ± 2 SD
+(``LogisticFit.center`` / ``scale``), narrowed to the round tick values inside it (rms
+also draws an axis between its first and last tick; the step is chosen so the ticks
+cover at least 80% of the range). A predictor whose SD² equals mean·(1 - mean) within
+1e-9, with 0 < mean < 1, is a 0/1 variable (its 1/n SD is exactly that) and gets the
+axis {0, 1}, unless a range says otherwise.
 
 Categorical predictors. A variable one-hot encoded with the federation's levels
 (dummy columns ``name=level`` for every level but the first, the reference) is one
@@ -39,10 +43,10 @@ from matplotlib.figure import Figure
 
 from radfed.server.outputs.plots import save_figure
 from radfed.server.results import LogisticFit
+from radfed.server.stats.axis_ranges import is_binary
 
 #: Probabilities labelled on the probability axis when they fall within its range.
 PROBABILITY_TICKS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-_BINARY_TOL = 1e-9
 _CHAR_POINTS = 0.9
 _MIN_GAP = 3.0  # points units between tick labels on one axis, so labels do not collide
 
@@ -76,11 +80,6 @@ def format_tick(value: float, step: float | None = None) -> str:
     if step * 10**decimals % 1 > 1e-6:  # 2.5, 0.25: one more digit
         decimals += 1
     return f"{value:.{decimals}f}"
-
-
-def is_binary(center: float, scale: float) -> bool:
-    """True if a pooled mean and 1/n SD are those of a 0/1 variable: SD² = p(1 - p)."""
-    return 0 < center < 1 and abs(scale**2 - center * (1 - center)) <= _BINARY_TOL
 
 
 @dataclass(frozen=True)
@@ -550,18 +549,33 @@ def _axis(
         ax.text(0, y, "(no ticks in range)", ha="left", va="center", fontsize=8, color="0.4")
         return
     ax.plot([positions.min(), positions.max()], [y, y], color="black", linewidth=1)
-    last, last_width = -math.inf, 0.0
-    for x, text in sorted(zip(positions, labels, strict=True)):
+    items = sorted(zip(positions, labels, strict=True))
+    margin = 2.0 if every else 1.0  # words need a wider gap than numbers
+
+    def apart(i: int, k: int) -> bool:
+        # Labels of 8-point text take about 0.9 points of the 0-100 scale per character.
+        (xi, ti), (xk, tk) = items[i], items[k]
+        return abs(xk - xi) >= max(_MIN_GAP, _CHAR_POINTS * (len(ti) + len(tk)) / 2 + margin)
+
+    # A tick whose label would touch the last label stays unlabelled ...
+    shown: list[int] = []
+    for k in range(len(items)):
+        if not shown or apart(shown[-1], k):
+            shown.append(k)
+    # ... but the axis's last value is always labelled, as its first (a range's ends are
+    # the data's 5th and 95th percentiles): the labels before it make room.
+    end = len(items) - 1
+    if not every and end > 0 and shown[-1] != end:
+        while len(shown) > 1 and not apart(shown[-1], end):
+            shown.pop()
+        if apart(shown[-1], end):  # an axis too short for both ends keeps its first
+            shown.append(end)
+    for k, (x, text) in enumerate(items):
         ax.plot([x, x], [y, y + _TICK], color="black", linewidth=1)
-        # A tick whose label would touch the last label stays unlabelled (a label of
-        # 8-point text is about 0.9 points of the 0-100 scale per character).
-        width = _CHAR_POINTS * len(text)
-        margin = 2.0 if every else 1.0  # words need a wider gap than numbers
-        if x - last >= max(_MIN_GAP, (width + last_width) / 2 + margin):
+        if k in shown:
             if not every:
                 text = text.replace("-", "−")  # a typographic minus, as matplotlib's axes
             ax.text(x, y + _TICK + 0.05, text, ha="center", va="bottom", fontsize=8)
-            last, last_width = x, width
         elif every:
             ax.text(x, y - 0.08, text, ha="center", va="top", fontsize=8)
 

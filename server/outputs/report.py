@@ -572,6 +572,21 @@ def _selection(results: Mapping[str, Any]) -> Markup:
         if per_batch:
             text += " (" + ", ".join(f"{k}: n = {v}" for k, v in per_batch.items()) + ")"
         parts.append(_para(text + "."))
+        kept_out = harm.get("kept_out") or {}
+        if kept_out:
+            harmonised = harm.get("harmonised") or []
+            parts.append(
+                _para(
+                    f"{len(harmonised)} features harmonised; {len(kept_out)} kept out of "
+                    "ComBat and used as the sites hold them:"
+                )
+            )
+            parts.append(
+                _table(
+                    ["kept-out feature", "reason"],
+                    [[_tag("code", f), str(why)] for f, why in kept_out.items()],
+                )
+            )
     selection = results.get("selection") or {}
     mrmr = selection.get("mrmr") or {}
     if mrmr.get("selected"):

@@ -10,10 +10,13 @@ import secrets
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from radfed.server.results import POOLED, StudyResult
 from radfed.shared.errors import RadfedError
+
+if TYPE_CHECKING:
+    from radfed.server.outputs.nomogram import NomogramScales
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +155,7 @@ def write_figures(result: StudyResult, folder: Path) -> dict[str, Path]:
 
     matplotlib.use("Agg")
     from radfed.server.outputs import plots
-    from radfed.server.outputs.nomogram import NomogramScales, save_nomogram
+    from radfed.server.outputs.nomogram import save_nomogram
 
     data = result.to_dict()
     thresholds = data.get("evaluation", {}).get("thresholds", [])
@@ -190,6 +193,19 @@ def write_figures(result: StudyResult, folder: Path) -> dict[str, Path]:
         save("radscore", plots.radscore_coefficients_figure(lasso))
     if data.get("external", {}).get("held_out") or data.get("external", {}).get("validation"):
         save("forest", plots.forest_figure(data["external"]))
+    scales = nomogram_scales(result)
+    figures["nomogram"] = save_nomogram(scales, folder / "nomogram")[0]
+    return figures
+
+
+def nomogram_scales(result: StudyResult) -> NomogramScales:
+    """The scales of the run's nomogram chart: the nomogram model, else the first,
+    with the study's display names, each categorical variable as one axis and the
+    numeric axes over ``evaluation["nomogram_ranges"]`` (mean ± 2 SD where a column
+    has no range)."""
+    from radfed.server.outputs.nomogram import NomogramScales
+
+    data = result.to_dict()
     chart = "nomogram" if "nomogram" in result.models else next(iter(result.models))
     fit = result.models[chart]
     display = data.get("nomogram_display") or {}  # the study's [nomogram] names
@@ -197,15 +213,22 @@ def write_figures(result: StudyResult, folder: Path) -> dict[str, Path]:
     levels = (data.get("clinical_screening") or {}).get("levels") or {}
     categories = {k: v for k, v in levels.items() if f"{k}={v[-1]}" in fit.columns}
     names = set(fit.columns) | set(categories)
-    scales = NomogramScales.from_fit(
+    # Numeric axes over the federated 5th-95th percentiles; a column without usable
+    # counts (low None) keeps mean ± 2 SD, as results.json says.
+    found = data.get("evaluation", {}).get("nomogram_ranges") or {}
+    ranges = {
+        k: (v["low"], v["high"])
+        for k, v in found.items()
+        if k in fit.columns and v.get("low") is not None and v.get("high") is not None
+    }
+    return NomogramScales.from_fit(
         fit,
+        ranges=ranges,
         outcome=result.outcome,
         labels={k: v for k, v in display.get("labels", {}).items() if k in names},
         levels={k: v for k, v in display.get("levels", {}).items() if k in names},
         categories=categories,
     )
-    figures["nomogram"] = save_nomogram(scales, folder / "nomogram")[0]
-    return figures
 
 
 def write_outputs(result: StudyResult, out_dir: Path) -> dict[str, Path]:

@@ -58,7 +58,7 @@ from scipy.special import expit
 from radfed.server.federation.shared_rounds import together
 from radfed.server.federation.transport import Transport
 from radfed.server.results import POOLED, LogisticFit
-from radfed.server.stats import inference
+from radfed.server.stats import axis_ranges, inference
 from radfed.server.stats.solvers import LogisticSpec, fit_logistic_many, spread
 from radfed.shared.errors import FederationError
 from radfed.shared.evaluation_stats import BIN_EDGES, CURVE_DEGREE, THRESHOLDS, curve_design
@@ -92,10 +92,17 @@ def model_payload(models: Mapping[str, LogisticFit]) -> Payload:
     return payload
 
 
-def evaluation_request(models: list[str], subsets: list[str]) -> Payload:
+def evaluation_request(
+    models: list[str], subsets: list[str], ranges: tuple[str, list[str]] | None = None
+) -> Payload:
     """An ``evaluate`` request; the models' coefficients travel in the context. The
-    grids of thresholds, bins and Hosmer-Lemeshow groups are the sites' own."""
-    return {"models": list(models), "subsets": list(subsets)}
+    grids of thresholds, bins and Hosmer-Lemeshow groups are the sites' own.
+    ``ranges=(model, columns)`` also asks for the training patients' counts on the
+    sites' value grid, for the nomogram's axes (:mod:`~radfed.server.stats.axis_ranges`)."""
+    request: Payload = {"models": list(models), "subsets": list(subsets)}
+    if ranges is not None and ranges[1]:
+        request.update(ranges_model=ranges[0], ranges=list(ranges[1]))
+    return request
 
 
 def counts_at_thresholds(reply: Payload, subset: str, j: int, key: str) -> np.ndarray:
@@ -376,12 +383,14 @@ def pooled_metrics(
     cutoff: int | None,
     calibration: tuple[float, float] | None = None,
     curve: np.ndarray | None = None,
+    ici: float | None = None,
 ) -> dict[str, Any]:
     """Metrics of model ``j`` on all sites' ``subset`` together, from the summed replies.
 
     Sites whose subset could not be evaluated are left out and named in ``reason``.
-    ``curve``: the pooled smooth calibration curve's coefficients (for the ICI, E50,
-    E90 and Emax over all sites' risk cells).
+    ``curve``: the pooled smooth calibration curve's coefficients (for the E50, E90 and
+    Emax over all sites' risk cells, and the ICI unless ``ici``, the exact one from the
+    sites' sums, is given).
     """
     ok = {s: r for s, r in replies.items() if r.get(f"{subset}_status") == "ok"}
     left_out = sorted(set(replies) - set(ok))
@@ -420,6 +429,7 @@ def pooled_metrics(
         loglik,
         curve,
         tuple(np.concatenate(parts) for parts in zip(*cells, strict=True)),
+        ici=ici,
     )
     if errors["errors_bounds"] is None:
         errors["errors_reason"] = "the pooled smooth calibration curve was not fitted"
@@ -447,9 +457,15 @@ def pooled_metrics(
         "approximate": {
             "dxy": "2 (pooled AUC - 1/2): as approximate as the pooled AUC; its CI from the "
             "pooled AUC's Hanley-McNeil CI",
-            "calibration_errors": "ICI, E50, E90 and Emax of the pooled curve over the sites' "
-            "risk cells (0.01 wide, merged to each site's minimum cell size); bounds in "
-            "errors_bounds",
+            "calibration_errors": (
+                "E50, E90 and Emax of the pooled curve over the sites' risk cells (0.01 "
+                "wide, merged to each site's minimum cell size); bounds in errors_bounds"
+                + (
+                    "; the ICI is exact (the sites' sums of |c(lp) - p|)"
+                    if ici is not None
+                    else "; so is the ICI"
+                )
+            ),
             "auc": "pairs within a site exact; pairs across sites compared on the sites' "
             "threshold counts (0.01 grid, merged to each site's minimum cell size)",
             "net_benefit": "summed threshold counts, interpolated where a site merged cells",
@@ -506,13 +522,20 @@ def pooled_calibration(
     rows = list(ok.values())
     powers = [f"cal:{{m}}:{k}" for k in range(2, CURVE_DEGREE + 1)]
     specs: dict[str, LogisticSpec] = {}
+    # Newton starts at perfect calibration (intercept 0, slope 1, no curvature): the
+    # optimum on the training split for an unpenalised model, and near it elsewhere,
+    # so the fits take a few rounds instead of a dozen from zero.
     for m in models:
         if slopes:
-            specs[f"calibration_{m}"] = LogisticSpec([f"{LP}{m}"], np.zeros(1), np.ones(1))
+            specs[f"calibration_{m}"] = LogisticSpec(
+                [f"{LP}{m}"], np.zeros(1), np.ones(1), start=np.array([0.0, 1.0])
+            )
         if curves:
             columns = [f"{LP}{m}", *(p.format(m=m) for p in powers)]
+            start = np.zeros(len(columns) + 1)
+            start[1] = 1.0
             specs[f"calcurve_{m}"] = LogisticSpec(
-                columns, np.zeros(len(columns)), np.ones(len(columns))
+                columns, np.zeros(len(columns)), np.ones(len(columns)), start=start, gap=True
             )
     out: dict[str, dict[str, Any]] = {m: {} for m in models}
 
@@ -545,6 +568,8 @@ def pooled_calibration(
                 out[m].update(intercept=float(fit.coef[0]), slope=float(fit.coef[1]))
             else:
                 out[m]["curve"] = _curve(fit, rows, subset, models.index(m))
+                if fit.gap is not None:  # the exact pooled ICI: mean |c(lp) - p|
+                    out[m]["ici"] = fit.gap / sum(int(r[f"{subset}_n"]) for r in rows)
     return out
 
 
@@ -582,8 +607,13 @@ def evaluate_models(
     outcome: str,
     subsets: tuple[str, ...] = ("train", "test"),
     curves: bool = True,
+    ranges_model: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, int]]:
     """Evaluate ``models`` at every site of ``transport``.
+
+    With ``ranges_model`` (the model the nomogram draws), the same round asks for its
+    numeric predictors' axis ranges (``evaluation["nomogram_ranges"]``, see
+    :func:`~radfed.server.stats.axis_ranges.pooled_ranges`).
 
     Returns
     -------
@@ -596,7 +626,10 @@ def evaluate_models(
     """
     names = list(models)
     transport.context.update(model_payload(models))
-    replies = transport.ask("evaluate", evaluation_request(names, list(subsets)))
+    ranges = None
+    if ranges_model is not None and "train" in subsets:
+        ranges = (ranges_model, axis_ranges.range_columns(models[ranges_model]))
+    replies = transport.ask("evaluate", evaluation_request(names, list(subsets), ranges))
     cutoffs = youden_cutoffs(replies, names)
     # The splits' calibration fits are independent: they share rounds.
     fitted = together(
@@ -617,7 +650,13 @@ def evaluate_models(
             slope = (cal["intercept"], cal["slope"]) if "slope" in cal else None
             coef = cal.get("curve", {}).get("coef")
             performance[m][POOLED][s] = pooled_metrics(
-                replies, s, j, cutoffs.get(m), slope, None if coef is None else np.asarray(coef)
+                replies,
+                s,
+                j,
+                cutoffs.get(m),
+                slope,
+                None if coef is None else np.asarray(coef),
+                ici=cal.get("ici"),
             )
             if "curve" in cal and "calibration" in performance[m][POOLED][s]:
                 performance[m][POOLED][s]["calibration"]["curve"] = cal["curve"]
@@ -630,6 +669,10 @@ def evaluate_models(
             for site, reply in replies.items()
         },
     }
+    if ranges is not None:
+        evaluation["nomogram_ranges"] = axis_ranges.pooled_ranges(
+            replies, ranges[1], models[ranges_model]
+        )
     return performance, evaluation, cutoffs
 
 

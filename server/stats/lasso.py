@@ -292,17 +292,23 @@ def lambda_path(lambda_max: float, n_lambdas: int = 100, ratio: float = 1e-4) ->
     return lambda_max * ratio ** (np.arange(n_lambdas) / (n_lambdas - 1))
 
 
-def lambda_max_from_zero_pieces(hessian: np.ndarray, gradient: np.ndarray) -> float:
+def lambda_max_from_zero_pieces(
+    hessian: np.ndarray, gradient: np.ndarray, include: np.ndarray | None = None
+) -> float:
     """λ_max = max_j |x_jᵀ(y - ȳ)| / N from the full-data pieces at β = 0.
 
     At β = 0 every weight is 1/4, so Σx_j = 4·H[0, j], N = 4·H[0, 0], and the score is
-    Xᵀ(y - 1/2), which gives Σy and x_jᵀy; no extra round is needed.
+    Xᵀ(y - 1/2), which gives Σy and x_jᵀy; no extra round is needed. ``include`` (p,)
+    limits the maximum to the coefficients the fit may use (glmnet's ``exclude``).
     """
     n = 4.0 * hessian[0, 0]
     sum_x = 4.0 * hessian[0, 1:]
     sum_y = gradient[0] + n / 2.0
     xty = gradient[1:] + sum_x / 2.0
-    return float(np.max(np.abs(xty - sum_y / n * sum_x)) / n)
+    score = np.abs(xty - sum_y / n * sum_x)
+    if include is not None:
+        score = score[np.asarray(include, dtype=bool)]
+    return float(np.max(score) / n)
 
 
 def coordinate_descent(
@@ -571,6 +577,7 @@ def lasso_cv(
     tol: float = 1e-10,
     max_rounds: int = 100,
     prob_clip: float = PROB_CLIP,
+    exclude: np.ndarray | None = None,
 ) -> LassoCVResult:
     """Fit the LASSO logistic path on all sites and choose λ by K-fold CV.
 
@@ -603,6 +610,14 @@ def lasso_cv(
     max_rounds : int
     prob_clip : float
         Clamp of held-out probabilities (glmnet's 1e-5).
+    exclude : ndarray of shape (n_folds + 1, p), bool, optional
+        Per fit, the coefficients held at 0 (glmnet's ``exclude``): row k for the fit
+        without fold k, the last row for the full-data fit. Their Hessian rows and score
+        are zeroed at the coordinator, so coordinate descent, the active-set solve and
+        the KKT checks see only the included coefficients; λ_max and the default
+        ``lambda_min_ratio`` come from the full-data fit's included ones (cv.glmnet:
+        the λ sequence of the full fit). Used to run each fold's LASSO on the features
+        mRMR picked without that fold. Default: none excluded.
 
     Returns
     -------
@@ -652,14 +667,27 @@ def lasso_cv(
     events = first["gradient"][K][0] + n / 2.0  # Σy, from the score at β = 0
     if not 0.5 <= events <= n - 0.5:
         raise ValueError("the outcome has a single class over all sites: nothing to fit")
-    lam_max = lambda_max_from_zero_pieces(first["hessian"][K], first["gradient"][K])
-    ratio = default_lambda_min_ratio(int(n), p) if lambda_min_ratio is None else lambda_min_ratio
+    include = None
+    if exclude is not None:
+        include = ~np.asarray(exclude, dtype=bool)
+        if include.shape != (K + 1, p):
+            raise ValueError(f"exclude must have shape ({K + 1}, {p}), got {include.shape}")
+        if not include.any(axis=1).all():
+            raise ValueError("exclude leaves a fit without any feature")
+    full = None if include is None else include[K]
+    lam_max = lambda_max_from_zero_pieces(first["hessian"][K], first["gradient"][K], full)
+    p_full = p if full is None else int(full.sum())
+    ratio = (
+        default_lambda_min_ratio(int(n), p_full) if lambda_min_ratio is None else lambda_min_ratio
+    )
     lambdas = lambda_path(lam_max, n_lambdas, ratio)
     if max_fits_per_round is None:
         max_fits_per_round = max(1, _REPLY_FLOATS // (p + 1) ** 2)
     window = max(1, max_fits_per_round // (K + 1))
 
-    path = _PathSolver(first, lambdas, np.append(n - fold_n, n), window, tol, path_stop)
+    path = _PathSolver(
+        first, lambdas, np.append(n - fold_n, n), window, tol, path_stop, include=include
+    )
     rounds = 1
     while True:
         send_idx, send_beta = path.pending()
@@ -828,10 +856,13 @@ class _PathSolver:
         window: int,
         tol: float,
         path_stop: PathStop | None,
+        include: np.ndarray | None = None,
     ) -> None:
         F, L, P = len(n_train), len(lambdas), first["gradient"].shape[1]
         self.L, self.F, self.tol, self.window, self.stop = L, F, tol, window, path_stop
         self.fold_of = np.repeat(np.arange(F), L)
+        # Per fit, the coordinates it may move (intercept always); None: all of them.
+        self.use = None if include is None else np.insert(include, 0, True, axis=1)[self.fold_of]
         self.lam_index = np.tile(np.arange(L), F)
         self.lam = lambdas[self.lam_index]
         self.n_train = n_train[self.fold_of]
@@ -896,6 +927,12 @@ class _PathSolver:
             nt = self.n_train[fresh, None]
             H = self.hessian[fresh]
             c = (np.einsum("bjk,bk->bj", H, self.beta[fresh]) + self.gradient[fresh]) / nt
+            if self.use is not None:
+                # glmnet's exclude: an excluded coefficient has no curvature and no score,
+                # so it stays at 0 and never violates KKT; the fit's β is 0 there already.
+                u = self.use[fresh]
+                H = H * (u[:, :, None] & u[:, None, :])
+                c = c * u
             new = coordinate_descent(H / nt[:, :, None], c, self.beta[fresh], self.lam[fresh])
             moving = np.abs(new - self.beta[fresh]).max(axis=1) >= self.tol
             self.trial[fresh[moving]] = new[moving]

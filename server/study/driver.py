@@ -270,7 +270,12 @@ class FederatedStudy:
         transport.context, transport.param_budget = {}, {}
         fitted = self.fit()
         self._phase("evaluate")
-        performance, evaluation, cutoffs = evaluate_models(transport, fitted.models, cfg.outcome)
+        # The nomogram's axis ranges travel in this round (the chart draws the nomogram
+        # model, else the first: server/outputs/run_folder.py).
+        chart = "nomogram" if "nomogram" in fitted.models else next(iter(fitted.models))
+        performance, evaluation, cutoffs = evaluate_models(
+            transport, fitted.models, cfg.outcome, ranges_model=chart
+        )
         for site in cfg.training_sites:
             if site in transport.failed:
                 raise transport.failed[site]
@@ -395,6 +400,7 @@ class FederatedStudy:
                 sel.n_lambdas,
                 sel.lambda_min_ratio,
                 sel.rule,
+                mrmr_in_folds=sel.mrmr_in_folds,
             )
             details["selection"] = selection.to_dict()
             transport.context.update(selection.radscore_payload())

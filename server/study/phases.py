@@ -8,6 +8,8 @@ knows which transport carries it.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from radfed.harmonization.combat import (
     solve_location,
     solve_pooled_variance,
 )
+from radfed.server.federation.shared_rounds import together
 from radfed.server.federation.transport import Transport
 from radfed.server.results import LogisticFit
 from radfed.server.stats.lasso import LassoCVResult, lasso_cv
@@ -116,11 +119,14 @@ def _combat_rounds(transport, features, batch_levels, levels, covariate_names, c
     return estimates
 
 
-def select_asker(transport: Transport, columns: list[str]):
-    """``ask(request) -> replies`` for the selection solvers, over ``columns``."""
+def select_asker(transport: Transport, columns: list[str], without_fold: int | None = None):
+    """``ask(request) -> replies`` for the selection solvers, over ``columns``; with
+    ``without_fold``, over each site's training rows outside that CV fold of its own."""
+    extra = {} if without_fold is None else {"without_fold": int(without_fold)}
 
     def ask(request: dict[str, Any]) -> list[dict[str, Any]]:
-        return list(transport.ask("select", {**request, "select_columns": columns}).values())
+        payload = {**request, "select_columns": columns, **extra}
+        return list(transport.ask("select", payload).values())
 
     return ask
 
@@ -132,6 +138,13 @@ MRMR_PLACEMENT = (
     "(as seed 000): the held-out folds helped choose the features, so the CV deviance "
     "and lambda.min are optimistic; the test split and external validation are not affected"
 )
+#: The placement with ``[selection] mrmr_in_folds = true``.
+MRMR_PLACEMENT_IN_FOLDS = (
+    "mRMR runs inside each fold of the LASSO's K-fold cross-validation, on that fold's "
+    "training rows only, so each fold's LASSO sees only its own picks and the CV deviance "
+    "and lambda.min are not optimistic from selection; the final fit uses the picks of "
+    "mRMR on all training rows (as cv.glmnet's full-data fit)"
+)
 
 
 @dataclass
@@ -141,6 +154,8 @@ class RadiomicsSelection:
     mrmr: MrmrResult
     lasso: LassoCVResult
     rule: str
+    #: With mRMR inside the CV: per fold, mRMR on that fold's training rows.
+    fold_mrmr: list[MrmrResult] | None = None
 
     @property
     def which(self) -> str:
@@ -170,7 +185,17 @@ class RadiomicsSelection:
                 "relevance": [float(self.mrmr.relevance[i]) for i in self.mrmr.selected_index],
                 "scores": self.mrmr.scores.tolist(),
                 "rounds": self.mrmr.rounds,
-                "placement": MRMR_PLACEMENT,
+                "placement": MRMR_PLACEMENT if self.fold_mrmr is None else MRMR_PLACEMENT_IN_FOLDS,
+                **(
+                    {}
+                    if self.fold_mrmr is None
+                    else {
+                        "folds": [
+                            {"fold": k, "selected": m.selected, "rounds": m.rounds}
+                            for k, m in enumerate(self.fold_mrmr)
+                        ]
+                    }
+                ),
             },
             "lasso": {
                 "features": list(lasso.feature_names),
@@ -186,6 +211,15 @@ class RadiomicsSelection:
                 "nonzero": lasso.nonzero(self.which),
                 "n_folds": lasso.n_folds,
                 "rounds": lasso.rounds,
+                # With mRMR in the folds: each fold's mean held-out deviance per λ (its
+                # LASSO on its own picks), the pieces of cvm.
+                **(
+                    {}
+                    if self.fold_mrmr is None
+                    else {
+                        "fold_deviance": [[_finite(v) for v in row] for row in lasso.fold_deviance]
+                    }
+                ),
                 # Where a site's refusal ended the λ path (the rule, never a count).
                 "path_end": None
                 if lasso.path_end is None
@@ -214,34 +248,64 @@ def select_radiomics(
     n_lambdas: int,
     lambda_min_ratio: float | None,
     rule: str,
+    mrmr_in_folds: bool = False,
 ) -> RadiomicsSelection:
-    """Standardise, mRMR to ``k`` features, then LASSO with ``folds``-fold CV."""
+    """Standardise, mRMR to ``k`` features, then LASSO with ``folds``-fold CV.
+
+    With ``mrmr_in_folds``, mRMR also runs on each fold's training rows (every site's
+    training rows outside its own fold k; all K + 1 selections share rounds), and the
+    LASSO runs on the union of all picks with each fit held to its own picks (glmnet's
+    ``exclude``): fold k's fit to fold k's picks, the full-data fit (and so λ_max, the
+    path and the Radscore) to the ordinary picks.
+    """
     transport.step = "standardise"
     center, scale, _ = pooled_standardisation(transport, features)
     transport.step = "mrmr"
-    mrmr = mrmr_federated(
-        select_asker(transport, features),
-        features,
-        k=min(k, len(features)),
-        center=center,
-        scale=scale,
-    )
+
+    def run_mrmr(lane: Transport, without_fold: int | None = None) -> MrmrResult:
+        return mrmr_federated(
+            select_asker(lane, features, without_fold),
+            features,
+            k=min(k, len(features)),
+            center=center,
+            scale=scale,
+        )
+
+    fold_mrmr = None
+    if mrmr_in_folds:
+        *fold_mrmr, mrmr = together(
+            transport,
+            [functools.partial(run_mrmr, without_fold=f) for f in range(folds)] + [run_mrmr],
+        )
+    else:
+        mrmr = run_mrmr(transport)
     log.info(
         "mRMR picked %d features: %s", len(mrmr.selected), ", ".join(mrmr.selected[:5]) + " ..."
     )
     transport.step = "lasso"
-    index = [features.index(f) for f in mrmr.selected]
+    # The full picks first, then those only some fold picked (fixed at 0 in the others).
+    columns = list(mrmr.selected)
+    for fold in fold_mrmr or []:
+        columns += [f for f in fold.selected if f not in columns]
+    exclude = None
+    if fold_mrmr is not None:
+        picks = [set(m.selected) for m in [*fold_mrmr, mrmr]]
+        exclude = np.array([[c not in chosen for c in columns] for chosen in picks])
+    index = [features.index(f) for f in columns]
     lasso = lasso_cv(
-        select_asker(transport, mrmr.selected),
-        mrmr.selected,
+        select_asker(transport, columns),
+        columns,
         center[index],
         scale[index],
         n_folds=folds,
         seed=seed,
         n_lambdas=n_lambdas,
         lambda_min_ratio=lambda_min_ratio,
+        exclude=exclude,
     )
-    selection = RadiomicsSelection(mrmr, lasso, rule)
+    if len(columns) > len(mrmr.selected):
+        lasso = _restricted(lasso, len(mrmr.selected))
+    selection = RadiomicsSelection(mrmr, lasso, rule, fold_mrmr)
     log.info(
         "LASSO %s = %.4g: %d non-zero features",
         rule,
@@ -249,6 +313,25 @@ def select_radiomics(
         len(lasso.nonzero(selection.which)),
     )
     return selection
+
+
+def _finite(value: float) -> float | None:
+    """A number for JSON: None for the NaN of a fold without held-out rows."""
+    return float(value) if np.isfinite(value) else None
+
+
+def _restricted(lasso: LassoCVResult, p: int) -> LassoCVResult:
+    """The LASSO result on its first ``p`` features (the full-data fit's own; the
+    others are 0 in it): what the Radscore and the record use. The fold paths lose
+    the coefficients of features only other folds picked."""
+    return dataclasses.replace(
+        lasso,
+        feature_names=list(lasso.feature_names[:p]),
+        coef_path=lasso.coef_path[:, : p + 1],
+        fold_coef_path=lasso.fold_coef_path[:, :, : p + 1],
+        center=np.asarray(lasso.center)[:p],
+        scale=np.asarray(lasso.scale)[:p],
+    )
 
 
 def fit_standardised(

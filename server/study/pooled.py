@@ -137,17 +137,24 @@ def _l1_logistic(X: np.ndarray, y: np.ndarray, lam: float) -> np.ndarray:
 
 
 def _lasso(
-    train: pd.DataFrame, Z: pd.DataFrame, y: np.ndarray, lambdas: np.ndarray, config: StudyConfig
+    train: pd.DataFrame,
+    Z: pd.DataFrame,
+    y: np.ndarray,
+    lambdas: np.ndarray,
+    config: StudyConfig,
+    fold_Z: list[np.ndarray] | None = None,
 ):
-    """The L1 logistic at each λ, with the sites' own CV folds."""
+    """The L1 logistic at each λ, with the sites' own CV folds (on each fold's own
+    columns ``fold_Z[k]`` when mRMR ran inside the folds)."""
     folds = train["fold"].to_numpy(dtype=int)
     cvm = []
     for lam in lambdas:
         deviances, sizes = [], []
         for k in range(config.selection.folds):
             held = folds == k
-            b = _l1_logistic(Z[~held], y[~held], lam)
-            p = np.clip(1 / (1 + np.exp(-(b[0] + Z[held] @ b[1:]))), 1e-5, 1 - 1e-5)
+            Zk = Z if fold_Z is None else fold_Z[k]
+            b = _l1_logistic(Zk[~held], y[~held], lam)
+            p = np.clip(1 / (1 + np.exp(-(b[0] + Zk[held] @ b[1:]))), 1e-5, 1 - 1e-5)
             deviances.append(-2 * np.mean(y[held] * np.log(p) + (1 - y[held]) * np.log(1 - p)))
             sizes.append(held.sum())
         cvm.append(np.average(deviances, weights=sizes))
@@ -242,11 +249,10 @@ class Equivalence:
 
 
 def _diff(a, b) -> float:
-    return (
-        float(np.max(np.abs(np.asarray(a, dtype=float) - np.asarray(b, dtype=float))))
-        if np.size(a)
-        else 0.0
-    )
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape:  # e.g. ComBat on other features: no element to compare
+        return float("inf")
+    return float(np.max(np.abs(a - b))) if a.size else 0.0
 
 
 def equivalence(config: StudyConfig, federated: StudyResult) -> list[Equivalence]:
@@ -261,9 +267,19 @@ def equivalence(config: StudyConfig, federated: StudyResult) -> list[Equivalence
     if "selection" in details:
         features = list(federated.federation["features"])
         harmonised = combat_columns(table, features, config)
-        if "harmonization" in details and harmonised:
+        mine = details.get("harmonization") or {}
+        if "harmonised" in mine:
+            # A site of an older radfed names no binary features: the federation then
+            # harmonises features the pooled reference keeps out (this row fails).
+            rows.append(
+                Equivalence(
+                    "ComBat harmonised features (0 = same features)",
+                    float(list(mine["harmonised"]) != harmonised),
+                    0,
+                )
+            )
+        if mine and harmonised:
             frame[harmonised], reference = pooled_combat(train, harmonised, config)
-            mine = details["harmonization"]
             for key, theirs in (
                 ("gamma_star", "gamma.star"),
                 ("delta_star", "delta.star"),
@@ -298,7 +314,16 @@ def equivalence(config: StudyConfig, federated: StudyResult) -> list[Equivalence
                 TOLERANCE["lasso"],
             )
         )
-        cvm = _lasso(train, Zs, y.astype(int), np.array(lasso["lambdas"]), config)
+        fold_picks = [f["selected"] for f in sel["mrmr"].get("folds", [])]
+        if fold_picks:  # mrmr_in_folds: each fold's mRMR on its own training rows
+            held = train["fold"].to_numpy(dtype=int)
+            same = all(
+                _mrmr(z[held != f], y[held != f].astype(int), len(sel["mrmr"]["selected"])) == picks
+                for f, picks in enumerate(fold_picks)
+            )
+            rows.append(Equivalence("mRMR fold selections (0 = same)", float(not same), 0))
+        fold_Z = [z[picks].to_numpy() for picks in fold_picks] or None
+        cvm = _lasso(train, Zs, y.astype(int), np.array(lasso["lambdas"]), config, fold_Z)
         rows.append(
             Equivalence("LASSO CV deviance curve", _diff(lasso["cvm"], cvm), TOLERANCE["lasso"])
         )
