@@ -378,3 +378,14 @@ def test_validation_site_auc_counts_identical_patients_as_ties(tmp_path, monkeyp
     auc, cov = _proc_pairwise(rows["disease"].to_numpy(), lp.to_numpy()[:, None])
     assert metrics["auc"] == pytest.approx(auc[0], abs=1e-12)
     assert metrics["auc_se"] == pytest.approx(np.sqrt(cov[0, 0]), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "y, v", [*EFFECTS, (np.array([0.8, 0.8, 0.8]), np.array([0.01, 0.02, 0.03]))]
+)
+def test_reml_that_does_not_settle_falls_back_to_the_bounded_maximum(y, v):
+    """Fisher scoring stopped after one step (as a run once hit at 200): the bounded
+    search of the restricted likelihood gives the same τ² (0 on the boundary), not an
+    error that stops the study."""
+    tau2 = inf.tau2_reml(y, v, max_iter=1)
+    assert tau2 == pytest.approx(_reml_oracle(y, v), rel=1e-5, abs=1e-9)
