@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from radfed.server.results import POOLED, StudyResult
+from radfed.server.stats.axis_ranges import drawn_model
 from radfed.shared.errors import RadfedError
 
 if TYPE_CHECKING:
@@ -206,7 +207,7 @@ def nomogram_scales(result: StudyResult) -> NomogramScales:
     from radfed.server.outputs.nomogram import NomogramScales
 
     data = result.to_dict()
-    chart = "nomogram" if "nomogram" in result.models else next(iter(result.models))
+    chart = drawn_model(result.models)
     fit = result.models[chart]
     display = data.get("nomogram_display") or {}  # the study's [nomogram] names
     # Categorical clinical variables: one axis per variable, over its dummy columns.

@@ -33,6 +33,11 @@ def is_binary(center: float, scale: float) -> bool:
     return 0 < center < 1 and abs(scale**2 - center * (1 - center)) <= _BINARY_TOL
 
 
+def drawn_model(models: Mapping[str, Any]) -> str:
+    """The model the nomogram chart draws: ``nomogram`` when fitted, else the first."""
+    return "nomogram" if "nomogram" in models else next(iter(models))
+
+
 def range_columns(fit: LogisticFit) -> list[str]:
     """The columns of ``fit`` that get a numeric axis: not a categorical dummy
     ("name=level"), not a derived column, not 0/1 (pooled SD² = mean (1 - mean), which

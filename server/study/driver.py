@@ -26,6 +26,7 @@ import radfed
 from radfed.server.federation.shared_rounds import rounds_so_far, together
 from radfed.server.federation.transport import SiteFailure, Transport
 from radfed.server.results import LogisticFit, StudyResult
+from radfed.server.stats.axis_ranges import drawn_model
 from radfed.server.stats.evaluation import evaluate_models
 from radfed.server.study.checkpoint import Checkpoint
 from radfed.server.study.external import leave_one_site_out, meta_analysis, validation_sites
@@ -270,11 +271,9 @@ class FederatedStudy:
         transport.context, transport.param_budget = {}, {}
         fitted = self.fit()
         self._phase("evaluate")
-        # The nomogram's axis ranges travel in this round (the chart draws the nomogram
-        # model, else the first: server/outputs/run_folder.py).
-        chart = "nomogram" if "nomogram" in fitted.models else next(iter(fitted.models))
+        # The nomogram's axis ranges travel in this round.
         performance, evaluation, cutoffs = evaluate_models(
-            transport, fitted.models, cfg.outcome, ranges_model=chart
+            transport, fitted.models, cfg.outcome, ranges_model=drawn_model(fitted.models)
         )
         for site in cfg.training_sites:
             if site in transport.failed:
