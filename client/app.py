@@ -61,6 +61,7 @@ def settings_from_node_config(context: Context) -> SiteSettings:
         jobs=int(cfg.get("jobs", 1)),
         state_dir=Path(str(state)) if state else None,
         approved_studies=approved,
+        max_bootstrap=int(cfg.get("max-bootstrap", SiteSettings.max_bootstrap)),
     )
 
 

@@ -20,7 +20,7 @@ import re
 import uuid
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,6 +34,7 @@ from radfed.client.site_state import SiteState, default_state_dir, protocol_hash
 from radfed.client.table_cache import cached_site_table
 from radfed.client.validate import reason_counts
 from radfed.shared import evaluation_stats as es
+from radfed.shared.bootstrap import poisson_weights
 from radfed.shared.config import SITE_BATCH
 from radfed.shared.errors import PrivacyRefusal, RadfedError
 from radfed.shared.logistic import design, newton_pieces
@@ -71,6 +72,9 @@ class SiteSettings:
     state_dir: Path | None = None
     #: Protocol hashes the site's IT approved; when given, no other study is answered.
     approved_studies: tuple[str, ...] = ()
+    #: The highest bootstrap replicate the site answers (each one is a refit of the
+    #: whole pipeline on its training rows reweighted: see :meth:`Site._bootstrap`).
+    max_bootstrap: int = 200
 
     def __post_init__(self) -> None:
         if self.state_dir is None:
@@ -223,7 +227,12 @@ class Site:
         self.sent_counts: dict[str, float] = {}
         self.sets_used: list[str] = []
         self.pending_sets: dict[str, np.ndarray] = {}
-        self._views: dict[tuple[str, str], pd.DataFrame] = {}
+        self._views: dict[tuple[str, int, str], pd.DataFrame] = {}
+        #: The bootstrap replicate being answered (0: none) and, per row, its weights
+        #: (0 on test rows), with the site's policy for it (see :meth:`_bootstrap`).
+        self.replicate = 0
+        self._weights: np.ndarray | None = None
+        self._replicate_policy: PrivacyPolicy | None = None
         self.handlers: dict[str, Callable[[Payload], Payload]] = {
             "describe": self.describe,
             "split": self.split_counts,
@@ -235,6 +244,7 @@ class Site:
             "combat_batches": self.combat_batches,
             "select": self.select,
             "reproducibility": self.reproducibility,
+            "classifiers": self.classifiers,
         }
 
     def _split_levels(self) -> list[np.ndarray]:
@@ -251,10 +261,16 @@ class Site:
 
     @property
     def policy(self) -> PrivacyPolicy:
+        if self._replicate_policy is not None:  # inside a bootstrap replicate
+            return self._replicate_policy
         return self.settings.privacy
 
     def rows(self, subset: str) -> np.ndarray:
+        """Boolean mask of the patients of ``subset`` (in a bootstrap replicate, the
+        training patients it holds at least once): what the differencing rule judges."""
         if subset == TRAIN:
+            if self._weights is not None:
+                return ~self.test_mask & (self._weights > 0)
             return ~self.test_mask
         if subset == TEST:
             return self.test_mask
@@ -262,8 +278,23 @@ class Site:
             return np.ones_like(self.test_mask)
         raise RadfedError(f"unknown subset {str(subset)[:40]!r}; a site answers over {SUBSETS}")
 
+    def index(self, subset: str) -> np.ndarray:
+        """Positions of the rows of ``subset`` in the site's table, in table order: in
+        a bootstrap replicate, each training row repeated by its weight (the rows every
+        statistic is computed over)."""
+        if subset == TRAIN and self._weights is not None:
+            return np.repeat(np.arange(len(self._weights)), self._weights)
+        return np.flatnonzero(self.rows(subset))
+
+    def fold_of_rows(self) -> np.ndarray:
+        """The CV fold of each row of :meth:`index` of the training split (a repeated
+        row keeps its patient's fold)."""
+        if self._weights is not None:
+            return np.repeat(self.folds, self._weights[~self.test_mask])
+        return self.folds
+
     def _counts(self, subset: str) -> dict[str, int]:
-        y = self.table.y[self.rows(subset)]
+        y = self.table.y[self.index(subset)]
         return {"n": len(y), "events": int(y.sum()), "non_events": int(len(y) - y.sum())}
 
     def _answer_over(self, subsets: list[str]) -> None:
@@ -271,8 +302,12 @@ class Site:
         self._check_sets({s: self.rows(s) for s in subsets})
 
     def _check_sets(self, sets: dict[str, np.ndarray]) -> None:
-        # Checked now, remembered only once the reply passed every rule (handle).
-        self.state.check_sets(sets, self.ids, self.table.y, self.study, self.policy, record=False)
+        # Checked now, remembered only once the reply passed every rule (handle). Sets
+        # are of distinct patients: the site's own min_cell, also in a replicate.
+        privacy, weights = self.settings.privacy, self._weights
+        self.state.check_sets(
+            sets, self.ids, self.table.y, self.study, privacy, record=False, weights=weights
+        )
         self.pending_sets.update(sets)
         self.sets_used += [s for s in sets if s not in self.sets_used]
 
@@ -283,30 +318,30 @@ class Site:
 
     def batches(self, subset: str) -> np.ndarray:
         """Batch label of each row: the site's name, or its batch column."""
-        rows = self.rows(subset)
+        rows = self.index(subset)
         batch = self.protocol.get("batch", SITE_BATCH)
         if batch == SITE_BATCH:
-            return np.full(int(rows.sum()), self.settings.name, dtype=object)
+            return np.full(len(rows), self.settings.name, dtype=object)
         return self.table.labels[batch].to_numpy(dtype=object)[rows]
 
     def covariates(self, subset: str, levels: dict[str, list[str]]) -> np.ndarray:
         """ComBat's covariate design columns, encoded with the federation's levels."""
         from radfed.harmonization.combat import encode_covariates
 
-        rows = self.rows(subset)
+        rows = self.index(subset)
         categorical = list(self.protocol.get("categorical", []))
         numeric = [c for c in self.protocol.get("covariates", []) if c not in categorical]
         frame = pd.concat([self.table.frame[numeric], self.table.labels[categorical]], axis=1)
-        cov, _ = encode_covariates(frame.loc[rows], numeric, {c: levels[c] for c in categorical})
+        cov, _ = encode_covariates(frame.iloc[rows], numeric, {c: levels[c] for c in categorical})
         return cov
 
     def view(self, request: Payload, subset: str) -> pd.DataFrame:
         """The rows of ``subset`` after the pipeline in ``request``: ComBat-harmonised
         features and, when the request defines it, the Radscore column (a linear
         predictor, checked like any model's)."""
-        key = (subset, _digest(request, self.PIPELINE))
+        key = (subset, self.replicate, _digest(request, self.PIPELINE))
         if key not in self._views:
-            frame = self.table.frame.loc[self.rows(subset)].copy()
+            frame = self.table.frame.iloc[self.index(subset)].copy()
             if "combat_feature_names" in request:
                 from radfed.harmonization.combat import ComBatEstimates, apply_combat
 
@@ -605,6 +640,20 @@ class Site:
         self._sent(f"{subset} n", counts["n"])
         return reply
 
+    def _announce(
+        self, reply: Payload, subset: str, status: str, reason: str, counts: dict[str, int]
+    ) -> bool:
+        """Put a subset's evaluation status in ``reply`` and, unless it is refused, its
+        n and events (the subset then passes the differencing rule); False: refused."""
+        reply.update({f"{subset}_status": status, f"{subset}_reason": reason})
+        if status == "refused":
+            return False
+        self._answer_over([subset])
+        reply.update({f"{subset}_n": counts["n"], f"{subset}_events": counts["events"]})
+        self._sent(f"{subset} n", counts["n"])
+        self._sent(f"{subset} events", counts["events"])
+        return True
+
     def _calibration_gap(
         self, request: Payload, model: str, columns: list[str], X: np.ndarray, curve: np.ndarray
     ) -> float:
@@ -658,13 +707,8 @@ class Site:
             # are fits too, counted with the intercepts and slopes.
             n_curve = (es.CURVE_DEGREE + 1) * len(models)
             fit_curves = 2 * len(models) + n_curve <= self.policy.max_param_fraction * counts["n"]
-            reply.update({f"{subset}_status": status, f"{subset}_reason": reason})
-            if status == "refused":
+            if not self._announce(reply, subset, status, reason, counts):
                 continue
-            self._answer_over([subset])
-            reply.update({f"{subset}_n": counts["n"], f"{subset}_events": counts["events"]})
-            self._sent(f"{subset} n", counts["n"])
-            self._sent(f"{subset} events", counts["events"])
             if subset == TRAIN and request.get("ranges") and counts["n"]:
                 reply.update(self._value_counts(request, models, subset))
             if status != "ok":
@@ -766,7 +810,7 @@ class Site:
         outcomes. Names the variable, never the level or the count."""
         for name in dict.fromkeys(filter(None, map(self._dummy_of, columns))):
             for split in SPLITS if subset not in SPLITS else (subset,):
-                index = self.table.frame.loc[self.rows(split)].index
+                index = self.table.frame.iloc[self.index(split)].index
                 counts = pd.Series(self.levels_of(name, index)).value_counts()
                 if any(self.policy.small(int(n)) for n in counts):
                     return str(
@@ -848,13 +892,15 @@ class Site:
         from radfed.shared.selection_stats import answer
 
         self._answer_over([TRAIN])
+        train = self.rows(TRAIN)  # in a replicate: its patients
+        folds = self.fold_of_rows()
         if request.get("step") == "lasso_irls":
             sets = {}
             for k in range(self.n_folds):
                 in_fold = np.zeros(len(self.ids), dtype=bool)
                 in_fold[np.flatnonzero(~self.test_mask)[self.folds == k]] = True
-                sets[f"fold {k}"] = in_fold
-                sets[f"train without fold {k}"] = ~self.test_mask & ~in_fold
+                sets[f"fold {k}"] = in_fold & train
+                sets[f"train without fold {k}"] = train & ~in_fold
             self._check_sets(sets)
         x, y = self._data(request, request["select_columns"], TRAIN)
         if "without_fold" in request:
@@ -867,12 +913,101 @@ class Site:
                 raise RadfedError("request field 'without_fold' must be a fold number")
             if not 0 <= int(fold) < self.n_folds:
                 raise RadfedError(f"the site has no fold {int(fold)} (0..{self.n_folds - 1})")
-            keep = self.folds != int(fold)
             in_fold = np.zeros(len(self.ids), dtype=bool)
-            in_fold[np.flatnonzero(~self.test_mask)[~keep]] = True
-            self._check_sets({f"train without fold {int(fold)}": ~self.test_mask & ~in_fold})
+            in_fold[np.flatnonzero(~self.test_mask)[self.folds == int(fold)]] = True
+            self._check_sets({f"train without fold {int(fold)}": train & ~in_fold})
+            keep = folds != int(fold)
             x, y = x[keep], y[keep]
-        return answer(request, x, y, self.folds, self.n_folds, self.policy)
+        return answer(request, x, y, folds, self.n_folds, self.policy)
+
+    def classifiers(self, request: Payload) -> Payload:
+        """Seed 000's classifier comparison on the Radscore (Table 3; the statistics are
+        :mod:`radfed.shared.classifier_stats`).
+
+        ``step = "train"``: one federated round over the training rows: ``trees`` new
+        XGBoost trees boosted from the global margin ``xgb_margin`` (on the site grid),
+        in round 0 the site's ``forest_trees`` random-forest trees, and ``epochs`` of
+        the linear SVM and the network from ``svm_params`` and ``nn_params`` (FedAvg).
+        ``step = "evaluate"``: each classifier's probabilities on the site's rows of
+        ``subsets``, answered as :meth:`evaluate` answers a model (DeLong AUC, threshold
+        counts merged to ``min_cell``); the radial SVM and KNN are fitted and scored
+        here and never sent. The grid, depths, subsample, epochs and caps are the
+        site's (:data:`~radfed.shared.classifier_stats.SITE_LIMITS`).
+        """
+        from radfed.shared import classifier_stats as cs
+
+        limits, m = cs.SITE_LIMITS, self.policy.min_cell
+        cs.refuse_local_model_requests(request)
+        step = request.get("step")
+        if step not in (cs.TRAIN_STEP, cs.EVALUATE_STEP):
+            raise RadfedError("request field 'step' must be 'train' or 'evaluate'")
+        counts = self._counts(TRAIN)
+        self.policy.check_counts(counts, "classifiers")
+        self._answer_over([TRAIN])
+        train = self.view(request, TRAIN)
+        if RADSCORE not in train.columns:
+            raise RadfedError("the classifiers need the Radscore: the request defines none")
+        x, y = train[RADSCORE].to_numpy(dtype=float), self._outcome(train)
+        n_nn = cs.n_nn_params(limits.hidden)
+        svm = cs.params_vector(request, "svm_params", 2, limits)
+        nn = cs.params_vector(request, "nn_params", n_nn, limits)
+        self.policy.check_parameters(2 + n_nn, counts["n"], "classifiers")
+        # The global XGBoost model as its margin on the site's grid, and the forest as
+        # its probability there: the site never parses a model the request built.
+        margin = cs.grid_vector(request, "xgb_margin", -limits.max_weight, limits.max_weight)
+        row_margin = margin[cs.quantise(x)]
+        p = expit(row_margin)
+        self.policy.check_linear_predictor(row_margin, "classifiers (xgboost)", p * (1 - p))
+        self._sent("train n", counts["n"])
+        if step == cs.TRAIN_STEP:
+            rnd = cs.bounded_int(request, "round", 0, limits.max_rounds - 1)
+            trees = cs.bounded_int(request, "trees", 1, limits.max_trees)
+            # The site's own stream (its secret): the coordinator cannot steer subsamples.
+            secret = self.state.secret() + f"{self.study}:classifiers:{rnd}".encode()
+            seed = int.from_bytes(hashlib.sha256(secret).digest()[:8], "little")
+            reply: Payload = {
+                "n": counts["n"],
+                "xgb_model": cs.boost_trees(x, y, row_margin, trees, limits, m, seed),
+                "svm_params": cs.svm_epochs(svm, x, y, limits, self.policy),
+                "nn_params": cs.nn_epochs(nn, x, y, limits, self.policy),
+            }
+            if rnd == 0:
+                n_forest = cs.bounded_int(request, "forest_trees", 1, limits.max_forest_trees)
+                forest = cs.grow_forest(x, y, n_forest, limits, m, seed)
+                reply.update({f"rf_tree_{t}": forest[t] for t in range(n_forest)})
+            return reply
+        forest = cs.grid_vector(request, "rf_prob", 0.0, 1.0)
+        names = _names(request.get("classifiers", list(cs.CLASSIFIERS)), "classifiers")
+        unknown = [c for c in names if c not in cs.CLASSIFIERS]
+        if unknown:
+            raise RadfedError(f"unknown classifier(s) {unknown[:3]}; known: {list(cs.CLASSIFIERS)}")
+        subsets = [_subset(s) for s in _names(request.get("subsets", list(SPLITS)), "subsets")]
+        reply = {}
+        for subset in subsets:
+            counts = self._counts(subset)
+            status, reason = self._evaluable(counts)
+            if not self._announce(reply, subset, status, reason, counts):
+                continue
+            if status != "ok":
+                continue
+            frame = self.view(request, subset)
+            z, yz = frame[RADSCORE].to_numpy(dtype=float), self._outcome(frame)
+            scores = {
+                # Reused, not refitted: the radiomics model the context carries.
+                "logistic": expit(self._derived(request, [f"{LP}radiomics"], frame)[:, 0]),
+                "xgboost": expit(margin[cs.quantise(z)]),
+                "svm_linear": expit(cs.svm_score(svm, z)),
+                "random_forest": forest[cs.quantise(z)],
+                "neural_network": expit(cs.nn_forward(nn, z, limits.hidden)[1]),
+                **cs.site_local_scores(x, y, z, limits),
+            }
+            stats = cs.discrimination(yz, np.column_stack([scores[c] for c in names]), m)
+            reply.update({f"{subset}_{k}": v for k, v in stats.items()})
+            self._sent(
+                f"{subset} smallest count at a threshold (classifiers)",
+                _smallest(stats["tp"], stats["fp"]),
+            )
+        return reply
 
     def reproducibility(self, request: Payload) -> Payload:
         """Per comparison of readers, the sums of the federated ICC (see
@@ -909,15 +1044,18 @@ class Site:
                 axis=(1, 2)
             )
             chosen = train & rated
+            # The rows rated (in a bootstrap replicate, repeated by their weights).
+            picked = self.index(TRAIN)
+            picked = picked[chosen[picked]]
             status = "ok" if chosen.any() else "none"
             if chosen.any():
                 try:
-                    self.policy.check_counts({"n": int(chosen.sum())}, f"reproducibility {name}")
+                    self.policy.check_counts({"n": len(picked)}, f"reproducibility {name}")
                     self._check_sets({f"reproducibility {name}": chosen})
                 except PrivacyRefusal as exc:
-                    status, chosen = f"refused: {exc}", np.zeros_like(chosen)
-            self._sent(f"reproducibility {name} n", int(chosen.sum()))
-            ratings = complete_ratings([t.to_numpy(dtype=float)[chosen] for t in tables])
+                    status, picked = f"refused: {exc}", picked[:0]
+            self._sent(f"reproducibility {name} n", len(picked))
+            ratings = complete_ratings([t.to_numpy(dtype=float)[picked] for t in tables])
             sums = site_icc_sums(ratings)
             reply.update({f"{name}_{k}": v for k, v in sums.items()})
             reply[f"{name}_status"] = status
@@ -931,10 +1069,88 @@ class Site:
                 f"unknown task {str(task)[:40]!r}; a site knows {sorted(self.handlers)}"
             )
         self.sent_counts, self.sets_used, self.pending_sets = {}, [], {}
-        reply = handler(request)
-        PrivacyPolicy.check_shapes(reply, request_sizes(request), task)
-        self.state.check_sets(self.pending_sets, self.ids, self.table.y, self.study, self.policy)
+        try:
+            self._bootstrap(task, request)
+            reply = handler(request)
+            PrivacyPolicy.check_shapes(reply, request_sizes(request), task)
+            self.state.check_sets(
+                self.pending_sets,
+                self.ids,
+                self.table.y,
+                self.study,
+                self.settings.privacy,
+                weights=self._weights,
+            )
+        finally:
+            self.replicate, self._weights, self._replicate_policy = 0, None, None
         return reply
+
+    #: Tasks answered in a bootstrap replicate: those over the training rows.
+    REPLICATED = (
+        "moments",
+        "logistic",
+        "evaluate",
+        "combat_design",
+        "combat_residuals",
+        "combat_batches",
+        "select",
+        "reproducibility",
+    )
+
+    def _bootstrap(self, task: str, request: Payload) -> None:
+        """Enter bootstrap replicate ``request["bootstrap"]`` when the request names one.
+
+        The replicate is the site's training rows, each repeated by its Poisson(1)
+        weight (:func:`~radfed.shared.bootstrap.poisson_weights`, drawn with the site's
+        secret; a repeated row keeps its patient's fold). The number must be a whole
+        number from 1 to the site's own ``max_bootstrap``; only training rows are
+        answered. Within the replicate the site's minimum cell size is multiplied by
+        the largest weight, so every count sent (and every difference of sets) of at
+        least that size holds at least ``min_cell`` distinct patients, and the parameter
+        limit counts distinct patients (``max_param_fraction`` scaled by distinct over
+        weighted rows). The weights never leave the site.
+        """
+        if "bootstrap" not in request:
+            return
+        b, cap = request["bootstrap"], self.settings.max_bootstrap
+        if (
+            isinstance(b, (bool, np.bool_))
+            or not isinstance(b, (int, np.integer))
+            or not 1 <= int(b) <= cap
+        ):
+            if not cap:
+                raise RadfedError("request field 'bootstrap': this site answers no replicate")
+            raise RadfedError(
+                f"request field 'bootstrap' must be a replicate number from 1 to {cap} "
+                "(the site's limit)"
+            )
+        if task not in self.REPLICATED:
+            raise RadfedError(
+                f"task {str(task)[:40]!r} is not answered in a bootstrap replicate "
+                "(a replicate answers over the training rows only)"
+            )
+        asked = request.get("subsets", list(SPLITS)) if task == "evaluate" else None
+        asked = [request.get("subset", TRAIN)] if asked is None else asked
+        if not isinstance(asked, (list, tuple)) or any(s != TRAIN for s in asked):
+            raise RadfedError("a bootstrap replicate answers over the training rows only")
+        train = ~self.test_mask
+        drawn = poisson_weights(
+            int(train.sum()),
+            int(self.protocol["seed"]),
+            self.settings.name,
+            self.state.secret(),
+            int(b),
+        )
+        weights = np.zeros(len(train), dtype=np.int64)
+        weights[train] = drawn
+        privacy = self.settings.privacy
+        largest, distinct = max(int(drawn.max(initial=0)), 1), int((drawn > 0).sum())
+        self.replicate, self._weights = int(b), weights
+        self._replicate_policy = replace(
+            privacy,
+            min_cell=int(privacy.min_cell) * largest,
+            max_param_fraction=privacy.max_param_fraction * distinct / max(int(drawn.sum()), 1),
+        )
 
 
 def _names(value: Any, what: str) -> list[str]:

@@ -208,10 +208,17 @@ class SiteState:
         study: str,
         policy: PrivacyPolicy,
         record: bool = True,
+        weights: np.ndarray | None = None,
     ) -> None:
         """Refuse when a patient set differs from an answered one by 1..min_cell-1
         patients, events or non-events; otherwise, with ``record``, remember the new
         sets (a site records them once its reply has passed every rule).
+
+        With ``weights`` (a bootstrap replicate: each patient's number of copies, over
+        ``ids``) the sets are weighted: two aggregates then differ by the patients whose
+        weights differ (a patient in one set only has weight 0 in the other), and those
+        must be 0 or at least ``min_cell`` patients, events and non-events. Sets without
+        weights are compared as before (every member weighs 1).
 
         The difference of two aggregates is an aggregate over the patients in one set
         and not the other, so it must pass the minimum-cell rule like any subset (an
@@ -236,41 +243,59 @@ class SiteState:
         keyed = {
             label: (set(keyed_ids[mask]), set(keyed_ids[mask & y])) for label, mask in sets.items()
         }
+        weighed = {
+            label: None
+            if weights is None or np.all(weights[mask] == 1)
+            else dict(zip(keyed_ids[mask], map(int, weights[mask]), strict=True))
+            for label, mask in sets.items()
+        }
         with self.locked():
-            answered = self._read_json("answered_sets.json", [])
-            known = [
-                (a["label"], a["study"], set(a["members"]), set(a["events"])) for a in answered
-            ]
+            index = self._answered_index()
             for label, (members, events) in keyed.items():
-                for other_label, other_study, other, other_events in known:
-                    diff = members ^ other
-                    diff_events = len(events ^ other_events)
-                    counts = [len(diff), diff_events, len(diff) - diff_events]
-                    if label.startswith(OUTCOME_FREE) or other_label.startswith(OUTCOME_FREE):
-                        counts = counts[:1]
-                    if any(policy.small(c) for c in counts):
-                        raise refuse(
-                            "differencing",
-                            f"{label} of study {study!r}",
-                            f"the patient set differs from one answered before "
-                            f"({other_label} of study {other_study!r}) by fewer than "
-                            f"{policy.min_cell} patients, events or non-events",
-                        )
+                row = index.first_small(members, weighed[label], events, label, policy)
+                if row is not None:
+                    other = index.answered[row]
+                    raise refuse(
+                        "differencing",
+                        f"{label} of study {study!r}",
+                        f"the patient set differs from one answered before "
+                        f"({other['label']} of study {other['study']!r}) by fewer than "
+                        f"{policy.min_cell} patients, events or non-events",
+                    )
             new = False
             for label, (members, events) in keyed.items() if record else ():
-                if all(members != other for _, _, other, _ in known):
-                    answered.append(
-                        {
-                            "label": label,
-                            "study": study,
-                            "members": sorted(members),
-                            "events": sorted(events),
-                        }
-                    )
-                    known.append((label, study, members, events))
+                mine = weighed[label]
+                if not index.holds(members, mine):
+                    entry = {
+                        "label": label,
+                        "study": study,
+                        "members": sorted(members),
+                        "events": sorted(events),
+                    }
+                    if mine is not None:
+                        entry["weights"] = [mine[m] for m in entry["members"]]
+                    index.add(entry)
                     new = True
             if new:
-                self._write_json("answered_sets.json", answered)
+                self._write_json("answered_sets.json", index.answered)
+                self._index = (self._stat("answered_sets.json"), index)
+
+    def _stat(self, name: str) -> tuple[int, int, int] | None:
+        try:
+            st = (self.folder / name).stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _answered_index(self) -> _AnsweredSets:
+        """The answered sets (call with the lock held), parsed again only when the file
+        changed since this object last read or wrote it."""
+        stat = self._stat("answered_sets.json")
+        cached = getattr(self, "_index", None)
+        if cached is None or cached[0] != stat or stat is None:
+            cached = (stat, _AnsweredSets(self._read_json("answered_sets.json", [])))
+            self._index = cached
+        return cached[1]
 
     # -- assignments and audit --------------------------------------------------------
 
@@ -304,6 +329,89 @@ class SiteState:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+
+
+class _AnsweredSets:
+    """The answered patient sets as a matrix (set x patient: its weight, 0 outside the
+    set, 1 for a member of an unweighted set) and their events, so a new set is compared
+    with all of them at once."""
+
+    def __init__(self, answered: list[dict[str, Any]]) -> None:
+        self.answered = answered
+        self.column: dict[str, int] = {}
+        for a in answered:
+            for m in a["members"]:
+                self.column.setdefault(m, len(self.column))
+        n, u = len(answered), len(self.column)
+        self.weights = np.zeros((n, u), dtype=np.int64)
+        self.events = np.zeros((n, u), dtype=bool)
+        for r, a in enumerate(answered):
+            self.weights[r, [self.column[m] for m in a["members"]]] = a.get("weights", 1)
+            self.events[r, [self.column[m] for m in a["events"]]] = True
+        self.weighted = np.array(["weights" in a for a in answered], dtype=bool)
+        self.free = np.array([a["label"].startswith(OUTCOME_FREE) for a in answered], dtype=bool)
+
+    def _compare(
+        self, members: set[str], weights: dict[str, int] | None, events: set[str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per answered set: the patients whose weight differs from the new set's, and
+        the events among them (for two unweighted sets: the events in one set only)."""
+        inside = [m for m in members if m in self.column]
+        outside = len(members) - len(inside)
+        outside_events = sum(1 for m in events if m not in self.column)
+        w = np.zeros(len(self.column), dtype=np.int64)
+        cols = [self.column[m] for m in inside]
+        w[cols] = [weights[m] for m in inside] if weights is not None else 1
+        e = np.zeros(len(self.column), dtype=bool)
+        e[[self.column[m] for m in events if m in self.column]] = True
+        differ = self.weights != w
+        diff = differ.sum(axis=1) + outside
+        plain = (self.events ^ e).sum(axis=1)
+        weighed = (differ & (self.events | e)).sum(axis=1)
+        use = self.weighted | (weights is not None)
+        return diff, np.where(use, weighed, plain) + outside_events
+
+    def first_small(
+        self,
+        members: set[str],
+        weights: dict[str, int] | None,
+        events: set[str],
+        label: str,
+        policy: PrivacyPolicy,
+    ) -> int | None:
+        """The first answered set the new one differs from by 1..min_cell-1 patients,
+        events or non-events (patients only when either is outcome-free), or None."""
+        if not self.answered:
+            return None
+        diff, diff_events = self._compare(members, weights, events)
+
+        def small(c: np.ndarray) -> np.ndarray:
+            return (c > 0) & (c < policy.min_cell)
+
+        free = self.free | label.startswith(OUTCOME_FREE)
+        bad = small(diff) | (~free & (small(diff_events) | small(diff - diff_events)))
+        rows = np.flatnonzero(bad)
+        return int(rows[0]) if len(rows) else None
+
+    def holds(self, members: set[str], weights: dict[str, int] | None) -> bool:
+        """Whether the same patients with the same weights were answered before."""
+        if not self.answered:
+            return False
+        diff, _ = self._compare(members, weights, set())
+        return bool(np.any(diff == 0))
+
+    def add(self, entry: dict[str, Any]) -> None:
+        """Append a newly answered set."""
+        for m in entry["members"]:
+            self.column.setdefault(m, len(self.column))
+        grow = len(self.column) - self.weights.shape[1]
+        self.weights = np.pad(self.weights, ((0, 1), (0, grow)))
+        self.events = np.pad(self.events, ((0, 1), (0, grow)))
+        self.weights[-1, [self.column[m] for m in entry["members"]]] = entry.get("weights", 1)
+        self.events[-1, [self.column[m] for m in entry["events"]]] = True
+        self.weighted = np.append(self.weighted, "weights" in entry)
+        self.free = np.append(self.free, entry["label"].startswith(OUTCOME_FREE))
+        self.answered.append(entry)
 
 
 def _pinned(protocol: dict[str, Any]) -> dict[str, Any]:

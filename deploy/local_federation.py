@@ -134,6 +134,8 @@ class SiteNode:
     #: Protocol hashes the site approved in advance; empty: any study, pinned when first
     #: answered.
     approved_studies: tuple[str, ...] = ()
+    #: The highest bootstrap replicate the site answers (None: the ClientApp's default).
+    max_bootstrap: int | None = None
 
     def node_config(self) -> dict[str, str | int | float]:
         values: dict[str, str | int | float] = {
@@ -152,6 +154,8 @@ class SiteNode:
             values["state-dir"] = str(Path(self.state_dir).resolve())
         if self.approved_studies:
             values["approved-studies"] = ",".join(self.approved_studies)
+        if self.max_bootstrap is not None:
+            values["max-bootstrap"] = int(self.max_bootstrap)
         return values
 
 

@@ -60,6 +60,9 @@ VARIABLES: tuple[Variable, ...] = (
              "answered)",
              "comma-separated protocol hashes (`radfed study-hash STUDY.toml`) this site "
              "answers; no other study is answered"),
+    Variable("RADFED_MAX_BOOTSTRAP", (SITE,), "200",
+             "highest bootstrap replicate this site answers (0: none; at most 1000); each "
+             "is a refit of the study on its training rows reweighted (docs/privacy.md)"),
     Variable("RADFED_JOBS", (SITE,), "1", "parallel pyradiomics extractions"),
     Variable("RADFED_CONNECT_TIMEOUT", (SITE,), "10",
              "seconds the start-up check waits for the coordinator"),
@@ -186,6 +189,7 @@ class SiteSettings:
     runtime_port: int
     state_dir: Path = Path("/state")
     approved_studies: tuple[str, ...] = ()
+    max_bootstrap: int = 200
 
     @property
     def superlink_host_port(self) -> tuple[str, int]:
@@ -203,7 +207,8 @@ class SiteSettings:
 def site_settings(env: Mapping[str, str] | None = None) -> SiteSettings:
     """Read a site's settings; the privacy limits may only be stricter than DESIGN's."""
     env = os.environ if env is None else env
-    from radfed.shared.config import SITE_NAME
+    # A site answers no more bootstrap replicates than a study may ask for.
+    from radfed.shared.config import MAX_BOOTSTRAP, SITE_NAME
 
     name = _get(env, "RADFED_SITE_NAME")
     if not SITE_NAME.match(name):
@@ -221,6 +226,11 @@ def site_settings(env: Mapping[str, str] | None = None) -> SiteSettings:
             f"RADFED_MAX_PARAM_FRACTION={_get(env, 'RADFED_MAX_PARAM_FRACTION')} must be in "
             "(0, 1/3]: a site may only be stricter"
         )
+    max_bootstrap = int(_number(env, "RADFED_MAX_BOOTSTRAP", int))
+    if not 0 <= max_bootstrap <= MAX_BOOTSTRAP:
+        raise ConfigError(
+            f"RADFED_MAX_BOOTSTRAP={max_bootstrap} must be from 0 (no replicate) to {MAX_BOOTSTRAP}"
+        )
     settings = SiteSettings(
         name=name,
         superlink=_get(env, "RADFED_SUPERLINK"),
@@ -235,6 +245,7 @@ def site_settings(env: Mapping[str, str] | None = None) -> SiteSettings:
         runtime_port=int(_number(env, "RADFED_RUNTIME_PORT", int)),
         state_dir=Path(_get(env, "RADFED_SITE_STATE_DIR")),
         approved_studies=approved_studies(env.get("RADFED_APPROVED_STUDIES", "")),
+        max_bootstrap=max_bootstrap,
     )
     settings.superlink_host_port  # noqa: B018 - validates the address now
     return settings

@@ -42,6 +42,7 @@ def site_node(settings: SiteSettings) -> SiteNode:
         jobs=settings.jobs,
         state_dir=settings.state_dir,
         approved_studies=settings.approved_studies,
+        max_bootstrap=settings.max_bootstrap,
     )
 
 
@@ -73,7 +74,8 @@ def preflight(settings: SiteSettings, report: bool = False) -> None:
     say(f"{PROG}: site {settings.name}, data {settings.data_dir} ({source})")
     say(
         f"{PROG}: privacy limits min_cell={settings.privacy.min_cell}, "
-        f"max_param_fraction={settings.privacy.max_param_fraction:.4g}"
+        f"max_param_fraction={settings.privacy.max_param_fraction:.4g}, "
+        f"bootstrap replicates up to {settings.max_bootstrap}"
     )
     checks.require_writable_dir(settings.cache_dir, "cache folder", "RADFED_CACHE_DIR")
     checks.require_writable_dir(settings.state_dir, "state folder", "RADFED_SITE_STATE_DIR")

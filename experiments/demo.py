@@ -52,6 +52,13 @@ folds = 5
 # this small, slow to fit and never chosen by CV.
 lambda_min_ratio = 0.01
 
+# Seed 000's Table 3: the Radscore fed to seven classifiers (XGBoost bagging, random
+# forest, linear SVM and a small network federated; radial SVM and KNN site-local).
+# A site whose training split is too small for the models' parameters refuses it, and
+# results.json says so.
+[classifiers]
+compare = true
+
 [extraction]
 params = "{params}"
 

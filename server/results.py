@@ -23,6 +23,7 @@ DETAILS = (
     "evaluation",
     "external",
     "equivalence",
+    "classifiers",
 )
 
 

@@ -28,6 +28,7 @@ A study file is TOML::
 
     [validation]
     leave_one_site_out = "auto"  # "auto": with three or more training sites; true; false
+    bootstrap = 0                # Harrell's optimism correction: B replicates (0: off)
 
     [federation]
     timeout = 3600               # seconds for a whole Flower run; default from the
@@ -36,6 +37,12 @@ A study file is TOML::
     on_site_failure = "stop"     # a site that does not answer within round_timeout:
                                  # "stop" the run, or "drop" it (the fit restarts
                                  # without it, recorded in results.json and MLflow)
+
+    [classifiers]                # seed 000's Table 3 on the Radscore (docs/classifiers.md)
+    compare = false              # true: XGBoost, RF, SVMs, network, KNN beside the LASSO
+    rounds = 5                   # federated training rounds (1..20), plus one evaluation
+    trees_per_round = 1          # XGBoost trees each site boosts per round (1..3)
+    forest_trees = 10            # random-forest trees each site grows (1..20)
 
     [nomogram]                   # how the chart names its predictors (optional)
     labels = { cobb_angle = "Cobb angle (deg)" }   # axis titles instead of column names
@@ -106,11 +113,14 @@ KNOWN = {
     "extraction": {"params"},
     "tracking": {"uri", "experiment", "enabled"},
     "privacy": {"min_cell", "max_param_fraction"},
-    "validation": {"leave_one_site_out"},
+    "validation": {"leave_one_site_out", "bootstrap"},
     "federation": {"timeout", "round_timeout", "on_site_failure"},
     "sites": {"name", "path", "role"},
     "nomogram": {"labels", "levels"},
+    "classifiers": {"compare", "rounds", "trees_per_round", "forest_trees"},
 }
+#: The most bootstrap replicates a study may ask for (each site also has its own limit).
+MAX_BOOTSTRAP = 1000
 #: Overrides ``[tracking] uri`` of every study file (set by the coordinator image).
 TRACKING_URI_ENV = "RADFED_TRACKING_URI"
 ROLES = ("training", "validation")
@@ -169,6 +179,22 @@ class SelectionConfig:
 
 
 @dataclass(frozen=True)
+class ClassifiersConfig:
+    """Seed 000's classifier comparison on the Radscore (Table 3), opt-in: ``rounds``
+    federated training rounds (plus one evaluation round), XGBoost trees each site
+    boosts per round, random-forest trees each site grows. Each site caps these too."""
+
+    compare: bool = False
+    rounds: int = 5
+    trees_per_round: int = 1
+    forest_trees: int = 10
+
+
+#: Bounds of ``[classifiers]`` (the sites' default caps: shared.classifier_stats).
+CLASSIFIER_BOUNDS = {"rounds": (1, 20), "trees_per_round": (1, 3), "forest_trees": (1, 20)}
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     """A parsed study file. See the module docstring for the format."""
 
@@ -186,8 +212,12 @@ class StudyConfig:
     privacy: PrivacyPolicy = field(default_factory=PrivacyPolicy)
     harmonization: HarmonizationConfig = field(default_factory=HarmonizationConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    classifiers: ClassifiersConfig = field(default_factory=ClassifiersConfig)
     univariable_p: float = 0.05
     leave_one_site_out: str | bool = "auto"
+    #: Bootstrap replicates of Harrell's optimism correction (``[validation]
+    #: bootstrap``; 0: none): each refits the whole pipeline.
+    bootstrap: int = 0
     source: Path | None = None
     #: Seconds for a whole Flower run (None: from the expected rounds; 0: no limit).
     timeout: float | None = None
@@ -272,6 +302,11 @@ class StudyConfig:
             flat.update({f"{section}.{k}": v for k, v in asdict(getattr(self, section)).items()})
         flat["sites"] = self.training_sites
         flat["validation_sites"] = self.validation_sites
+        if not self.bootstrap:  # off: the settings of a study without the option
+            flat.pop("bootstrap")
+        classifiers = flat.pop("classifiers")
+        if self.classifiers.compare:  # off: the settings of a study without the option
+            flat.update({f"classifiers.{k}": v for k, v in classifiers.items()})
         return {
             k: json.dumps(v) if isinstance(v, (list, tuple)) else str(v) for k, v in flat.items()
         }
@@ -556,6 +591,8 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
         raise StudyConfigError(
             f'[validation]: leave_one_site_out must be "auto", true or false, got {loso!r}'
         )
+    bootstrap = validation.get("bootstrap", 0)
+    _check_number(bootstrap, "bootstrap", "[validation]", 0, MAX_BOOTSTRAP, "integer")
 
     federation = data.get("federation", {})
     _check_keys(federation, "federation")
@@ -586,8 +623,10 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
         privacy=privacy,
         harmonization=harmonization,
         selection=selection,
+        classifiers=_classifiers(data.get("classifiers", {})),
         univariable_p=float(univariable_p),
         leave_one_site_out=loso,
+        bootstrap=int(bootstrap),
         source=source,
         timeout=float(limits["timeout"]) if "timeout" in limits else None,
         round_timeout=float(limits.get("round_timeout", 600.0)),
@@ -816,6 +855,20 @@ def _selection(table: dict[str, Any]) -> SelectionConfig:
         raise StudyConfigError(
             f"[selection]: mrmr_in_folds must be true or false, got {cfg.mrmr_in_folds!r}"
         )
+    return cfg
+
+
+def _classifiers(table: dict[str, Any]) -> ClassifiersConfig:
+    _check_keys(table, "classifiers")
+    cfg = ClassifiersConfig(**table)
+    if not isinstance(cfg.compare, bool):
+        raise StudyConfigError(f"[classifiers]: compare must be true or false, got {cfg.compare!r}")
+    for key, (low, high) in CLASSIFIER_BOUNDS.items():
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise StudyConfigError(
+                f"[classifiers]: {key} must be an integer in {low}..{high}, got {value!r}"
+            )
     return cfg
 
 

@@ -28,6 +28,7 @@ BUILD = ["numpy", "setuptools", "wheel"]
 COMMON = [
     "numpy", "scipy", "pandas", "pyarrow", "SimpleITK", "pyradiomics", "flwr",
     "tomli-w", "tqdm", "PyYAML", "cryptography",
+    "xgboost-cpu", "scikit-learn",  # the classifier comparison, fitted at the sites
 ]  # fmt: skip
 IMAGES = {
     "site": COMMON,

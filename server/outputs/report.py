@@ -1091,6 +1091,101 @@ def _equivalence(rows: Sequence[Mapping[str, Any]]) -> Markup:
     )
 
 
+_BOOTSTRAP_METRICS = {
+    "auc_within_site": "AUC within sites (exact)",
+    "cal_slope": "calibration slope",
+    "cal_intercept": "calibration intercept",
+    "brier": "Brier score",
+}
+
+
+def _bootstrap(results: Mapping[str, Any]) -> Markup:
+    """Harrell's optimism correction: apparent, mean optimism and corrected values per
+    model and metric, over the training sites' training rows."""
+    boot = results["evaluation"]["bootstrap"]
+    rows = []
+    for model in _model_order(boot.get("models") or {}):
+        for key, title in _BOOTSTRAP_METRICS.items():
+            entry = boot["models"][model].get(key) or {}
+            rows.append(
+                [
+                    _model_title(model),
+                    title,
+                    _f(entry.get("apparent")),
+                    _f(entry.get("optimism")),
+                    _f(entry.get("corrected")),
+                    _int(entry.get("replicates")),
+                ]
+            )
+    failed = boot.get("failed") or {}
+    note = (
+        f"{boot.get('replicates_ok')} of {boot.get('B')} bootstrap replicates refitted the "
+        "whole pipeline (ComBat, mRMR, LASSO-CV, screening, models); optimism = metric on "
+        "the replicate minus metric of the same models on the original training rows; "
+        "corrected = apparent minus mean optimism."
+    )
+    content = _para(note) + _table(
+        ["model", "metric", "apparent", "optimism", "corrected", "replicates"], rows, left=2
+    )
+    if failed:
+        content += _para(
+            f"{len(failed)} replicate(s) could not be fitted and are left out (the mean "
+            "optimism may then lean towards the replicates every site could answer): "
+            + "; ".join(f"{b}: {why}" for b, why in list(failed.items())[:5]),
+            "note",
+        )
+    return content
+
+
+_CLASSIFIER_TITLES = {
+    "logistic": "LASSO (logistic)",
+    "xgboost": "XGBoost",
+    "svm_radial": "SVM radial†",
+    "svm_linear": "SVM linear",
+    "random_forest": "Random forest",
+    "neural_network": "Neural network",
+    "knn": "KNN†",
+}
+_CLASSIFIER_METRICS = {
+    "auc": "AUC",
+    "sensitivity": "Sensitivity",
+    "specificity": "Specificity",
+    "accuracy": "Accuracy",
+}
+
+
+def _classifiers(results: Mapping[str, Any]) -> Markup:
+    """Seed 000's Table 3 per site and split: classifiers as columns, metrics as rows."""
+    entry = results["classifiers"]
+    if entry.get("status") != "ok":
+        return _para(f"Not run: {entry.get('reason', 'no reason given')}", "note")
+    names = list(entry.get("classifiers") or [])
+    local = [_CLASSIFIER_TITLES.get(c, c) for c in entry.get("site_local") or []]
+    content = _para(
+        "Classifiers fed the Radscore alone; " + str(entry.get("cutoff_rule", "")) + ". "
+        f"† {', '.join(local)}: site-local, not federated (support vectors and neighbours "
+        "are patients' values): each site fits and scores them on its own rows only, and "
+        "the model never leaves it. ≈: 0.5 fell in a threshold cell the site merged to its "
+        "minimum cell size; the counts there are interpolated."
+    )
+    for site, by_subset in (entry.get("table") or {}).items():
+        for subset, layout in by_subset.items():
+            exact = layout.get("cutoff_exact") or [True] * len(names)
+            rows = [
+                [
+                    title,
+                    *(
+                        _f(v) if metric == "auc" or ok else Markup("≈") + _f(v)
+                        for v, ok in zip(layout["rows"].get(metric, []), exact, strict=False)
+                    ),
+                ]
+                for metric, title in _CLASSIFIER_METRICS.items()
+            ]
+            head = ["metric", *(_CLASSIFIER_TITLES.get(c, c) for c in names)]
+            content += _table(head, rows, caption=f"{site} — {subset}")
+    return content
+
+
 def _rounds(results: Mapping[str, Any]) -> Markup:
     rounds = results.get("rounds") or {}
     if not rounds:
@@ -1239,6 +1334,8 @@ def render_report(
         ("calibration", "Calibration", _calibration(results)),
         ("external", "External validation", _external(results)),
     ]
+    if (results.get("evaluation") or {}).get("bootstrap"):
+        sections.append(("bootstrap", "Bootstrap optimism correction", _bootstrap(results)))
     if results.get("equivalence"):
         sections.append(
             (
@@ -1247,6 +1344,8 @@ def render_report(
                 _equivalence(results["equivalence"]),
             )
         )
+    if results.get("classifiers"):
+        sections.append(("classifiers", "Classifiers on the Radscore", _classifiers(results)))
     sections.append(("rounds", "Federated rounds", _rounds(results)))
     figure_toc: list[tuple[str, str]] = []
     if figures:

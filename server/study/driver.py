@@ -28,7 +28,10 @@ from radfed.server.federation.transport import SiteFailure, Transport
 from radfed.server.results import LogisticFit, StudyResult
 from radfed.server.stats.axis_ranges import drawn_model
 from radfed.server.stats.evaluation import evaluate_models
+from radfed.server.study.bootstrap import bootstrap_jobs
+from radfed.server.study.bootstrap import summary as bootstrap_summary
 from radfed.server.study.checkpoint import Checkpoint
+from radfed.server.study.classifiers import compare_classifiers
 from radfed.server.study.external import leave_one_site_out, meta_analysis, validation_sites
 from radfed.server.study.phases import (
     KEPT_OUT_RULE,
@@ -225,20 +228,37 @@ class FederatedStudy:
                         "abandoned": abandoned,
                     }
                     checkpoint.save("fit", (fitted, performance, cutoffs, cfg, state))
-            validation = validation_sites(cfg, lane, fitted, cutoffs)
+            if cfg.classifiers.compare:
+                # Seed 000's Table 3 needs the Radscore and the radiomics model (in the
+                # lane's context now): it shares rounds with the validation sites.
+                validation, fitted.details["classifiers"] = together(
+                    lane,
+                    [
+                        lambda sub: validation_sites(cfg, sub, fitted, cutoffs),
+                        lambda sub: compare_classifiers(sub, cfg),
+                    ],
+                )
+            else:
+                validation = validation_sites(cfg, lane, fitted, cutoffs)
             # The transport ends with the main fit's state (its context: the fitted
             # pipeline), as when it ran alone.
             transport.context, transport.param_budget = lane.context, lane.param_budget
             return fitted, performance, validation
 
+        # Harrell's bootstrap (none unless [validation] bootstrap): B more refits.
+        boot = bootstrap_jobs(cfg, refit=lambda sub: FederatedStudy(cfg, sub).fit())
         outcomes = together(
             transport,
-            [main, *jobs.values()],
-            tallies=[None, *["external"] * len(jobs)],
+            [main, *jobs.values(), *boot],
+            tallies=[None, *["external"] * len(jobs), *["bootstrap"] * len(boot)],
             cancel_on_error=True,
         )
         fitted, performance, validation = outcomes[0]
-        held_out = dict(zip(jobs, outcomes[1:], strict=True))
+        held_out = dict(zip(jobs, outcomes[1 : 1 + len(jobs)], strict=True))
+        if boot:
+            fitted.details["evaluation"]["bootstrap"] = bootstrap_summary(
+                cfg, performance, outcomes[1 + len(jobs) :]
+            )
         external = {
             "validation": validation,
             "held_out": held_out,

@@ -17,7 +17,9 @@ Metric keys ``{model}/{split}/{metric}/{site}``:
 
 Also ``{model}/external/auc/random_effects`` and ``{model}/external/i2/random_effects``
 (the meta-analysis of held-out AUCs), ``{a}_vs_{b}/{split}/delong_p/{site}`` (paired
-DeLong tests), ``site/{site}/{split}/n`` and ``.../events``, ``rounds/{phase}``.
+DeLong tests), ``site/{site}/{split}/n`` and ``.../events``, ``rounds/{phase}``, and
+with ``[validation] bootstrap``, ``bootstrap.{model}.{metric}_{apparent|optimism|corrected}``
+(e.g. ``bootstrap.nomogram.auc_within_site_corrected``).
 A metric that is undefined at a site (one class only, refused) is not logged.
 
 Parameters: every study setting. Tags: ``radfed.study``, ``radfed.transport``,
@@ -129,10 +131,33 @@ def study_metrics(result: StudyResult) -> dict[str, float]:
             metrics[f"site/{site}/{split}/n"] = float(info[split]["n"])
             metrics[f"site/{site}/{split}/events"] = float(info[split]["events"])
     metrics.update({f"rounds/{phase}": float(n) for phase, n in result.rounds.items()})
+    # Harrell's optimism correction: bootstrap.{model}.{metric}_{apparent|optimism|corrected}.
+    boot = result.details.get("evaluation", {}).get("bootstrap") or {}
+    for model, entries in (boot.get("models") or {}).items():
+        for name, entry in entries.items():
+            for kind in ("apparent", "optimism", "corrected"):
+                value = entry.get(kind)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    metrics[f"bootstrap.{model}.{name}_{kind}"] = float(value)
+    metrics.update(classifier_metrics(result.details.get("classifiers") or {}))
     if result.details.get("reproducibility"):
         from radfed.server.stats.reproducibility import reproducibility_metrics
 
         metrics.update(reproducibility_metrics(result.details["reproducibility"]))
+    return metrics
+
+
+def classifier_metrics(entry: Mapping[str, Any]) -> dict[str, float]:
+    """Seed 000's Table 3: ``classifier.{name}.{site}.{split}.{metric}`` (site-local
+    classifiers under their names too; results.json says which they are)."""
+    metrics: dict[str, float] = {}
+    for site, splits in (entry.get("sites") or {}).items():
+        for split, by_name in splits.items():
+            for name, values in by_name.items():
+                for metric in ("auc", "sensitivity", "specificity", "accuracy"):
+                    value = values.get(metric)
+                    if isinstance(value, (int, float)) and math.isfinite(value):
+                        metrics[f"classifier.{name}.{site}.{split}.{metric}"] = float(value)
     return metrics
 
 
