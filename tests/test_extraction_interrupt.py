@@ -140,11 +140,21 @@ def _tiny_site(root: Path, patients: int = 3) -> Path:
     return root
 
 
-def test_signal_during_serial_extraction_keeps_finished_cases(tmp_path, monkeypatch):
+@pytest.fixture
+def default_sigterm():
+    """SIGTERM as a plain process has it: extract_site installs its handler only over the
+    default one, and an earlier test's library (Flower's simulation) may have left its
+    own in this pytest process."""
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_signal_during_serial_extraction_keeps_finished_cases(
+    tmp_path, monkeypatch, default_sigterm
+):
     """jobs=1 (cases computed in this process, with the real signal handler): the case in
     flight is abandoned at once, the finished ones stay in the cache."""
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        pytest.skip("SIGTERM has a handler here: the signal would not reach extract_site's")
     site, cache = _tiny_site(tmp_path / "site"), tmp_path / "cache"
     real = extraction._run_case
     calls = []
