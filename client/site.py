@@ -715,11 +715,9 @@ class Site:
                 continue
             x, y = self._data(request, [f"{LP}{name}" for name in models], subset)
             P = expit(x)
-            roc = es.delong(y, x)
-            tp, fp = es.threshold_counts(y, P, es.THRESHOLDS)
-            tp, fp, tp_exact, fp_exact = es.coarsen_threshold_counts(
-                tp, fp, counts["events"], counts["non_events"], m
-            )
+            # DeLong on the linear predictors (their ties), counts on the risks.
+            stats = es.discrimination(y, x, P, m)
+            tp, fp = stats["tp"], stats["fp"]
             bin_n, observed, expected = es.coarsen_bins(*es.calibration_bins(y, P, es.BIN_EDGES), m)
             # HL on g - 2 df where the model was fitted (train), g df on other patients.
             hl = [
@@ -739,12 +737,7 @@ class Site:
             errors = [es.calibration_errors(x[:, j], curves[j]) for j in range(len(models))]
             reply.update(
                 {
-                    f"{subset}_auc": roc.auc,
-                    f"{subset}_auc_cov": roc.cov,
-                    f"{subset}_tp": tp,
-                    f"{subset}_fp": fp,
-                    f"{subset}_tp_exact": tp_exact.astype(float),
-                    f"{subset}_fp_exact": fp_exact.astype(float),
+                    **{f"{subset}_{k}": v for k, v in stats.items()},
                     f"{subset}_bin_n": bin_n,
                     f"{subset}_bin_observed": observed,
                     f"{subset}_bin_expected": expected,
@@ -1001,7 +994,8 @@ class Site:
                 "neural_network": expit(cs.nn_forward(nn, z, limits.hidden)[1]),
                 **cs.site_local_scores(x, y, z, limits),
             }
-            stats = cs.discrimination(yz, np.column_stack([scores[c] for c in names]), m)
+            P = np.column_stack([scores[c] for c in names])
+            stats = es.discrimination(yz, P, P, m)
             reply.update({f"{subset}_{k}": v for k, v in stats.items()})
             self._sent(
                 f"{subset} smallest count at a threshold (classifiers)",

@@ -458,27 +458,3 @@ def site_local_scores(
         "svm_radial": expit(svm.decision_function(Z)),
         "knn": knn.predict_proba(Z)[:, list(knn.classes_).index(1)],
     }
-
-
-# ------------------------------------------------------------------------ evaluation
-
-
-def discrimination(y: np.ndarray, P: np.ndarray, min_cell: int) -> dict[str, np.ndarray]:
-    """What the site's ``evaluate`` sends about a model's discrimination, for the
-    probabilities ``P`` (n, k) of k classifiers: DeLong AUCs and covariance, events and
-    non-events at the site's thresholds merged until every cell passes ``min_cell``."""
-    y = np.asarray(y, dtype=float)
-    roc = es.delong(y, P)
-    tp, fp = es.threshold_counts(y, P, es.THRESHOLDS)
-    events = int(y.sum())
-    tp, fp, tp_exact, fp_exact = es.coarsen_threshold_counts(
-        tp, fp, events, len(y) - events, min_cell
-    )
-    return {
-        "auc": np.atleast_1d(roc.auc),
-        "auc_cov": np.atleast_2d(roc.cov),
-        "tp": tp,
-        "fp": fp,
-        "tp_exact": tp_exact.astype(float),
-        "fp_exact": fp_exact.astype(float),
-    }

@@ -768,6 +768,28 @@ def coarsen_threshold_counts(
     return tp_r, fp_r, tp_exact, fp_exact
 
 
+def discrimination(
+    y: np.ndarray, scores: np.ndarray, P: np.ndarray, min_cell: int
+) -> dict[str, np.ndarray]:
+    """What a site sends about the discrimination of k models (or classifiers): DeLong
+    AUCs and covariance of ``scores`` (n, k), and events and non-events at or above each
+    of the site's :data:`THRESHOLDS` of the risks ``P`` (n, k), merged until every cell
+    passes ``min_cell``."""
+    y = np.asarray(y, dtype=float)
+    roc = delong(y, scores)
+    tp, fp = threshold_counts(y, P, THRESHOLDS)
+    events = int(y.sum())
+    tp, fp, tp_exact, fp_exact = coarsen_threshold_counts(tp, fp, events, len(y) - events, min_cell)
+    return {
+        "auc": np.atleast_1d(roc.auc),
+        "auc_cov": np.atleast_2d(roc.cov),
+        "tp": tp,
+        "fp": fp,
+        "tp_exact": tp_exact.astype(float),
+        "fp_exact": fp_exact.astype(float),
+    }
+
+
 def coarsen_bins(
     n: np.ndarray, observed: np.ndarray, expected: np.ndarray, min_cell: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

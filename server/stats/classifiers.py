@@ -19,7 +19,12 @@ from typing import Any
 import numpy as np
 
 from radfed.server.stats import inference
-from radfed.server.stats.evaluation import _at_cutoff, _exact, counts_at_thresholds
+from radfed.server.stats.evaluation import (
+    _at_cutoff,
+    _exact,
+    counts_at_thresholds,
+    missing_metrics,
+)
 from radfed.shared.classifier_stats import CLASSIFIERS, GRID, METHODS, SITE_LOCAL
 from radfed.shared.evaluation_stats import THRESHOLDS
 from radfed.shared.messages import Payload
@@ -123,13 +128,8 @@ def classifier_metrics(reply: Payload, subset: str, j: int) -> dict[str, Any]:
     status = reply.get(f"{subset}_status", "refused")
     n, events = reply.get(f"{subset}_n"), reply.get(f"{subset}_events")
     if status != "ok":
-        return {
-            "n": n,
-            "events": events,
-            "status": status,
-            "reason": reply.get(f"{subset}_reason", ""),
-            **dict.fromkeys(METRICS, math.nan),
-        }
+        reason = reply.get(f"{subset}_reason", "")
+        return missing_metrics(n, events, status, reason) | dict.fromkeys(METRICS, math.nan)
     n, events = int(n), int(events)
     auc, var = float(reply[f"{subset}_auc"][j]), float(reply[f"{subset}_auc_cov"][j, j])
     c = int(np.flatnonzero(np.isclose(THRESHOLDS, CUTOFF))[0])

@@ -62,9 +62,8 @@ FIELD = "bootstrap"
 #: refit asks them as the main fit does, without the replicate (the sites refuse them in
 #: one); they are the same questions, answered over the same patients.
 ROWLESS = ("describe", "split")
-#: The metrics reported; the exact ones are checked against a pooled bootstrap.
+#: The metrics reported, each exact (checked against a pooled bootstrap).
 EXACT = ("auc_within_site", "brier", "cal_intercept", "cal_slope")
-METRICS = EXACT
 RULE = (
     "Harrell's bootstrap optimism correction: for each replicate b (each training site's "
     "training rows repeated by Poisson(1) weights the site draws with its secret) the whole "
@@ -195,34 +194,42 @@ def _metrics(
     }
 
 
+def within_sites(sites: list[tuple[int, int, float, float]]) -> dict[str, float]:
+    """Within-site concordance and Brier over sites given as (n, events, AUC, Brier)."""
+    pairs = concordant = rows = squares = 0.0
+    for n, events, auc, brier in sites:
+        pairs += events * (n - events)
+        concordant += auc * events * (n - events)
+        rows += n
+        squares += brier * n
+    return {"auc_within_site": concordant / pairs, "brier": squares / rows}
+
+
 def site_sums(replies: Mapping[str, Payload], j: int) -> dict[str, float]:
     """Within-site concordance and Brier of model ``j`` from the sites' train replies."""
-    pairs = concordant = rows = squares = 0.0
-    for r in replies.values():
-        n, events = int(r["train_n"]), int(r["train_events"])
-        pairs += events * (n - events)
-        concordant += float(np.asarray(r["train_auc"])[j]) * events * (n - events)
-        rows += n
-        squares += float(np.asarray(r["train_brier"])[j]) * n
-    return {"auc_within_site": concordant / pairs, "brier": squares / rows}
+    return within_sites(
+        [
+            (
+                int(r["train_n"]),
+                int(r["train_events"]),
+                float(np.asarray(r["train_auc"])[j]),
+                float(np.asarray(r["train_brier"])[j]),
+            )
+            for r in replies.values()
+        ]
+    )
 
 
 def from_performance(performance: Mapping[str, Any], sites: list[str]) -> dict[str, Any]:
     """The apparent metrics of the study's own models, from its evaluation."""
     out: dict[str, Any] = {}
     for m, per_site in performance.items():
-        pairs = concordant = rows = squares = 0.0
-        for s in sites:
-            t = per_site[s]["train"]
-            n, events = int(t["n"]), int(t["events"])
-            pairs += events * (n - events)
-            concordant += float(t["auc"]) * events * (n - events)
-            rows += n
-            squares += float(t["brier"]) * n
+        train = [per_site[s]["train"] for s in sites]
         pooled = per_site[POOLED]["train"]
         out[m] = {
-            "auc_within_site": concordant / pairs,
-            "brier": squares / rows,
+            **within_sites(
+                [(int(t["n"]), int(t["events"]), float(t["auc"]), float(t["brier"])) for t in train]
+            ),
             "cal_intercept": pooled["calibration"]["intercept"],
             "cal_slope": pooled["calibration"]["slope"],
         }
@@ -240,7 +247,7 @@ def summary(
     models: dict[str, Any] = {}
     for m, values in apparent.items():
         entry: dict[str, Any] = {}
-        for metric in METRICS:
+        for metric in EXACT:
             optimism = [
                 r["apparent"][m][metric] - r["test"][m][metric] for r in done if m in r["apparent"]
             ]
