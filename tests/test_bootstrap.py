@@ -470,6 +470,19 @@ def test_a_replicate_is_the_training_rows_repeated_by_the_public_weights(site):
     assert plain["n"] == (~s.test_mask).sum()
 
 
+def test_a_site_records_a_replicates_patient_set_with_its_weights(site):
+    """The differencing rule judges a replicate's set by its weights: the site hands them
+    to its state, which records them beside the members (compared by weight later)."""
+    config, worker, s, request = site
+    reply = worker.handle({"task": "moments", **request, "bootstrap": 3})
+    assert "error" not in reply, reply
+    secret = SiteState(s.settings.state_dir).secret()
+    w = poisson_weights(int((~s.test_mask).sum()), config.seed, "cleveland", secret, 3)
+    answered = json.loads((s.settings.state_dir / "answered_sets.json").read_text())
+    weighted = [a for a in answered if "weights" in a]
+    assert [sorted(a["weights"]) for a in weighted] == [sorted(w[w > 0].tolist())]
+
+
 def test_counts_in_a_replicate_hold_min_cell_distinct_patients(site):
     """A cell a single repeated patient could fill is refused: inside a replicate the
     minimum cell is min_cell times the largest weight, and every threshold and bin count
