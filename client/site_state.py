@@ -106,6 +106,8 @@ class SiteState:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
+        # The answered sets as last read or written, with the file's identity then.
+        self._index: tuple[tuple[int, int, int] | None, _AnsweredSets] | None = None
 
     def _ensure(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -291,7 +293,7 @@ class SiteState:
         """The answered sets (call with the lock held), parsed again only when the file
         changed since this object last read or wrote it."""
         stat = self._stat("answered_sets.json")
-        cached = getattr(self, "_index", None)
+        cached = self._index
         if cached is None or cached[0] != stat or stat is None:
             cached = (stat, _AnsweredSets(self._read_json("answered_sets.json", [])))
             self._index = cached
