@@ -135,6 +135,11 @@ def test_delong_test_of_identical_curves_is_z0_p1():
     y, S = _asah()
     r = es.delong(y, S[:, [1, 1]])
     assert tuple(inf.delong_test(r.auc, r.cov, 0, 1)) == (0.0, 0.0, 1.0)
+    # The same curves as two fits round them: a difference and a variance of rounding
+    # size (the variance even negative) are still identical curves, not z = nan.
+    noisy = r.cov + np.array([[0.0, 1e-19], [1e-19, 3e-19]])
+    auc = r.auc + np.array([0.0, 1e-16])
+    assert tuple(inf.delong_test(auc, noisy, 0, 1))[1:] == (0.0, 1.0)
 
 
 def test_auc_ci_is_normal_on_the_auc_scale_truncated_to_0_1():

@@ -82,6 +82,20 @@ class SiteFailure(FederationError):
         ]
 
 
+class SiteRefusal(FederationError):
+    """Sites answered a round with an error: ``kinds`` maps each to the error's kind
+    (``"privacy"`` for a refusal by a privacy rule, ``"data"``, ``"internal"``)."""
+
+    def __init__(self, message: str, kinds: dict[str, str]) -> None:
+        super().__init__(message)
+        self.kinds = dict(kinds)
+
+    @property
+    def privacy_only(self) -> bool:
+        """Whether every error was a privacy rule's refusal (of this very request)."""
+        return bool(self.kinds) and all(k == "privacy" for k in self.kinds.values())
+
+
 class Transport(ABC):
     """Sends one request to each site and returns their replies (one federated round)."""
 
@@ -162,9 +176,13 @@ class Transport(ABC):
         errors = [f"{s}: {r['error']}" for s, r in replies.items() if "error" in r]
         errors = [e for e in errors if e.partition(":")[0] not in failures]
         if errors:  # a refusal stops the study whatever failed beside it
+            kinds = {
+                s: str(r.get("error_kind", "")) for s, r in replies.items() if "error" in r
+            } | dict.fromkeys(failures, "failure")
             errors += [f"{s}: {why}" for s, why in failures.items()]
-            raise FederationError(
-                f"task {task!r} failed at {len(errors)} site(s):\n  " + "\n  ".join(errors)
+            raise SiteRefusal(
+                f"task {task!r} failed at {len(errors)} site(s):\n  " + "\n  ".join(errors),
+                kinds,
             )
         if failures:
             failure = SiteFailure(failures, task, self.scope + self.step, self.rounds[self.step])

@@ -148,7 +148,8 @@ def delong_test(auc: np.ndarray, cov: np.ndarray, i: int, j: int) -> DeLongTest:
     var = float((cov[i, i] - cov[j, i]) - (cov[i, j] - cov[j, j]))
     with np.errstate(divide="ignore", invalid="ignore"):
         z = diff / np.sqrt(var)
-    if diff == 0.0 and var == 0.0:
+    if abs(diff) <= 1e-12 and var <= 1e-12 * (abs(cov[i, i]) + abs(cov[j, j])):
+        # Identical curves up to rounding: 0/0, reported as pROC does.
         z = 0.0
     return DeLongTest(diff, float(z), float(2.0 * stats.norm.sf(abs(z))))
 

@@ -11,13 +11,16 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from radfed.server.federation.transport import Transport
+from radfed.server.federation.transport import SiteRefusal, Transport
 from radfed.server.results import LogisticFit
 from radfed.shared.aggregate import sum_replies
 from radfed.shared.errors import FederationError
 from radfed.shared.logistic import NewtonPieces, newton_step
 
 log = logging.getLogger(__name__)
+
+#: Times a Newton step may be halved in a row before a fit gives up.
+MAX_HALVINGS = 10
 
 
 def combine_moments(
@@ -132,10 +135,16 @@ def fit_logistic_many(
     its models at once). A model has converged when its largest step is below ``tol``;
     its Wald covariance is the inverse of the summed Hessian at the solution.
 
+    The steps are damped: an iterate whose summed deviance exceeds the last accepted
+    one's, or that the sites refuse by a privacy rule, is replaced by the midpoint with
+    the accepted iterate (at most :data:`MAX_HALVINGS` times in a row). The optimum is
+    the same; only a full step that overshoots costs rounds.
+
     Raises
     ------
     FederationError
-        On a singular Hessian (collinear predictors) or divergence (separation).
+        On a singular Hessian (collinear predictors), divergence (separation), or a
+        step the deviance or the sites reject after every halving.
     """
     budget = transport.param_budget.get(subset)
     groups = spread(specs, budget) if budget else [specs]
@@ -146,8 +155,23 @@ def fit_logistic_many(
                 fit_logistic_many(transport, group, subset, outcome, max_iter, tol, sites, extra)
             )
         return fits
+    # Damped Newton (as R's glm.fit): an iterate is accepted when its summed deviance
+    # is finite and no larger than the last accepted one's; otherwise, or when the
+    # sites refuse it (a full step overshooting into the saturation or concentration
+    # rule), the step is halved back towards the accepted iterate.
     beta = {name: _start(spec) for name, spec in specs.items()}
+    accepted: dict[str, tuple[np.ndarray, float]] = {}
+    halvings = dict.fromkeys(specs, 0)
     fits = {}
+
+    def halve(name: str, why: str) -> None:
+        halvings[name] += 1
+        if halvings[name] > MAX_HALVINGS:
+            raise FederationError(
+                f"logistic fit on {specs[name].columns}: {why} after {MAX_HALVINGS} step halvings"
+            )
+        beta[name] = (accepted[name][0] + beta[name]) / 2
+
     for iteration in range(1, max_iter + 1):
         active = [name for name in specs if name not in fits]
         if not active:
@@ -164,9 +188,31 @@ def fit_logistic_many(
                     **({f"{name}_gap": True} if spec.gap else {}),
                 }
             )
-        replies = list(transport.ask("logistic", request, sites=sites).values())
+        try:
+            replies = list(transport.ask("logistic", request, sites=sites).values())
+        except SiteRefusal as exc:
+            # Only an iterate can be stepped back from: the start's refusal stands. The
+            # refusal does not say which model's iterate a site refused, so all step back.
+            if not exc.privacy_only or any(name not in accepted for name in active):
+                raise
+            for name in active:
+                halve(name, f"the sites refused every shorter step ({exc})")
+            continue
         for name in active:
             total = _sum_pieces(replies, name)
+            if name in accepted and not (
+                np.isfinite(total.deviance)
+                and total.deviance <= accepted[name][1] + 1e-9 * max(1.0, accepted[name][1])
+            ):
+                halve(name, "the deviance did not decrease")
+                continue
+            if np.abs(beta[name]).max() > 50:
+                raise FederationError(
+                    f"logistic fit on {specs[name].columns} diverges (|coef| > 50 per SD): "
+                    "the outcome is (quasi-)perfectly separated by these predictors"
+                )
+            accepted[name] = (beta[name], total.deviance)
+            halvings[name] = 0
             step = _newton_step(total, specs[name].columns)
             beta[name] = beta[name] + step
             if np.abs(step).max() < tol:
@@ -176,11 +222,6 @@ def fit_logistic_many(
                     # At the iterate the sites saw, within tol of the solution.
                     fit = replace(fit, gap=float(sum(float(r[f"{name}_gap"]) for r in replies)))
                 fits[name] = fit
-            elif np.abs(beta[name]).max() > 50:
-                raise FederationError(
-                    f"logistic fit on {specs[name].columns} diverges (|coef| > 50 per SD): "
-                    "the outcome is (quasi-)perfectly separated by these predictors"
-                )
     missing = [name for name in specs if name not in fits]
     if missing:
         raise FederationError(f"logistic fit(s) {missing} did not converge in {max_iter} rounds")
