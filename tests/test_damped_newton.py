@@ -106,5 +106,5 @@ def test_a_fit_that_no_halving_rescues_fails_with_its_reason(frames):
     federation = Federation.from_frames(separated, "outcome", clinical=["x"], min_cell=3)
     x = pd.concat(separated.values())["x"]
     spec = LogisticSpec(["x"], np.array([x.mean()]), np.array([x.std(ddof=0)]))
-    with pytest.raises(FederationError, match=r"separated|halving|did not converge"):
+    with pytest.raises(FederationError, match=r"separated"):
         fit_logistic_many(federation.transport, {"m": spec}, subset="all")

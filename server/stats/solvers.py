@@ -224,7 +224,14 @@ def fit_logistic_many(
                 fits[name] = fit
     missing = [name for name in specs if name not in fits]
     if missing:
-        raise FederationError(f"logistic fit(s) {missing} did not converge in {max_iter} rounds")
+        largest = max(
+            (float(np.abs(accepted[m][0]).max()) for m in missing if m in accepted), default=0.0
+        )
+        raise FederationError(
+            f"logistic fit(s) {missing} did not converge in {max_iter} rounds (largest "
+            f"coefficient {largest:.3g} per SD; a large one means the outcome is "
+            "(quasi-)separated by the predictors)"
+        )
     log.debug("logistic fits converged in %d rounds", iteration - 1)
     return fits
 
