@@ -62,6 +62,9 @@ def settings_from_node_config(context: Context) -> SiteSettings:
         state_dir=Path(str(state)) if state else None,
         approved_studies=approved,
         max_bootstrap=int(cfg.get("max-bootstrap", SiteSettings.max_bootstrap)),
+        max_classifier_rounds=int(
+            cfg.get("max-classifier-rounds", SiteSettings.max_classifier_rounds)
+        ),
     )
 
 

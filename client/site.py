@@ -75,6 +75,9 @@ class SiteSettings:
     #: The highest bootstrap replicate the site answers (each one is a refit of the
     #: whole pipeline on its training rows reweighted: see :meth:`Site._bootstrap`).
     max_bootstrap: int = 200
+    #: The most classifier-comparison training rounds the site answers (seed 000's
+    #: Table 3: each round sends XGBoost trees and FedAvg parameters); 0: none.
+    max_classifier_rounds: int = 20
 
     def __post_init__(self) -> None:
         if self.state_dir is None:
@@ -925,11 +928,18 @@ class Site:
         ``subsets``, answered as :meth:`evaluate` answers a model (DeLong AUC, threshold
         counts merged to ``min_cell``); the radial SVM and KNN are fitted and scored
         here and never sent. The grid, depths, subsample, epochs and caps are the
-        site's (:data:`~radfed.shared.classifier_stats.SITE_LIMITS`).
+        site's (:data:`~radfed.shared.classifier_stats.SITE_LIMITS`, its rounds capped
+        by its own ``max_classifier_rounds``; 0 takes no part).
         """
         from radfed.shared import classifier_stats as cs
 
-        limits, m = cs.SITE_LIMITS, self.policy.min_cell
+        cap = self.settings.max_classifier_rounds
+        if cap <= 0:
+            raise RadfedError(
+                "this site takes no part in the classifier comparison "
+                "(its max_classifier_rounds is 0)"
+            )
+        limits, m = replace(cs.SITE_LIMITS, max_rounds=cap), self.policy.min_cell
         cs.refuse_local_model_requests(request)
         step = request.get("step")
         if step not in (cs.TRAIN_STEP, cs.EVALUATE_STEP):

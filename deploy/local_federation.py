@@ -136,6 +136,8 @@ class SiteNode:
     approved_studies: tuple[str, ...] = ()
     #: The highest bootstrap replicate the site answers (None: the ClientApp's default).
     max_bootstrap: int | None = None
+    #: The most classifier-comparison rounds the site answers (None: the default).
+    max_classifier_rounds: int | None = None
 
     def node_config(self) -> dict[str, str | int | float]:
         values: dict[str, str | int | float] = {
@@ -156,6 +158,8 @@ class SiteNode:
             values["approved-studies"] = ",".join(self.approved_studies)
         if self.max_bootstrap is not None:
             values["max-bootstrap"] = int(self.max_bootstrap)
+        if self.max_classifier_rounds is not None:
+            values["max-classifier-rounds"] = int(self.max_classifier_rounds)
         return values
 
 

@@ -63,6 +63,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("RADFED_MAX_BOOTSTRAP", (SITE,), "200",
              "highest bootstrap replicate this site answers (0: none; at most 1000); each "
              "is a refit of the study on its training rows reweighted (docs/privacy.md)"),
+    Variable("RADFED_MAX_CLASSIFIER_ROUNDS", (SITE,), "20",
+             "most training rounds of seed 000's classifier comparison this site answers "
+             "(0: it takes no part; at most 20); each round sends XGBoost trees and "
+             "FedAvg parameters (docs/classifiers.md)"),
     Variable("RADFED_JOBS", (SITE,), "1", "parallel pyradiomics extractions"),
     Variable("RADFED_CONNECT_TIMEOUT", (SITE,), "10",
              "seconds the start-up check waits for the coordinator"),
@@ -190,6 +194,7 @@ class SiteSettings:
     state_dir: Path = Path("/state")
     approved_studies: tuple[str, ...] = ()
     max_bootstrap: int = 200
+    max_classifier_rounds: int = 20
 
     @property
     def superlink_host_port(self) -> tuple[str, int]:
@@ -208,7 +213,7 @@ def site_settings(env: Mapping[str, str] | None = None) -> SiteSettings:
     """Read a site's settings; the privacy limits may only be stricter than DESIGN's."""
     env = os.environ if env is None else env
     # A site answers no more bootstrap replicates than a study may ask for.
-    from radfed.shared.config import MAX_BOOTSTRAP, SITE_NAME
+    from radfed.shared.config import CLASSIFIER_BOUNDS, MAX_BOOTSTRAP, SITE_NAME
 
     name = _get(env, "RADFED_SITE_NAME")
     if not SITE_NAME.match(name):
@@ -231,6 +236,13 @@ def site_settings(env: Mapping[str, str] | None = None) -> SiteSettings:
         raise ConfigError(
             f"RADFED_MAX_BOOTSTRAP={max_bootstrap} must be from 0 (no replicate) to {MAX_BOOTSTRAP}"
         )
+    max_classifier_rounds = int(_number(env, "RADFED_MAX_CLASSIFIER_ROUNDS", int))
+    most_rounds = CLASSIFIER_BOUNDS["rounds"][1]
+    if not 0 <= max_classifier_rounds <= most_rounds:
+        raise ConfigError(
+            f"RADFED_MAX_CLASSIFIER_ROUNDS={max_classifier_rounds} must be from 0 (no part in "
+            f"the classifier comparison) to {most_rounds}"
+        )
     settings = SiteSettings(
         name=name,
         superlink=_get(env, "RADFED_SUPERLINK"),
@@ -246,6 +258,7 @@ def site_settings(env: Mapping[str, str] | None = None) -> SiteSettings:
         state_dir=Path(_get(env, "RADFED_SITE_STATE_DIR")),
         approved_studies=approved_studies(env.get("RADFED_APPROVED_STUDIES", "")),
         max_bootstrap=max_bootstrap,
+        max_classifier_rounds=max_classifier_rounds,
     )
     settings.superlink_host_port  # noqa: B018 - validates the address now
     return settings

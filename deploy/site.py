@@ -43,6 +43,7 @@ def site_node(settings: SiteSettings) -> SiteNode:
         state_dir=settings.state_dir,
         approved_studies=settings.approved_studies,
         max_bootstrap=settings.max_bootstrap,
+        max_classifier_rounds=settings.max_classifier_rounds,
     )
 
 
@@ -75,7 +76,8 @@ def preflight(settings: SiteSettings, report: bool = False) -> None:
     say(
         f"{PROG}: privacy limits min_cell={settings.privacy.min_cell}, "
         f"max_param_fraction={settings.privacy.max_param_fraction:.4g}, "
-        f"bootstrap replicates up to {settings.max_bootstrap}"
+        f"bootstrap replicates up to {settings.max_bootstrap}, "
+        f"classifier rounds up to {settings.max_classifier_rounds}"
     )
     checks.require_writable_dir(settings.cache_dir, "cache folder", "RADFED_CACHE_DIR")
     checks.require_writable_dir(settings.state_dir, "state folder", "RADFED_SITE_STATE_DIR")

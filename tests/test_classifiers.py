@@ -477,6 +477,39 @@ def test_sites_whose_limit_the_models_exceed_refuse_and_the_phase_says_so(run, s
     assert "table" not in entry and entry["site_local"] == ["svm_radial", "knn"]
 
 
+@pytest.mark.parametrize(("cap", "words"), [(0, "takes no part"), (3, "'round' must be in 0..2")])
+def test_a_sites_own_round_cap_refuses_the_comparison(run, study, cap, words):
+    """A site whose max_classifier_rounds is below the study's rounds (or 0) refuses;
+    the study records why and goes on. At the study's own number of rounds it answers."""
+    from radfed.client.site import SiteSettings, SiteWorker
+    from radfed.server.study.classifiers import compare_classifiers
+
+    _, transport = run
+
+    def federation(cleveland_cap: int) -> InProcessTransport:
+        workers = {
+            s.name: SiteWorker(
+                SiteSettings(
+                    s.name,
+                    s.path,
+                    study.privacy,
+                    max_classifier_rounds=cleveland_cap if s.name == "cleveland" else 20,
+                )
+            )
+            for s in study.sites
+        }
+        small = InProcessTransport({s: workers[s] for s in SITES})
+        small.context, small.protocol = dict(transport.context), transport.protocol
+        return small
+
+    assert study.classifiers.rounds == 5
+    entry = compare_classifiers(federation(cap), study)
+    assert entry["status"] == "refused" and "cleveland" in entry["reason"], entry
+    assert words in entry["reason"]
+    if cap == 3:  # the same site, allowed the study's rounds, takes part
+        assert compare_classifiers(federation(5), study)["status"] == "ok"
+
+
 # ---------------------------------------------------------------------------- config
 
 

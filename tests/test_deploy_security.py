@@ -138,26 +138,36 @@ def test_site_privacy_limits_may_only_be_stricter(tmp_path):
         site_settings(site_env(tmp_path, RADFED_SUPERLINK="coordinator"))
 
 
-def test_a_sites_bootstrap_limit_reaches_its_clientapp(tmp_path):
-    """RADFED_MAX_BOOTSTRAP -> ``--node-config`` -> Flower's parser -> the ClientApp's
-    settings; out-of-range values are refused with one line."""
+@pytest.mark.parametrize(
+    ("variable", "attribute", "values", "bad"),
+    [
+        ("RADFED_MAX_BOOTSTRAP", "max_bootstrap", (("0", 0), ("50", 50), (None, 200)),
+         ("-1", "1001")),
+        ("RADFED_MAX_CLASSIFIER_ROUNDS", "max_classifier_rounds",
+         (("0", 0), ("7", 7), (None, 20)), ("-1", "21")),
+    ],
+)  # fmt: skip
+def test_a_sites_task_limits_reach_its_clientapp(tmp_path, variable, attribute, values, bad):
+    """RADFED_MAX_BOOTSTRAP and RADFED_MAX_CLASSIFIER_ROUNDS -> ``--node-config`` ->
+    Flower's parser -> the ClientApp's settings; out-of-range values are refused with
+    one line."""
     from flwr.app import Context, RecordDict
     from flwr.common.config import parse_config_args
 
     from radfed.client.app import settings_from_node_config
     from radfed.deploy.site import command
 
-    for value, expected in (("0", 0), ("50", 50), (None, 200)):
-        env = site_env(tmp_path) | ({"RADFED_MAX_BOOTSTRAP": value} if value else {})
+    for value, expected in values:
+        env = site_env(tmp_path) | ({variable: value} if value else {})
         cmd = command(site_settings(env))
         node_config = parse_config_args([cmd[cmd.index("--node-config") + 1]])
         context = Context(
             run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={}
         )
-        assert settings_from_node_config(context).max_bootstrap == expected
-    for bad in ("-1", "1001"):
-        with pytest.raises(ConfigError, match=f"RADFED_MAX_BOOTSTRAP={bad} must be from 0"):
-            site_settings(site_env(tmp_path, RADFED_MAX_BOOTSTRAP=bad))
+        assert getattr(settings_from_node_config(context), attribute) == expected
+    for value in bad:
+        with pytest.raises(ConfigError, match=f"{variable}={value} must be from 0"):
+            site_settings(site_env(tmp_path, **{variable: value}))
 
 
 def test_coordinator_cannot_lower_a_sites_limits(heart_dir):
