@@ -387,6 +387,28 @@ def test_replicates_share_rounds(runs):
     assert alone <= shared
 
 
+@pytest.mark.slow
+def test_simulation_engine_gives_the_same_correction(runs):
+    """The replicates through Flower's Simulation Engine (each site a ClientApp in a Ray
+    worker, the bootstrap number in every request's context): the same replicates,
+    optimism and corrected values as in-process, in the same rounds."""
+    from radfed.server.federation.simulation import run_in_simulation
+
+    config, _, _, result = runs
+    simulated = run_in_simulation(config)
+    assert simulated.transport == "simulation"
+    assert simulated.rounds == result.rounds
+    mine = result.details["evaluation"]["bootstrap"]
+    theirs = simulated.details["evaluation"]["bootstrap"]
+    assert theirs["replicates_ok"] == mine["replicates_ok"] == B
+    for model, metrics in mine["models"].items():
+        for metric in EXACT:
+            for key in ("apparent", "optimism", "corrected"):
+                assert theirs["models"][model][metric][key] == pytest.approx(
+                    metrics[metric][key], abs=1e-9
+                ), (model, metric, key)
+
+
 def test_config_bounds(heart_dir):
     for bad in (-1, 1.5, True, "3", 10**6):
         text = heart_study_text(SITES, pipeline=True).replace(
