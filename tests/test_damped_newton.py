@@ -5,7 +5,10 @@ The data mimic a calibration curve on held-out patients: a cubic polynomial of a
 linear predictor whose spread is twice the true one. From perfect calibration
 (intercept 0, slope 1, no curvature), the full Newton step's linear predictor lies
 beyond ±12 for most of a site's patients, which the saturation rule refuses; before
-damping the fit failed there. The reference is statsmodels on the pooled rows.
+damping the fit failed there. In the first data the deviance check alone steers clear
+of the refusal; in the second (a small high-risk site beside a large ordinary one) a
+step lowers the summed deviance yet saturates the small site, and only halving on the
+refusal rescues the fit. The reference is statsmodels on the pooled rows.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import statsmodels.api as sm
 from scipy.special import expit
 
 from radfed.api import Federation
+from radfed.server.federation.transport import SiteRefusal
 from radfed.server.stats.solvers import LogisticSpec, fit_logistic_many
 from radfed.shared.privacy import PrivacyPolicy
 
@@ -25,11 +29,29 @@ START = np.array([0.0, 1.0, 0.0, 0.0])
 
 
 def _frames(seed: int = 5) -> dict[str, pd.DataFrame]:
+    """Two sites, heavy-tailed predictions twice as spread as the truth."""
     rng = np.random.default_rng(seed)
     frames = {}
     for site, n in (("north", 90), ("south", 110)):
         x = np.clip(rng.standard_t(4, n) * 2.5, -9, 9)
         y = (rng.random(n) < expit(0.3 + 0.5 * x)).astype(int)
+        frames[site] = pd.DataFrame({"outcome": y, "x": x, "x2": x**2, "x3": x**3})
+    return frames
+
+
+def _high_risk_site_frames(seed: int = 25) -> dict[str, pd.DataFrame]:
+    """A small site whose patients are mostly high-risk beside a large ordinary one: a
+    step can lower the summed deviance yet saturate most of the small site's patients,
+    so only the sites' refusal shows the step overshot."""
+    rng = np.random.default_rng(seed)
+    frames = {}
+    for site, n, mu, sd in (
+        ("clinic", 40, rng.uniform(4, 9), rng.uniform(0.5, 3)),
+        ("hospital", 160, 0.0, rng.uniform(1, 4)),
+    ):
+        x = np.clip(rng.normal(mu, sd, n), -11, 11)
+        eta = rng.uniform(-0.5, 0.5) + rng.uniform(0.2, 0.8) * x
+        y = (rng.random(n) < expit(eta)).astype(int)
         frames[site] = pd.DataFrame({"outcome": y, "x": x, "x2": x**2, "x3": x**3})
     return frames
 
@@ -65,12 +87,29 @@ def frames() -> dict[str, pd.DataFrame]:
     return _frames()
 
 
-def test_the_undamped_path_overshoots_into_a_refusal(frames):
-    assert _undamped_path_is_refused(frames)
+@pytest.mark.parametrize("make", [_frames, _high_risk_site_frames])
+def test_the_undamped_path_overshoots_into_a_refusal(make):
+    assert _undamped_path_is_refused(make())
 
 
-def test_damped_newton_reaches_the_pooled_maximum_likelihood(frames):
+@pytest.mark.parametrize(("make", "refusals"), [(_frames, False), (_high_risk_site_frames, True)])
+def test_damped_newton_reaches_the_pooled_maximum_likelihood(make, refusals):
+    """``refusals``: whether the damped path itself meets a refused iterate (the
+    deviance check alone avoids it in the first data; in the second only the refusal
+    shows the overshoot)."""
+    frames = make()
     federation = Federation.from_frames(frames, "outcome", clinical=COLUMNS, min_cell=3)
+    met: list[SiteRefusal] = []
+    ask = federation.transport.ask
+
+    def observed(*args, **kwargs):  # records what the sites answered; changes nothing
+        try:
+            return ask(*args, **kwargs)
+        except SiteRefusal as exc:
+            met.append(exc)
+            raise
+
+    federation.transport.ask = observed
     pooled = pd.concat(frames.values(), ignore_index=True)
     # Per SD of each column (sites refuse a centre or scale far from their data); the
     # same start in those units: eta = x = mean_x + sd_x z_x.
@@ -91,6 +130,8 @@ def test_damped_newton_reaches_the_pooled_maximum_likelihood(frames):
     np.testing.assert_allclose(np.sqrt(np.diag(A @ fit.cov @ A.T)), ref.bse, rtol=1e-6)
     assert fit.deviance == pytest.approx(-2 * ref.llf, rel=1e-10)
     assert fit.n == len(y)
+    assert bool(met) == refusals
+    assert all(exc.privacy_only for exc in met)
 
 
 def test_a_fit_that_no_halving_rescues_fails_with_its_reason(frames):
