@@ -20,7 +20,7 @@ from radfed.shared.logistic import NewtonPieces, newton_step
 log = logging.getLogger(__name__)
 
 #: Times a Newton step may be halved in a row before a fit gives up.
-MAX_HALVINGS = 10
+MAX_HALVINGS = 8
 
 
 def combine_moments(
@@ -138,7 +138,10 @@ def fit_logistic_many(
     The steps are damped: an iterate whose summed deviance exceeds the last accepted
     one's, or that the sites refuse by a privacy rule, is replaced by the midpoint with
     the accepted iterate (at most :data:`MAX_HALVINGS` times in a row). The optimum is
-    the same; only a full step that overshoots costs rounds.
+    the same; only a full step that overshoots costs rounds. The sites' refusals are
+    stepped back from once: a fit refused again after recovering has its optimum where
+    the sites refuse (a curve too steep for a site), and stops instead of crawling
+    along the rule's boundary for the rest of its rounds.
 
     Raises
     ------
@@ -162,6 +165,7 @@ def fit_logistic_many(
     beta = {name: _start(spec) for name, spec in specs.items()}
     accepted: dict[str, tuple[np.ndarray, float]] = {}
     halvings = dict.fromkeys(specs, 0)
+    stepping_back = recovered = False
     fits = {}
 
     def halve(name: str, why: str) -> None:
@@ -195,9 +199,17 @@ def fit_logistic_many(
             # refusal does not say which model's iterate a site refused, so all step back.
             if not exc.privacy_only or any(name not in accepted for name in active):
                 raise
+            if recovered:
+                raise SiteRefusal(
+                    f"{exc}\n(refused again after the fit stepped back from an earlier "
+                    "refusal: its optimum lies where the sites refuse)",
+                    exc.kinds,
+                ) from exc
+            stepping_back = True
             for name in active:
                 halve(name, f"the sites refused every shorter step ({exc})")
             continue
+        recovered, stepping_back = recovered or stepping_back, False
         for name in active:
             total = _sum_pieces(replies, name)
             if name in accepted and not (
