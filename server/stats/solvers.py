@@ -136,8 +136,9 @@ def fit_logistic_many(
     its Wald covariance is the inverse of the summed Hessian at the solution.
 
     The steps are damped: an iterate whose summed deviance exceeds the last accepted
-    one's, or that the sites refuse by a privacy rule, is replaced by the midpoint with
-    the accepted iterate (at most :data:`MAX_HALVINGS` times in a row). The optimum is
+    one's is pulled back along its step by quadratic interpolation, one that the sites
+    refuse by a privacy rule to the midpoint (at most :data:`MAX_HALVINGS` times in a
+    row). The optimum is
     the same; only a full step that overshoots costs rounds. The sites' refusals are
     stepped back from once: a fit refused again after recovering has its optimum where
     the sites refuse (a curve too steep for a site), and stops instead of crawling
@@ -158,23 +159,36 @@ def fit_logistic_many(
                 fit_logistic_many(transport, group, subset, outcome, max_iter, tol, sites, extra)
             )
         return fits
-    # Damped Newton (as R's glm.fit): an iterate is accepted when its summed deviance
-    # is finite and no larger than the last accepted one's; otherwise, or when the
-    # sites refuse it (a full step overshooting into the saturation or concentration
-    # rule), the step is halved back towards the accepted iterate.
+    # Damped Newton (as glm2 damps R's glm.fit): an iterate is accepted when its summed
+    # deviance is finite and no larger than the last accepted one's; otherwise, or when
+    # the sites refuse it (a full step overshooting into the saturation or
+    # concentration rule), the step is shortened back towards the accepted iterate.
     beta = {name: _start(spec) for name, spec in specs.items()}
-    accepted: dict[str, tuple[np.ndarray, float]] = {}
+    accepted: dict[str, _Accepted] = {}
     halvings = dict.fromkeys(specs, 0)
     stepping_back = recovered = False
     fits = {}
 
-    def halve(name: str, why: str) -> None:
+    def shorten(name: str, why: str, deviance: float | None = None) -> None:
         halvings[name] += 1
         if halvings[name] > MAX_HALVINGS:
             raise FederationError(
                 f"logistic fit on {specs[name].columns}: {why} after {MAX_HALVINGS} step halvings"
             )
-        beta[name] = (accepted[name][0] + beta[name]) / 2
+        acc = accepted[name]
+        alpha = acc.alpha / 2
+        if deviance is not None and np.isfinite(deviance):
+            # Backtracking by quadratic interpolation (Nocedal & Wright, sec. 3.5): the
+            # minimum of the parabola through the deviance and its slope at the accepted
+            # iterate and the deviance here, kept within [0.1, 0.5] of this step. One
+            # round instead of several halvings after a large overshoot.
+            curv = deviance - acc.deviance - acc.slope * acc.alpha
+            if curv > 0:
+                best = -acc.slope * acc.alpha**2 / (2 * curv)
+                alpha = float(np.clip(best, 0.1 * acc.alpha, 0.5 * acc.alpha))
+        log.debug("logistic fit %s: step shortened to %.3g (%s)", name, alpha, why[:80])
+        accepted[name] = replace(acc, alpha=alpha)
+        beta[name] = acc.beta + alpha * acc.step
 
     for iteration in range(1, max_iter + 1):
         active = [name for name in specs if name not in fits]
@@ -207,25 +221,28 @@ def fit_logistic_many(
                 ) from exc
             stepping_back = True
             for name in active:
-                halve(name, f"the sites refused every shorter step ({exc})")
+                shorten(name, f"the sites refused every shorter step ({exc})")
             continue
         recovered, stepping_back = recovered or stepping_back, False
         for name in active:
             total = _sum_pieces(replies, name)
             if name in accepted and not (
                 np.isfinite(total.deviance)
-                and total.deviance <= accepted[name][1] + 1e-9 * max(1.0, accepted[name][1])
+                and total.deviance
+                <= accepted[name].deviance + 1e-9 * max(1.0, accepted[name].deviance)
             ):
-                halve(name, "the deviance did not decrease")
+                shorten(name, "the deviance did not decrease", total.deviance)
                 continue
             if np.abs(beta[name]).max() > 50:
                 raise FederationError(
                     f"logistic fit on {specs[name].columns} diverges (|coef| > 50 per SD): "
                     "the outcome is (quasi-)perfectly separated by these predictors"
                 )
-            accepted[name] = (beta[name], total.deviance)
             halvings[name] = 0
             step = _newton_step(total, specs[name].columns)
+            # The deviance's slope along the step: -2 × the score · step (< 0 for Newton).
+            slope = -2.0 * float(np.dot(total.gradient, step))
+            accepted[name] = _Accepted(beta[name], total.deviance, step, slope)
             beta[name] = beta[name] + step
             if np.abs(step).max() < tol:
                 # The Hessian at the last iterate: beta moved by less than tol since.
@@ -237,7 +254,8 @@ def fit_logistic_many(
     missing = [name for name in specs if name not in fits]
     if missing:
         largest = max(
-            (float(np.abs(accepted[m][0]).max()) for m in missing if m in accepted), default=0.0
+            (float(np.abs(accepted[m].beta).max()) for m in missing if m in accepted),
+            default=0.0,
         )
         raise FederationError(
             f"logistic fit(s) {missing} did not converge in {max_iter} rounds (largest "
@@ -246,6 +264,18 @@ def fit_logistic_many(
         )
     log.debug("logistic fits converged in %d rounds", iteration - 1)
     return fits
+
+
+@dataclass(frozen=True)
+class _Accepted:
+    """A fit's last accepted iterate, its deviance, the Newton step taken from it, the
+    deviance's slope along that step, and the fraction of the step now tried."""
+
+    beta: np.ndarray
+    deviance: float
+    step: np.ndarray
+    slope: float
+    alpha: float = 1.0
 
 
 def _start(spec: LogisticSpec) -> np.ndarray:
