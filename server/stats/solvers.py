@@ -138,11 +138,10 @@ def fit_logistic_many(
     The steps are damped: an iterate whose summed deviance exceeds the last accepted
     one's is pulled back along its step by quadratic interpolation, one that the sites
     refuse by a privacy rule to the midpoint (at most :data:`MAX_HALVINGS` times in a
-    row). The optimum is
-    the same; only a full step that overshoots costs rounds. The sites' refusals are
-    stepped back from once: a fit refused again after recovering has its optimum where
-    the sites refuse (a curve too steep for a site), and stops instead of crawling
-    along the rule's boundary for the rest of its rounds.
+    row). The optimum is the same; only a full step that overshoots costs rounds. The
+    sites' refusals are stepped back from once: a fit refused again after recovering
+    has its optimum where the sites refuse (a curve too steep for a site), and stops
+    instead of crawling along the rule's boundary for the rest of its rounds.
 
     Raises
     ------
@@ -165,17 +164,15 @@ def fit_logistic_many(
     # concentration rule), the step is shortened back towards the accepted iterate.
     beta = {name: _start(spec) for name, spec in specs.items()}
     accepted: dict[str, _Accepted] = {}
-    halvings = dict.fromkeys(specs, 0)
     stepping_back = recovered = False
     fits = {}
 
     def shorten(name: str, why: str, deviance: float | None = None) -> None:
-        halvings[name] += 1
-        if halvings[name] > MAX_HALVINGS:
+        acc = accepted[name]
+        if acc.shortened >= MAX_HALVINGS:
             raise FederationError(
                 f"logistic fit on {specs[name].columns}: {why} after {MAX_HALVINGS} step halvings"
             )
-        acc = accepted[name]
         alpha = acc.alpha / 2
         if deviance is not None and np.isfinite(deviance):
             # Backtracking by quadratic interpolation (Nocedal & Wright, sec. 3.5): the
@@ -187,7 +184,7 @@ def fit_logistic_many(
                 best = -acc.slope * acc.alpha**2 / (2 * curv)
                 alpha = float(np.clip(best, 0.1 * acc.alpha, 0.5 * acc.alpha))
         log.debug("logistic fit %s: step shortened to %.3g (%s)", name, alpha, why[:80])
-        accepted[name] = replace(acc, alpha=alpha)
+        accepted[name] = replace(acc, alpha=alpha, shortened=acc.shortened + 1)
         beta[name] = acc.beta + alpha * acc.step
 
     for iteration in range(1, max_iter + 1):
@@ -238,7 +235,6 @@ def fit_logistic_many(
                     f"logistic fit on {specs[name].columns} diverges (|coef| > 50 per SD): "
                     "the outcome is (quasi-)perfectly separated by these predictors"
                 )
-            halvings[name] = 0
             step = _newton_step(total, specs[name].columns)
             # The deviance's slope along the step: -2 × the score · step (< 0 for Newton).
             slope = -2.0 * float(np.dot(total.gradient, step))
@@ -269,13 +265,15 @@ def fit_logistic_many(
 @dataclass(frozen=True)
 class _Accepted:
     """A fit's last accepted iterate, its deviance, the Newton step taken from it, the
-    deviance's slope along that step, and the fraction of the step now tried."""
+    deviance's slope along that step, the fraction of the step now tried and how many
+    times it was shortened."""
 
     beta: np.ndarray
     deviance: float
     step: np.ndarray
     slope: float
     alpha: float = 1.0
+    shortened: int = 0
 
 
 def _start(spec: LogisticSpec) -> np.ndarray:
